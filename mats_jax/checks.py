@@ -1,0 +1,261 @@
+"""Validation of merge inputs, done before any work, with errors that name the leaf.
+
+Every public merge function calls these first. Shape, dtype and structure
+checks also run under an outer ``jax.jit`` (they only need abstract values);
+the NaN/Inf check needs concrete values and is skipped while tracing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mats_jax.stats.statistic import Statistic
+from mats_jax.tree import path_str
+from mats_jax.typing import Array, Params, StatTree
+
+__all__ = [
+    "MergeInputError",
+    "check_fraction",
+    "check_like",
+    "check_models",
+    "check_statistics",
+    "check_weights",
+]
+
+
+class MergeInputError(ValueError):
+    """Bad input to a merge: the message names the leaf path and what was expected."""
+
+
+def _flatten(tree: Params) -> tuple[list[tuple[str, Any]], Any]:
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(p), leaf) for p, leaf in with_path], treedef
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _structure_difference(reference: Params, other: Params) -> str:
+    ref_paths = {p for p, _ in _flatten(reference)[0]}
+    other_paths = {p for p, _ in _flatten(other)[0]}
+    missing = sorted(ref_paths - other_paths)
+    extra = sorted(other_paths - ref_paths)
+    parts = []
+    if missing:
+        parts.append("missing leaves " + ", ".join(repr(p) for p in missing[:5]))
+    if extra:
+        parts.append("unexpected leaves " + ", ".join(repr(p) for p in extra[:5]))
+    return "; ".join(parts) or "the same leaf paths but a different container structure"
+
+
+def _check_finite(entries: Sequence[tuple[str, str, Array]]) -> None:
+    """Raises on the first NaN/Inf among ``(owner, path, array)`` entries.
+
+    One fused device pass over every array; traced arrays are skipped.
+    """
+    concrete = [e for e in entries if not _is_traced(e[2])]
+    if not concrete:
+        return
+    flags = np.asarray(_all_finite([leaf for _, _, leaf in concrete]))
+    for (owner, path, _), ok in zip(concrete, flags, strict=True):
+        if not ok:
+            raise MergeInputError(f"{owner} at {path!r}: contains NaN or Inf")
+
+
+@jax.jit
+def _all_finite(leaves: list[Array]) -> Array:
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def check_models(
+    models: Sequence[Params], base: Params | None = None, *, name: str = "models"
+) -> Any:
+    """Checks that the models (and base) are non-empty, alike and finite.
+
+    Every model must have the first model's tree structure, and each leaf the
+    same shape and floating dtype in every model.
+
+    Returns:
+      The common tree definition.
+
+    Raises:
+      MergeInputError: naming the model and the leaf path.
+    """
+    if isinstance(models, dict) or not isinstance(models, Sequence):
+        raise MergeInputError(
+            f"{name} must be a list of parameter pytrees, got {type(models).__name__}"
+        )
+    if len(models) == 0:
+        raise MergeInputError(f"{name} is empty: merging needs at least one model")
+    named = [(f"{name}[{m}]", model) for m, model in enumerate(models)]
+    if base is not None:
+        named = [("base", base), *named]
+    return _check_alike(named)
+
+
+def check_like(tree: Params, reference: Params, name: str) -> None:
+    """Checks that ``tree`` (an initialisation, a fallback) is alike the models."""
+    _check_alike([("models[0]", reference), (name, tree)], check_first_finite=False)
+
+
+def _check_alike(named: Sequence[tuple[str, Params]], check_first_finite: bool = True) -> Any:
+    ref_name, reference = named[0]
+    ref_leaves, treedef = _flatten(reference)
+    if not ref_leaves:
+        raise MergeInputError(f"{ref_name} has no array leaves")
+    for path, leaf in ref_leaves:
+        if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise MergeInputError(
+                f"{ref_name} at {path!r}: expected a floating-point array, got "
+                f"{getattr(leaf, 'dtype', type(leaf).__name__)}"
+            )
+    entries = [(ref_name, p, x) for p, x in ref_leaves] if check_first_finite else []
+    for other_name, other in named[1:]:
+        other_leaves, other_def = _flatten(other)
+        if other_def != treedef:
+            raise MergeInputError(
+                f"{other_name} has a different tree structure from {ref_name}: "
+                + _structure_difference(reference, other)
+            )
+        for (path, ref), (_, leaf) in zip(ref_leaves, other_leaves, strict=True):
+            if tuple(getattr(leaf, "shape", ())) != tuple(ref.shape):
+                raise MergeInputError(
+                    f"{other_name} at {path!r}: shape {tuple(getattr(leaf, 'shape', ()))} "
+                    f"differs from {ref_name}'s {tuple(ref.shape)}"
+                )
+            if getattr(leaf, "dtype", None) != ref.dtype:
+                raise MergeInputError(
+                    f"{other_name} at {path!r}: dtype {getattr(leaf, 'dtype', type(leaf).__name__)} "
+                    f"differs from {ref_name}'s {ref.dtype}"
+                )
+            entries.append((other_name, path, leaf))
+    _check_finite(entries)
+    return treedef
+
+
+def check_weights(weights: Any, num_models: int) -> Array:
+    """Validates per-model weights; returns them as a float32 array.
+
+    Weights must be one finite, non-negative number per model, not all zero.
+    None means equal weights.
+    """
+    if weights is None:
+        return jnp.ones((num_models,), jnp.float32)
+    if _is_traced(weights):
+        if jnp.shape(weights) != (num_models,):
+            raise MergeInputError(
+                f"weights has shape {jnp.shape(weights)}, expected ({num_models},): one per model"
+            )
+        return jnp.asarray(weights, jnp.float32)
+    values = np.asarray(weights, dtype=np.float64)
+    if values.shape != (num_models,):
+        raise MergeInputError(
+            f"weights has shape {values.shape}, expected ({num_models},): one per model"
+        )
+    if not np.all(np.isfinite(values)):
+        raise MergeInputError(f"weights must be finite, got {values.tolist()}")
+    if np.any(values < 0):
+        raise MergeInputError(f"weights must be non-negative, got {values.tolist()}")
+    if not np.any(values > 0):
+        raise MergeInputError(f"weights are all zero: {values.tolist()}")
+    return jnp.asarray(values, jnp.float32)
+
+
+def check_fraction(name: str, value: Any, *, include_zero: bool, include_one: bool) -> None:
+    """Checks that a density or drop rate lies in its interval (skipped when traced)."""
+    if _is_traced(value):
+        return
+    v = float(value)
+    low_ok = v >= 0 if include_zero else v > 0
+    high_ok = v <= 1 if include_one else v < 1
+    if not (math.isfinite(v) and low_ok and high_ok):
+        interval = ("[" if include_zero else "(") + "0, 1" + ("]" if include_one else ")")
+        raise MergeInputError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_statistics(
+    statistics: Sequence[StatTree], models: Sequence[Params], *, allowed: tuple[type, ...] = (Statistic,)
+) -> list[list[Statistic | None]]:
+    """Checks one statistic pytree per model against the models' leaves.
+
+    Each statistic pytree has the parameters' structure with a statistic (or
+    None, for no statistic) at each leaf. A leaf's statistics must have the same
+    type and layout in every task, fit the leaf's shape, and be finite.
+
+    Returns:
+      For each task, the list of statistics in the order of the models' leaves.
+    """
+    if isinstance(statistics, dict) or not isinstance(statistics, Sequence):
+        raise MergeInputError(
+            f"statistics must be a list with one statistic pytree per model, got "
+            f"{type(statistics).__name__}"
+        )
+    if len(statistics) != len(models):
+        raise MergeInputError(
+            f"statistics has {len(statistics)} entries, expected {len(models)}: one per model"
+        )
+    leaves, treedef = _flatten(models[0])
+    per_task: list[list[Statistic | None]] = []
+    for m, stat_tree in enumerate(statistics):
+        try:
+            flat = treedef.flatten_up_to(stat_tree)
+        except (ValueError, TypeError) as error:
+            raise MergeInputError(
+                f"statistics[{m}] does not have the parameters' tree structure "
+                f"(expected a statistic or None at each of: "
+                + ", ".join(repr(p) for p, _ in leaves[:8])
+                + (" …" if len(leaves) > 8 else "")
+                + f"): {error}"
+            ) from None
+        per_task.append(flat)
+    names = ", ".join(t.__name__ for t in allowed)
+    for i, (path, leaf) in enumerate(leaves):
+        column = [task[i] for task in per_task]
+        first = column[0]
+        for m, stat in enumerate(column):
+            if stat is not None and not isinstance(stat, allowed):
+                raise MergeInputError(
+                    f"statistics[{m}] at {path!r}: expected one of {names} or None, "
+                    f"got {type(stat).__name__}"
+                )
+            if (stat is None) != (first is None) or (
+                stat is not None and jax.tree.structure(stat) != jax.tree.structure(first)
+            ):
+                raise MergeInputError(
+                    f"statistics[{m}] at {path!r}: {_describe(stat)} differs from "
+                    f"statistics[0]'s {_describe(first)}; every task needs the same "
+                    "statistic type and layout for a leaf"
+                )
+            if stat is not None:
+                error = stat.fit_error(tuple(leaf.shape))
+                if error:
+                    raise MergeInputError(f"statistics[{m}] at {path!r}: {error}")
+    _check_finite(
+        [
+            (f"statistics[{m}]", f"{path}/{field}", array)
+            for m, task in enumerate(per_task)
+            for (path, _), stat in zip(leaves, task, strict=True)
+            if stat is not None
+            for field, array in _fields(stat)
+        ]
+    )
+    return per_task
+
+
+def _fields(stat: Statistic) -> list[tuple[str, Array]]:
+    with_path = jax.tree_util.tree_flatten_with_path(stat)[0]
+    return [(path_str(p), x) for p, x in with_path]
+
+
+def _describe(stat: Statistic | None) -> str:
+    if stat is None:
+        return "no statistic (None)"
+    meta = {k: getattr(stat, k) for k in ("in_axes", "out_axes") if hasattr(stat, k)}
+    return stat.kind + (f"{meta}" if meta else "")
