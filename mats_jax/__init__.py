@@ -55,6 +55,6 @@ __all__ = [
     "solve",
     "task_arithmetic",
     "task_vectors",
-    "tree",
     "ties",
+    "tree",
 ]

@@ -105,7 +105,9 @@ def check_like(tree: Params, reference: Params, name: str) -> None:
     _check_alike([("models[0]", reference), (name, tree)], check_first_finite=False)
 
 
-def _check_alike(named: Sequence[tuple[str, Params]], check_first_finite: bool = True) -> Any:
+def _check_alike(
+    named: Sequence[tuple[str, Params]], check_first_finite: bool = True
+) -> Any:
     ref_name, reference = named[0]
     ref_leaves, treedef = _flatten(reference)
     if not ref_leaves:
@@ -168,7 +170,9 @@ def check_weights(weights: Any, num_models: int) -> Array:
     return jnp.asarray(values, jnp.float32)
 
 
-def check_fraction(name: str, value: Any, *, include_zero: bool, include_one: bool) -> None:
+def check_fraction(
+    name: str, value: Any, *, include_zero: bool, include_one: bool
+) -> None:
     """Checks that a density or drop rate lies in its interval (skipped when traced)."""
     if _is_traced(value):
         return
@@ -176,12 +180,17 @@ def check_fraction(name: str, value: Any, *, include_zero: bool, include_one: bo
     low_ok = v >= 0 if include_zero else v > 0
     high_ok = v <= 1 if include_one else v < 1
     if not (math.isfinite(v) and low_ok and high_ok):
-        interval = ("[" if include_zero else "(") + "0, 1" + ("]" if include_one else ")")
+        interval = (
+            ("[" if include_zero else "(") + "0, 1" + ("]" if include_one else ")")
+        )
         raise MergeInputError(f"{name} must lie in {interval}, got {value!r}")
 
 
 def check_statistics(
-    statistics: Sequence[StatTree], models: Sequence[Params], *, allowed: tuple[type, ...] = (Statistic,)
+    statistics: Sequence[StatTree],
+    models: Sequence[Params],
+    *,
+    allowed: tuple[type, ...] = (Statistic,),
 ) -> list[list[Statistic | None]]:
     """Checks one statistic pytree per model against the models' leaves.
 
@@ -226,7 +235,7 @@ def check_statistics(
                     f"got {type(stat).__name__}"
                 )
             if (stat is None) != (first is None) or (
-                stat is not None and jax.tree.structure(stat) != jax.tree.structure(first)
+                stat is not None and not _same_structure(stat, first)
             ):
                 raise MergeInputError(
                     f"statistics[{m}] at {path!r}: {_describe(stat)} differs from "
@@ -234,9 +243,9 @@ def check_statistics(
                     "statistic type and layout for a leaf"
                 )
             if stat is not None:
-                error = stat.fit_error(tuple(leaf.shape))
-                if error:
-                    raise MergeInputError(f"statistics[{m}] at {path!r}: {error}")
+                misfit = stat.fit_error(tuple(leaf.shape))
+                if misfit:
+                    raise MergeInputError(f"statistics[{m}] at {path!r}: {misfit}")
     _check_finite(
         [
             (f"statistics[{m}]", f"{path}/{field}", array)
@@ -252,6 +261,11 @@ def check_statistics(
 def _fields(stat: Statistic) -> list[tuple[str, Array]]:
     with_path = jax.tree_util.tree_flatten_with_path(stat)[0]
     return [(path_str(p), x) for p, x in with_path]
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    left: Any = jax.tree.structure(a)  # PyTreeDef's stubs do not declare __eq__
+    return bool(left == jax.tree.structure(b))
 
 
 def _describe(stat: Statistic | None) -> str:

@@ -46,6 +46,7 @@ import numpy as np
 from mats_jax import checks
 from mats_jax.stats.statistic import Statistic
 from mats_jax.tree import compute_dtype, leaf_paths, path_str
+from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = [
@@ -213,7 +214,9 @@ def per_block_cg(
         r = s["r"] - _per_block(alpha, b) * ap
         z = apply_p(r)
         rz_new = _block_dot(r, z)
-        beta = jnp.where(ok & (s["rz"] > 0), rz_new / jnp.where(s["rz"] > 0, s["rz"], 1.0), 0.0)
+        beta = jnp.where(
+            ok & (s["rz"] > 0), rz_new / jnp.where(s["rz"] > 0, s["rz"], 1.0), 0.0
+        )
         converged = ok & (relative(r) <= tol)
         # A zero preconditioned residual with the tolerance unmet means the rest
         # of r lies where P⁻¹ is zero: no further progress is possible.
@@ -233,7 +236,9 @@ def per_block_cg(
         )
         if check_every <= 0:
             return new
-        return jax.lax.cond(new["k"] % check_every == 0, check_divergence, lambda t: t, new)
+        return jax.lax.cond(
+            new["k"] % check_every == 0, check_divergence, lambda t: t, new
+        )
 
     final = jax.lax.while_loop(cond, body, state)
     x = final["x"]
@@ -352,7 +357,9 @@ def solve(
             f"fallback must be 'average', 'init' or a parameter pytree, got {fallback!r}"
         )
     if method not in ("cg", "closed_form"):
-        raise checks.MergeInputError(f"method must be 'cg' or 'closed_form', got {method!r}")
+        raise checks.MergeInputError(
+            f"method must be 'cg' or 'closed_form', got {method!r}"
+        )
     paths = jax.tree.leaves(leaf_paths(models[0]))
     if method == "closed_form":
         for path, stat in zip(paths, per_task[0], strict=True):
@@ -363,7 +370,9 @@ def solve(
                 )
     _check_solver_numbers(maxiter, tol, damping, check_every, divergence_factor)
     if precision not in (None, "float32", "float64"):
-        raise checks.MergeInputError(f"precision must be 'float32' or 'float64', got {precision!r}")
+        raise checks.MergeInputError(
+            f"precision must be 'float32' or 'float64', got {precision!r}"
+        )
     if precision == "float64" and not jax.config.read("jax_enable_x64"):
         raise checks.MergeInputError(
             "precision='float64' needs double precision enabled: "
@@ -386,7 +395,9 @@ def solve(
         check_every=int(check_every),
         group_blocks=group_blocks,
     )
-    _warn_unconverged(report, paths)
+    if isinstance(tol, jax.core.Tracer) or tol > 0:
+        # tol = 0 asks for exactly maxiter steps (as the paper runs): no warning.
+        _warn_unconverged(report, paths)
     return MergeResult(params, report)
 
 
@@ -397,10 +408,14 @@ def _check_solver_numbers(
         return not isinstance(v, jax.core.Tracer)
 
     if concrete(maxiter) and (int(maxiter) != maxiter or int(maxiter) < 0):
-        raise checks.MergeInputError(f"maxiter must be a non-negative integer, got {maxiter!r}")
+        raise checks.MergeInputError(
+            f"maxiter must be a non-negative integer, got {maxiter!r}"
+        )
     for name, value in (("tol", tol), ("damping", damping)):
         if concrete(value) and not (np.isfinite(float(value)) and float(value) >= 0):
-            raise checks.MergeInputError(f"{name} must be finite and >= 0, got {value!r}")
+            raise checks.MergeInputError(
+                f"{name} must be finite and >= 0, got {value!r}"
+            )
     if int(check_every) < 0:
         raise checks.MergeInputError(f"check_every must be >= 0, got {check_every!r}")
     if concrete(divergence_factor) and not float(divergence_factor) > 1:
@@ -432,9 +447,14 @@ def _warn_unconverged(report: Any, paths: Sequence[str]) -> None:
         )
 
 
+def _present(stat: Statistic | None) -> Statistic:
+    assert stat is not None, "grouped leaves all have statistics"
+    return stat
+
+
 class _Group(NamedTuple):
     indices: list[int]
-    stat_type: type
+    stat_type: type[Statistic]
 
 
 def _group_leaves(
@@ -446,7 +466,9 @@ def _group_leaves(
             continue
         blocked = stat.blocked(tuple(leaves[i].shape))
         shapes = tuple(x.shape[1:] for x in jax.tree.leaves(blocked))
-        key = (type(stat), shapes, compute_dtype(leaves[i].dtype)) if group_blocks else i
+        key = (
+            (type(stat), shapes, compute_dtype(leaves[i].dtype)) if group_blocks else i
+        )
         groups.setdefault(key, _Group([], type(stat))).indices.append(i)
     return list(groups.values())
 
@@ -488,7 +510,10 @@ def _solve_jit(
 
     def average(i: int) -> Array:
         dtype = compute_dtype(reference[i].dtype)
-        acc = sum(w.astype(dtype) * leaves[i].astype(dtype) for w, leaves in zip(weights, model_leaves, strict=True))
+        acc = sum_of(
+            w.astype(dtype) * leaves[i].astype(dtype)
+            for w, leaves in zip(weights, model_leaves, strict=True)
+        )
         return acc / total_weight.astype(dtype)
 
     init_leaves = jax.tree.leaves(init) if init is not None else None
@@ -498,7 +523,9 @@ def _solve_jit(
 
     out: list[Array | None] = [None] * n_leaves
     reports: list[LeafReport | None] = [None] * n_leaves
-    fallback_leaves = jax.tree.leaves(fallback_tree) if fallback_tree is not None else None
+    fallback_leaves = (
+        jax.tree.leaves(fallback_tree) if fallback_tree is not None else None
+    )
     for i in range(n_leaves):
         if per_task[0][i] is not None:
             continue
@@ -515,26 +542,41 @@ def _solve_jit(
     for group in _group_leaves(per_task, reference, group_blocks):
         idx = group.indices
         shapes = [tuple(reference[i].shape) for i in idx]
-        dtype = np.dtype(precision) if precision else compute_dtype(reference[idx[0]].dtype)
-        layouts = [per_task[0][i] for i in idx]
+        dtype = (
+            np.dtype(precision) if precision else compute_dtype(reference[idx[0]].dtype)
+        )
+        layouts = [_present(per_task[0][i]) for i in idx]
 
-        def gather(arrays: list[Array], dtype: Any = dtype, layouts: list[Any] = layouts) -> Array:
+        def gather(
+            arrays: list[Array], dtype: Any = dtype, layouts: list[Any] = layouts
+        ) -> Array:
             return jnp.concatenate(
-                [lay.to_blocks(x.astype(dtype)) for lay, x in zip(layouts, arrays, strict=True)]
+                [
+                    lay.to_blocks(x.astype(dtype))
+                    for lay, x in zip(layouts, arrays, strict=True)
+                ]
             )
 
         stats = []
         for m, task in enumerate(per_task):
-            parts = [task[i].blocked(s).astype(dtype) for i, s in zip(idx, shapes, strict=True)]  # type: ignore[union-attr]
+            parts = [
+                _present(task[i]).blocked(s).astype(dtype)
+                for i, s in zip(idx, shapes, strict=True)
+            ]
             stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
             stats.append(stacked.scaled(weights[m].astype(dtype)))
         x0 = gather([init_leaf(i) for i in idx])
-        delta = jnp.asarray(damping, dtype) * sum(s.diagonal_mean() for s in stats)
+        delta = jnp.asarray(damping, dtype) * sum_of(s.diagonal_mean() for s in stats)
 
-        def matvec(x: Array, stats: list[Statistic] = stats, delta: Array = delta) -> Array:
-            return sum(s.matvec(x) for s in stats) + _per_block(delta, x) * x
+        def matvec(
+            x: Array, stats: list[Statistic] = stats, delta: Array = delta
+        ) -> Array:
+            return sum_of(s.matvec(x) for s in stats) + _per_block(delta, x) * x
 
-        b = sum(s.matvec(gather([leaves[i] for i in idx])) for s, leaves in zip(stats, model_leaves, strict=True))
+        b = sum_of(
+            s.matvec(gather([leaves[i] for i in idx]))
+            for s, leaves in zip(stats, model_leaves, strict=True)
+        )
         rhs = b + _per_block(delta, x0) * x0
         if method == "closed_form":
             pinv = group.stat_type.sum_pinv(stats, delta)
@@ -548,7 +590,11 @@ def _solve_jit(
             )
             solver_name = "closed_form"
         else:
-            precond = group.stat_type.sum_preconditioner(stats, delta) if preconditioner else None
+            precond = (
+                group.stat_type.sum_preconditioner(stats, delta)
+                if preconditioner
+                else None
+            )
             x, info = per_block_cg(
                 matvec,
                 rhs,

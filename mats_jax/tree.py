@@ -20,15 +20,19 @@ Examples:
 from __future__ import annotations
 
 import fnmatch
+import functools
+import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mats_jax.typing import Params
+
+T = TypeVar("T")
 
 __all__ = [
     "add",
@@ -41,6 +45,7 @@ __all__ = [
     "select",
     "sub",
     "task_vectors",
+    "total",
     "vdot",
     "weighted_sum",
 ]
@@ -120,6 +125,17 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.promote_types(dtype, np.float32)
 
 
+def total(items: Iterable[T]) -> T:
+    """The sum of a non-empty iterable of arrays, without Python ``sum``'s ``0`` start.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> total(x for x in [jnp.ones(2), jnp.ones(2)])
+      Array([2., 2.], dtype=float32)
+    """
+    return functools.reduce(operator.add, items)
+
+
 def add(a: Params, b: Params) -> Params:
     """Leafwise ``a + b``."""
     return jax.tree.map(jnp.add, a, b)
@@ -132,7 +148,9 @@ def sub(a: Params, b: Params) -> Params:
 
 def scale(s: Any, a: Params) -> Params:
     """Leafwise ``s * a``, keeping each leaf's dtype."""
-    return jax.tree.map(lambda x: (s * x.astype(compute_dtype(x.dtype))).astype(x.dtype), a)
+    return jax.tree.map(
+        lambda x: (s * x.astype(compute_dtype(x.dtype))).astype(x.dtype), a
+    )
 
 
 def vdot(a: Params, b: Params) -> jax.Array:

@@ -45,7 +45,9 @@ def _as_diagonal(fishers: StatTree, floor: float) -> StatTree:
             )
         return Diagonal(jnp.maximum(jnp.asarray(f, jnp.float32), floor))
 
-    return jax.tree.map(floored, fishers, is_leaf=lambda x: x is None or isinstance(x, Diagonal))
+    return jax.tree.map(
+        floored, fishers, is_leaf=lambda x: x is None or isinstance(x, Diagonal)
+    )
 
 
 def fisher_merge(
@@ -78,4 +80,6 @@ def fisher_merge(
     if not (float(floor) >= 0):
         raise checks.MergeInputError(f"floor must be >= 0, got {floor!r}")
     stats = [_as_diagonal(f, floor) for f in fishers]
-    return solve(models, stats, weights=weights, fallback=fallback, method="closed_form")
+    return solve(
+        models, stats, weights=weights, fallback=fallback, method="closed_form"
+    )

@@ -54,7 +54,9 @@ def average(models: Sequence[Params], *, weights: Any = None) -> Params:
 def _average(models: list[Params], weights: jax.Array) -> Params:
     total = weighted_sum(weights, models)
     return jax.tree.map(
-        lambda t, ref: (t / jnp.sum(weights).astype(t.dtype)).astype(ref.dtype), total, models[0]
+        lambda t, ref: (t / jnp.sum(weights).astype(t.dtype)).astype(ref.dtype),
+        total,
+        models[0],
     )
 
 
@@ -83,11 +85,15 @@ def task_arithmetic(
       Array([0.6, 0.6], dtype=float32)
     """
     checks.check_models(models, base)
-    return _task_arithmetic(base, list(models), scale, checks.check_weights(weights, len(models)))
+    return _task_arithmetic(
+        base, list(models), scale, checks.check_weights(weights, len(models))
+    )
 
 
 @jax.jit
-def _task_arithmetic(base: Params, models: list[Params], scale: Any, weights: jax.Array) -> Params:
+def _task_arithmetic(
+    base: Params, models: list[Params], scale: Any, weights: jax.Array
+) -> Params:
     total = weighted_sum(weights, task_vectors(base, models))
 
     def apply(b: jax.Array, t: jax.Array) -> jax.Array:

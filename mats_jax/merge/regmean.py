@@ -43,7 +43,9 @@ def _shrink(gram: Gram | None, alpha: Any) -> Gram | None:
     if gram is None:
         return None
     diagonal = jnp.diagonal(gram.a, axis1=-2, axis2=-1)
-    off_shrunk = alpha * gram.a + (1 - alpha) * (diagonal[..., :, None] * jnp.eye(gram.a.shape[-1], dtype=gram.a.dtype))
+    off_shrunk = alpha * gram.a + (1 - alpha) * (
+        diagonal[..., :, None] * jnp.eye(gram.a.shape[-1], dtype=gram.a.dtype)
+    )
     return Gram(off_shrunk, gram.in_axes, gram.out_axes)
 
 
@@ -74,7 +76,13 @@ def regmean(
     checks.check_fraction("alpha", alpha, include_zero=True, include_one=True)
     checks.check_statistics(grams, models, allowed=(Gram,))
     shrunk = [
-        jax.tree.map(lambda g: _shrink(g, alpha), tree, is_leaf=lambda x: x is None or isinstance(x, Gram))
+        jax.tree.map(
+            lambda g: _shrink(g, alpha),
+            tree,
+            is_leaf=lambda x: x is None or isinstance(x, Gram),
+        )
         for tree in grams
     ]
-    return solve(models, shrunk, weights=weights, fallback=fallback, method="closed_form")
+    return solve(
+        models, shrunk, weights=weights, fallback=fallback, method="closed_form"
+    )

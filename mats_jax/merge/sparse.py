@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from mats_jax import checks
 from mats_jax.tree import compute_dtype, task_vectors
+from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array, Params
 
 __all__ = ["dare", "magnitude_threshold", "ties"]
@@ -79,7 +80,9 @@ def magnitude_threshold(arrays: Sequence[Array], k: Any) -> Array:
             if shift == 24:
                 in_bucket = jnp.ones(u.shape, jnp.int32)
             else:
-                in_bucket = ((u >> (shift + 8)) == (prefix >> (shift + 8))).astype(jnp.int32)
+                in_bucket = ((u >> (shift + 8)) == (prefix >> (shift + 8))).astype(
+                    jnp.int32
+                )
             hist = hist + jnp.zeros((256,), jnp.int32).at[digit].add(in_bucket)
         at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d]: entries with digit >= d
         digit = jnp.max(jnp.where(at_least >= remaining, jnp.arange(256), -1))
@@ -103,9 +106,13 @@ def _trim(vectors: list[Array], density: Any, trim: Trim) -> list[Array]:
                 f"trim='global' over {size} entries exceeds the in-memory limit of 2^31; "
                 "use trim='per_leaf'"
             )
-        thresholds = [magnitude_threshold(vectors, _keep_count(density, size))] * len(vectors)
+        thresholds = [magnitude_threshold(vectors, _keep_count(density, size))] * len(
+            vectors
+        )
     else:
-        thresholds = [magnitude_threshold([v], _keep_count(density, v.size)) for v in vectors]
+        thresholds = [
+            magnitude_threshold([v], _keep_count(density, v.size)) for v in vectors
+        ]
     return [
         jnp.where(jnp.abs(v.astype(jnp.float32)) >= t, v, 0)
         for v, t in zip(vectors, thresholds, strict=True)
@@ -116,14 +123,18 @@ def _combine(vectors: list[Array], weights: Array, sign_election: bool) -> Array
     """Weighted sum, or TIES's sign election with a weighted disjoint mean."""
     dtype = vectors[0].dtype
     ws = [weights[m].astype(dtype) for m in range(len(vectors))]
-    total = sum(w * v for w, v in zip(ws, vectors, strict=True))
+    total = sum_of(w * v for w, v in zip(ws, vectors, strict=True))
     if not sign_election:
         return total
     sign = jnp.sign(total)
     agree = [(jnp.sign(v) == sign) & (v != 0) for v in vectors]
-    numerator = sum(jnp.where(a, w * v, 0) for a, w, v in zip(agree, ws, vectors, strict=True))
-    denominator = sum(jnp.where(a, w, 0) for a, w in zip(agree, ws, strict=True))
-    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1), 0)
+    numerator = sum_of(
+        jnp.where(a, w * v, 0) for a, w, v in zip(agree, ws, vectors, strict=True)
+    )
+    denominator = sum_of(jnp.where(a, w, 0) for a, w in zip(agree, ws, strict=True))
+    return jnp.where(
+        denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1), 0
+    )
 
 
 def _apply(base: Params, merged_vector: list[Array], scale: Any) -> Params:
@@ -174,17 +185,29 @@ def ties(
     checks.check_models(models, base)
     checks.check_fraction("density", density, include_zero=False, include_one=True)
     if trim not in ("global", "per_leaf"):
-        raise checks.MergeInputError(f"trim must be 'global' or 'per_leaf', got {trim!r}")
+        raise checks.MergeInputError(
+            f"trim must be 'global' or 'per_leaf', got {trim!r}"
+        )
     w = checks.check_weights(weights, len(models))
     return _ties(base, list(models), density, scale, w, trim=trim)
 
 
 @functools.partial(jax.jit, static_argnames=("trim",))
 def _ties(
-    base: Params, models: list[Params], density: Any, scale: Any, weights: Array, *, trim: Trim
+    base: Params,
+    models: list[Params],
+    density: Any,
+    scale: Any,
+    weights: Array,
+    *,
+    trim: Trim,
 ) -> Params:
-    trimmed = [_trim(jax.tree.leaves(t), density, trim) for t in task_vectors(base, models)]
-    merged = [_combine(list(leaves), weights, True) for leaves in zip(*trimmed, strict=True)]
+    trimmed = [
+        _trim(jax.tree.leaves(t), density, trim) for t in task_vectors(base, models)
+    ]
+    merged = [
+        _combine(list(leaves), weights, True) for leaves in zip(*trimmed, strict=True)
+    ]
     return _apply(base, merged, scale)
 
 
@@ -230,12 +253,18 @@ def dare(
     checks.check_fraction("drop_rate", drop_rate, include_zero=True, include_one=False)
     _check_key(key)
     w = checks.check_weights(weights, len(models))
-    return _dare(base, list(models), drop_rate, key, scale, w, sign_election=sign_election)
+    return _dare(
+        base, list(models), drop_rate, key, scale, w, sign_election=sign_election
+    )
 
 
 def _check_key(key: Any) -> None:
-    is_typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    is_raw = hasattr(key, "dtype") and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
+    is_typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    )
+    is_raw = (
+        hasattr(key, "dtype") and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
+    )
     if not (is_typed and key.shape == ()) and not is_raw:
         raise checks.MergeInputError(
             "key must be a single JAX PRNG key (jax.random.key(seed) or "

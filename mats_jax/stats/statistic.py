@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array
 
 __all__ = ["KFAC", "Dense", "Diagonal", "Gram", "Statistic"]
@@ -195,7 +196,7 @@ class Diagonal(Statistic):
 
     @classmethod
     def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
-        total = sum(s.f for s in stats) + damping[:, None]  # type: ignore[attr-defined]
+        total = sum_of(s.f for s in stats) + damping[:, None]  # type: ignore[attr-defined]
         inv = _safe_reciprocal(total, _pinv_cutoff(total, 1))
         return lambda x: inv * x
 
@@ -243,7 +244,7 @@ class Dense(Statistic):
 
     @classmethod
     def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
-        apply = _sym_pinv_apply(sum(s.f for s in stats), damping)  # type: ignore[attr-defined]
+        apply = _sym_pinv_apply(sum_of(s.f for s in stats), damping)  # type: ignore[attr-defined]
         return lambda x: apply(
             x,
             lambda u, inv, v: jnp.einsum(
@@ -264,7 +265,9 @@ class _KernelLayout:
         object.__setattr__(self, "in_axes", tuple(int(a) for a in self.in_axes))
         object.__setattr__(self, "out_axes", tuple(int(a) for a in self.out_axes))
 
-    def _axes(self, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    def _axes(
+        self, ndim: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         ins = tuple(a % ndim for a in self.in_axes)
         outs = tuple(a % ndim for a in self.out_axes)
         blocks = tuple(a for a in range(ndim) if a not in ins + outs)
@@ -289,7 +292,13 @@ class _KernelLayout:
             math.prod(leaf_shape[a] for a in outs),
         )
 
-    def _factor_error(self, name: str, factor: Array, expected: tuple[int, ...], leaf_shape: tuple[int, ...]) -> str | None:
+    def _factor_error(
+        self,
+        name: str,
+        factor: Array,
+        expected: tuple[int, ...],
+        leaf_shape: tuple[int, ...],
+    ) -> str | None:
         if tuple(factor.shape) != expected:
             return (
                 f"{self.kind}.{name} has shape {tuple(factor.shape)}, expected {expected} for a "
@@ -305,7 +314,7 @@ class _KernelLayout:
     def from_blocks(self, blocks: Array, leaf_shape: tuple[int, ...]) -> Array:
         order = sum(self._axes(len(leaf_shape)), ())
         permuted = blocks.reshape(tuple(leaf_shape[a] for a in order))
-        return jnp.transpose(permuted, np.argsort(order))
+        return jnp.transpose(permuted, tuple(int(a) for a in np.argsort(order)))
 
 
 def _blocked_factor(factor: Array, n: int) -> Array:
@@ -356,7 +365,7 @@ class Gram(_KernelLayout, Statistic):
 
     @classmethod
     def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
-        apply = _sym_pinv_apply(sum(s.a for s in stats), damping)  # type: ignore[attr-defined]
+        apply = _sym_pinv_apply(sum_of(s.a for s in stats), damping)  # type: ignore[attr-defined]
         return lambda x: apply(
             x, lambda u, inv, v: u @ (inv[:, :, None] * (jnp.swapaxes(u, -1, -2) @ v))
         )
@@ -399,9 +408,9 @@ class KFAC(_KernelLayout, Statistic):
         if error:
             return error
         block, n_in, n_out = self._sizes(leaf_shape)
-        return self._factor_error("a", self.a, (*block, n_in, n_in), leaf_shape) or self._factor_error(
-            "g", self.g, (*block, n_out, n_out), leaf_shape
-        )
+        return self._factor_error(
+            "a", self.a, (*block, n_in, n_in), leaf_shape
+        ) or self._factor_error("g", self.g, (*block, n_out, n_out), leaf_shape)
 
     def blocked(self, leaf_shape: tuple[int, ...]) -> KFAC:
         _, n_in, n_out = self._sizes(leaf_shape)
@@ -447,17 +456,26 @@ class KFAC(_KernelLayout, Statistic):
         def normalised(m: Array) -> Array:
             return m / jnp.maximum(jnp.sqrt(inner(m, m)), jnp.finfo(m.dtype).tiny)
 
-        x = normalised(sum(a_list))
-        y = normalised(sum(g_list))
+        x = normalised(sum_of(a_list))
+        y = normalised(sum_of(g_list))
         for _ in range(4):
-            x = normalised(sum(inner(g, y) * a for a, g in zip(a_list, g_list, strict=True)))
-            y = normalised(sum(inner(a, x) * g for a, g in zip(a_list, g_list, strict=True)))
-        sigma = sum(inner(a, x) * inner(g, y) for a, g in zip(a_list, g_list, strict=True))
+            x = normalised(
+                sum_of(inner(g, y) * a for a, g in zip(a_list, g_list, strict=True))
+            )
+            y = normalised(
+                sum_of(inner(a, x) * g for a, g in zip(a_list, g_list, strict=True))
+            )
+        sigma = sum_of(
+            inner(a, x) * inner(g, y) for a, g in zip(a_list, g_list, strict=True)
+        )
         lam_x, u_x = jnp.linalg.eigh(sigma * x)
         lam_y, u_y = jnp.linalg.eigh(y)
         outer = lam_x[:, :, None] * lam_y[:, None, :] + damping[:, None, None]
-        n = outer.shape[-1] * outer.shape[-2]
-        cutoff = jnp.max(outer, axis=(-2, -1), keepdims=True) * n * jnp.finfo(outer.dtype).eps
+        # Only numerically zero eigenvalues are dropped: a preconditioner that
+        # zeroes small but real curvature would stall CG in those directions.
+        cutoff = (
+            jnp.max(outer, axis=(-2, -1), keepdims=True) * jnp.finfo(outer.dtype).eps
+        )
         inv = _safe_reciprocal(outer, cutoff)
 
         def apply(v: Array) -> Array:

@@ -1,0 +1,609 @@
+"""The solver and the data-dependent merges against their slow, obvious twins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mats_jax
+from mats_jax import (
+    KFAC,
+    Dense,
+    Diagonal,
+    Gram,
+    fisher_merge,
+    mats,
+    per_block_cg,
+    regmean,
+    solve,
+)
+from mats_jax.solver import BREAKDOWN, CONVERGED, DIVERGED, MAXITER
+
+
+def spd(key, n, rank=None):
+    rank = rank or 2 * n
+    q = jax.random.normal(key, (n, rank))
+    return q @ q.T / rank
+
+
+def make_models(key, shapes, m):
+    keys = jax.random.split(key, m)
+    return [
+        {
+            name: jax.random.normal(jax.random.fold_in(k, i), s)
+            for i, (name, s) in enumerate(shapes.items())
+        }
+        for k in keys
+    ]
+
+
+# --- per_block_cg -----------------------------------------------------------
+
+
+def batched_system(key, n_blocks=3, n=8):
+    a = jnp.stack(
+        [
+            spd(jax.random.fold_in(key, i), n) + 0.05 * jnp.eye(n)
+            for i in range(n_blocks)
+        ]
+    )
+    b = jax.random.normal(jax.random.fold_in(key, 99), (n_blocks, n))
+    return a, b
+
+
+def test_cg_matches_jax_scipy_cg_step_for_step():
+    a, b = batched_system(jax.random.PRNGKey(0))
+    x0 = jnp.zeros_like(b)
+    for steps in (1, 2, 5):
+        ours, info = per_block_cg(
+            lambda v: jnp.einsum("bij,bj->bi", a, v),
+            b,
+            x0,
+            maxiter=steps,
+            tol=0.0,
+            check_every=0,
+        )
+        for i in range(b.shape[0]):
+            ref, _ = jax.scipy.sparse.linalg.cg(
+                lambda v, i=i: a[i] @ v, b[i], x0[i], tol=0.0, maxiter=steps
+            )
+            np.testing.assert_allclose(ours[i], ref, rtol=1e-4, atol=1e-5)
+        assert info.iterations.tolist() == [steps] * b.shape[0]
+        assert info.status.tolist() == [MAXITER] * b.shape[0]
+
+
+def test_cg_matches_dense_solve_and_reports_per_block():
+    a, b = batched_system(jax.random.PRNGKey(1))
+    x0 = jax.random.normal(jax.random.PRNGKey(2), b.shape)
+    x, info = per_block_cg(
+        lambda v: jnp.einsum("bij,bj->bi", a, v), b, x0, maxiter=200, tol=1e-6
+    )
+    np.testing.assert_allclose(
+        x, jnp.linalg.solve(a, b[..., None])[..., 0], rtol=1e-3, atol=1e-4
+    )
+    assert (info.status == CONVERGED).all()
+    assert (info.iterations <= 8 + 2).all()  # n = 8 unknowns per block
+    initial = jnp.linalg.norm(
+        b - jnp.einsum("bij,bj->bi", a, x0), axis=1
+    ) / jnp.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(info.initial_residual, initial, rtol=1e-5)
+    assert (info.final_residual < 1e-5).all()
+
+
+def test_cg_blocks_stop_independently():
+    # One block is the identity (1 step), the other needs several.
+    a = jnp.stack([jnp.eye(6), spd(jax.random.PRNGKey(3), 6) + 0.1 * jnp.eye(6)])
+    b = jnp.ones((2, 6))
+    x, info = per_block_cg(
+        lambda v: jnp.einsum("bij,bj->bi", a, v),
+        b,
+        jnp.zeros_like(b),
+        maxiter=50,
+        tol=1e-6,
+    )
+    assert info.iterations[0] == 1 and info.iterations[1] > 1
+    np.testing.assert_allclose(x[0], jnp.ones(6), rtol=1e-6)
+
+
+def test_cg_keeps_init_in_null_space():
+    # A singular SPD system: CG never moves x0 along the null space.
+    a = jnp.diag(jnp.array([3.0, 1.0, 0.0]))[None]
+    b = jnp.array([[3.0, 2.0, 0.0]])
+    x0 = jnp.array([[5.0, 5.0, 7.0]])
+    x, info = per_block_cg(
+        lambda v: jnp.einsum("bij,bj->bi", a, v), b, x0, maxiter=10, tol=1e-7
+    )
+    np.testing.assert_allclose(x, [[1.0, 2.0, 7.0]], rtol=1e-6)
+    assert info.status[0] == CONVERGED
+
+
+def test_cg_stops_a_diverging_block_and_returns_its_best_iterate():
+    # A singular system whose right side is NOT in the range of A (as rounding
+    # noise makes it in float32): CG's iterates grow without bound along the null
+    # space while the recursive residual looks fine. The true-residual check
+    # catches it and returns the best iterate seen.
+    n = 40
+    values = jnp.concatenate([jnp.logspace(0, -3, n - 2), jnp.zeros(2)])
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(4), (n, n)))
+    a = (q * values) @ q.T
+    b = a @ jax.random.normal(jax.random.PRNGKey(5), (n,)) + 1e-3 * q[:, -1]
+    matvec = lambda v: jnp.einsum("ij,bj->bi", a, v)  # noqa: E731
+    unguarded, _ = per_block_cg(
+        matvec, b[None], jnp.zeros((1, n)), maxiter=3000, tol=0.0, check_every=0
+    )
+    guarded, info = per_block_cg(
+        matvec, b[None], jnp.zeros((1, n)), maxiter=3000, tol=0.0, check_every=10
+    )
+    least_squares = jnp.linalg.pinv(a) @ b
+    err_unguarded = float(jnp.linalg.norm(unguarded[0] - least_squares))
+    err_guarded = float(jnp.linalg.norm(guarded[0] - least_squares))
+    assert info.status[0] in (DIVERGED, BREAKDOWN)
+    assert err_guarded < 0.1 * err_unguarded, (err_guarded, err_unguarded)
+
+
+def test_cg_with_exact_preconditioner_converges_in_one_step():
+    a, b = batched_system(jax.random.PRNGKey(6))
+    inv = jnp.linalg.inv(a)
+    x, info = per_block_cg(
+        lambda v: jnp.einsum("bij,bj->bi", a, v),
+        b,
+        jnp.zeros_like(b),
+        maxiter=20,
+        tol=1e-5,
+        precond=lambda r: jnp.einsum("bij,bj->bi", inv, r),
+    )
+    assert (info.iterations == 1).all()
+    np.testing.assert_allclose(
+        x, jnp.linalg.solve(a, b[..., None])[..., 0], rtol=1e-3, atol=1e-4
+    )
+
+
+# --- the solver on statistic pytrees ------------------------------------------------
+
+
+def kfac_problem(key, m=3, shape=(4, 3), with_bias=True):
+    models = make_models(
+        key, {"kernel": shape, **({"bias": (shape[-1],)} if with_bias else {})}, m
+    )
+    stats = []
+    for t in range(m):
+        k = jax.random.fold_in(key, 100 + t)
+        stats.append(
+            {
+                "kernel": KFAC(
+                    spd(k, shape[0]), spd(jax.random.fold_in(k, 1), shape[1])
+                ),
+                **({"bias": None} if with_bias else {}),
+            }
+        )
+    return models, stats
+
+
+def explicit_kfac_solution(models, stats, weights, leaf="kernel"):
+    total = sum(
+        w
+        * np.kron(np.asarray(s[leaf].a, np.float64), np.asarray(s[leaf].g, np.float64))
+        for w, s in zip(weights, stats)
+    )
+    rhs = sum(
+        w
+        * np.kron(np.asarray(s[leaf].a, np.float64), np.asarray(s[leaf].g, np.float64))
+        @ np.asarray(mdl[leaf], np.float64).reshape(-1)
+        for w, s, mdl in zip(weights, stats, models)
+    )
+    return np.linalg.solve(total, rhs).reshape(models[0][leaf].shape)
+
+
+@pytest.mark.parametrize("preconditioner", [False, True])
+def test_mats_kfac_equals_dense_solve_of_explicit_kronecker_sum(preconditioner):
+    models, stats = kfac_problem(jax.random.PRNGKey(10))
+    weights = [1.0, 2.0, 0.5]
+    result = mats(
+        models,
+        stats,
+        weights=weights,
+        maxiter=500,
+        tol=1e-7,
+        preconditioner=preconditioner,
+    )
+    np.testing.assert_allclose(
+        result.params["kernel"],
+        explicit_kfac_solution(models, stats, weights),
+        rtol=1e-3,
+        atol=1e-4,
+    )
+    # The bias has no statistic: weighted average, and the report says so.
+    expected_bias = sum(w * m["bias"] for w, m in zip(weights, models)) / sum(weights)
+    np.testing.assert_allclose(result.params["bias"], expected_bias, rtol=1e-6)
+    assert result.report["bias"].solver == "fallback:average"
+    assert result.report["kernel"].solver == "cg"
+    assert int(result.report["kernel"].status[0]) == CONVERGED
+
+
+def test_preconditioner_reduces_iterations_on_ill_conditioned_kfac():
+    key = jax.random.PRNGKey(11)
+    n_in, n_out = 24, 16
+    spectrum_in = jnp.logspace(0, -4, n_in)
+    spectrum_out = jnp.logspace(0, -3, n_out)
+    q_in, _ = jnp.linalg.qr(jax.random.normal(key, (n_in, n_in)))
+    q_out, _ = jnp.linalg.qr(
+        jax.random.normal(jax.random.fold_in(key, 1), (n_out, n_out))
+    )
+    models = make_models(key, {"kernel": (n_in, n_out)}, 3)
+    stats = []
+    for t in range(3):
+        # Shared eigenvectors with task-specific spectra and scales, plus a small
+        # task-specific perturbation: the nearest Kronecker product is close.
+        pert = 1e-3 * spd(jax.random.fold_in(key, 50 + t), n_in)
+        a = (q_in * spectrum_in ** (1 + 0.1 * t)) @ q_in.T + pert
+        g = (q_out * spectrum_out) @ q_out.T * (t + 1)
+        stats.append({"kernel": KFAC(a, g)})
+    plain = mats(models, stats, maxiter=5000, tol=1e-5)
+    pre = mats(models, stats, maxiter=5000, tol=1e-5, preconditioner=True)
+    it_plain = int(plain.report["kernel"].iterations[0])
+    it_pre = int(pre.report["kernel"].iterations[0])
+    assert it_pre * 3 < it_plain, (it_pre, it_plain)
+    # Both reach the tolerance in the true residual. (With condition numbers
+    # near 1e8 the two iterates may still differ in the flattest directions.)
+    for result in (plain, pre):
+        assert int(result.report["kernel"].status[0]) == CONVERGED
+        assert float(result.report["kernel"].final_residual[0]) < 3e-5
+
+
+def test_mats_with_diagonal_statistics_equals_fisher_merge():
+    key = jax.random.PRNGKey(12)
+    models = make_models(key, {"w": (5, 3), "b": (3,)}, 3)
+    fishers = [
+        {
+            "w": jax.random.uniform(jax.random.fold_in(key, t), (5, 3)) + 0.1,
+            "b": jnp.ones(3) * (t + 1),
+        }
+        for t in range(3)
+    ]
+    reference = fisher_merge(models, fishers, weights=[1.0, 2.0, 3.0]).params
+    stats = [jax.tree.map(Diagonal, f) for f in fishers]
+    # Preconditioned (Jacobi is exact for a diagonal) and plain CG (15 distinct values).
+    for preconditioner, maxiter in ((True, 3), (False, 100)):
+        got = mats(
+            models,
+            stats,
+            weights=[1.0, 2.0, 3.0],
+            maxiter=maxiter,
+            tol=1e-7,
+            preconditioner=preconditioner,
+        ).params
+        for leaf in ("w", "b"):
+            np.testing.assert_allclose(got[leaf], reference[leaf], rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_merge_matches_hand_formula_with_floor():
+    models = [{"w": jnp.array([1.0, 2.0, 3.0])}, {"w": jnp.array([3.0, 6.0, -3.0])}]
+    fishers = [{"w": jnp.array([1.0, 0.0, 0.0])}, {"w": jnp.array([3.0, 0.0, 1e-9])}]
+    got = fisher_merge(models, fishers, floor=1e-6).params["w"]
+    # entry 0: (1·1 + 3·3)/4; entry 1: both floored, plain mean; entry 2: floors
+    # 1e-6 and 1e-6 (1e-9 floored), plain mean.
+    np.testing.assert_allclose(got, [2.5, 4.0, 0.0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preconditioner", [False, True])
+def test_mats_with_gram_statistics_equals_regmean(preconditioner):
+    key = jax.random.PRNGKey(13)
+    models = make_models(key, {"kernel": (6, 4), "bias": (4,)}, 3)
+    grams = [
+        {"kernel": Gram(spd(jax.random.fold_in(key, t), 6)), "bias": None}
+        for t in range(3)
+    ]
+    reference = regmean(models, grams, alpha=1.0, weights=[1.0, 0.5, 2.0]).params
+    got = mats(
+        models,
+        grams,
+        weights=[1.0, 0.5, 2.0],
+        maxiter=200,
+        tol=1e-7,
+        preconditioner=preconditioner,
+    ).params
+    np.testing.assert_allclose(got["kernel"], reference["kernel"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got["bias"], reference["bias"], rtol=1e-6)
+
+
+def test_regmean_matches_explicit_least_squares_with_alpha():
+    key = jax.random.PRNGKey(14)
+    models = make_models(key, {"kernel": (5, 3)}, 2)
+    xs = [jax.random.normal(jax.random.fold_in(key, t), (20, 5)) for t in range(2)]
+    grams = [{"kernel": Gram(x.T @ x)} for x in xs]
+    alpha = 0.7
+    shrunk = [
+        alpha * np.asarray(x.T @ x)
+        + (1 - alpha) * np.diag(np.diag(np.asarray(x.T @ x)))
+        for x in xs
+    ]
+    expected = np.linalg.solve(
+        sum(shrunk), sum(s @ np.asarray(m["kernel"]) for s, m in zip(shrunk, models))
+    )
+    got = regmean(models, grams, alpha=alpha).params["kernel"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # With alpha = 1 RegMean is the exact joint least-squares fit of all tasks'
+    # outputs: the gradient of Σ_m ‖X_m W − X_m W_m‖² vanishes at the merge.
+    merged = regmean(models, grams, alpha=1.0).params["kernel"]
+    grad = sum(x.T @ (x @ merged - x @ m["kernel"]) for x, m in zip(xs, models))
+    assert float(jnp.max(jnp.abs(grad))) < 1e-3
+
+
+def test_regmean_singular_gram_keeps_average_in_null_space():
+    models = [{"k": jnp.array([[1.0], [4.0]])}, {"k": jnp.array([[3.0], [0.0]])}]
+    dead_second_input = jnp.diag(jnp.array([1.0, 0.0]))
+    grams = [{"k": Gram(dead_second_input)}, {"k": Gram(3 * dead_second_input)}]
+    got = regmean(models, grams, alpha=1.0).params["k"]
+    np.testing.assert_allclose(got, [[2.5], [2.0]], rtol=1e-6)
+
+
+def test_dense_statistic_solves_the_full_block():
+    key = jax.random.PRNGKey(15)
+    models = make_models(key, {"ia3": (6,)}, 3)
+    stats = [{"ia3": Dense(spd(jax.random.fold_in(key, t), 6))} for t in range(3)]
+    total = sum(np.asarray(s["ia3"].f, np.float64) for s in stats)
+    rhs = sum(
+        np.asarray(s["ia3"].f, np.float64) @ np.asarray(m["ia3"], np.float64)
+        for s, m in zip(stats, models)
+    )
+    expected = np.linalg.solve(total, rhs)
+    for method in ("cg", "closed_form"):
+        got = solve(models, stats, method=method, maxiter=100, tol=1e-7).params["ia3"]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_scanned_layers_get_one_system_per_layer():
+    # A (layers, in, out) kernel with per-layer factors equals solving each
+    # layer as its own leaf.
+    key = jax.random.PRNGKey(16)
+    n_layers, shape, m = 3, (4, 3), 2
+    models = make_models(key, {"kernel": (n_layers, *shape)}, m)
+    factors = [
+        [
+            (
+                spd(jax.random.fold_in(key, 10 * t + layer), 4),
+                spd(jax.random.fold_in(key, 100 + 10 * t + layer), 3),
+            )
+            for layer in range(n_layers)
+        ]
+        for t in range(m)
+    ]
+    stacked_stats = [
+        {"kernel": KFAC(jnp.stack([f[0] for f in fs]), jnp.stack([f[1] for f in fs]))}
+        for fs in factors
+    ]
+    stacked = mats(models, stacked_stats, maxiter=300, tol=1e-7)
+    assert stacked.report["kernel"].iterations.shape == (n_layers,)
+    for layer in range(n_layers):
+        per_layer_models = [{"kernel": mdl["kernel"][layer]} for mdl in models]
+        per_layer_stats = [{"kernel": KFAC(*fs[layer])} for fs in factors]
+        expected = explicit_kfac_solution(per_layer_models, per_layer_stats, [1.0] * m)
+        np.testing.assert_allclose(
+            stacked.params["kernel"][layer], expected, rtol=1e-3, atol=1e-4
+        )
+
+
+def test_dense_general_axes_match_reshaped_kernel():
+    # A (in, heads, head_dim) projection merges like the same kernel reshaped to
+    # (in, heads·head_dim) with the same factors.
+    key = jax.random.PRNGKey(17)
+    models = make_models(key, {"q": (5, 2, 3)}, 2)
+    raw = [
+        (spd(jax.random.fold_in(key, t), 5), spd(jax.random.fold_in(key, 10 + t), 6))
+        for t in range(2)
+    ]
+    stats = [{"q": KFAC(a, g, in_axes=(0,), out_axes=(1, 2))} for a, g in raw]
+    got = mats(models, stats, maxiter=300, tol=1e-7).params["q"]
+    flat_models = [{"q": mdl["q"].reshape(5, 6)} for mdl in models]
+    expected = explicit_kfac_solution(
+        flat_models, [{"q": KFAC(a, g)} for a, g in raw], [1.0, 1.0], leaf="q"
+    )
+    np.testing.assert_allclose(got.reshape(5, 6), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_grouping_same_shaped_blocks_does_not_change_the_answer():
+    key = jax.random.PRNGKey(18)
+    models = make_models(key, {"a": (4, 3), "b": (4, 3), "c": (3, 4)}, 2)
+    stats = [
+        {
+            name: KFAC(
+                spd(jax.random.fold_in(key, 10 * t + i), s[0]),
+                spd(jax.random.fold_in(key, 100 + 10 * t + i), s[1]),
+            )
+            for i, (name, s) in enumerate(
+                {"a": (4, 3), "b": (4, 3), "c": (3, 4)}.items()
+            )
+        }
+        for t in range(2)
+    ]
+    grouped = mats(models, stats, maxiter=300, tol=1e-7, group_blocks=True)
+    separate = mats(models, stats, maxiter=300, tol=1e-7, group_blocks=False)
+    for leaf in ("a", "b", "c"):
+        np.testing.assert_allclose(
+            grouped.params[leaf], separate.params[leaf], rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            grouped.params[leaf],
+            explicit_kfac_solution(models, stats, [1.0, 1.0], leaf),
+            rtol=1e-3,
+            atol=1e-4,
+        )
+
+
+def test_damping_pulls_toward_init_and_is_relative():
+    models, stats = kfac_problem(jax.random.PRNGKey(19), with_bias=False)
+    init = {"kernel": jnp.zeros((4, 3))}
+    undamped = mats(models, stats, init=init, maxiter=500, tol=1e-7).params["kernel"]
+    damped = mats(models, stats, init=init, damping=10.0, maxiter=500, tol=1e-7).params[
+        "kernel"
+    ]
+    assert float(jnp.linalg.norm(damped)) < float(jnp.linalg.norm(undamped))
+    # Explicit: (S + δ I) θ = b + δ θ_init with δ = damping · mean diag(S).
+    total = sum(
+        np.kron(
+            np.asarray(s["kernel"].a, np.float64), np.asarray(s["kernel"].g, np.float64)
+        )
+        for s in stats
+    )
+    delta = 10.0 * np.mean(np.diag(total))
+    rhs = sum(
+        np.kron(
+            np.asarray(s["kernel"].a, np.float64), np.asarray(s["kernel"].g, np.float64)
+        )
+        @ np.asarray(m["kernel"], np.float64).reshape(-1)
+        for s, m in zip(stats, models)
+    )
+    expected = np.linalg.solve(total + delta * np.eye(12), rhs).reshape(4, 3)
+    np.testing.assert_allclose(damped, expected, rtol=1e-3, atol=1e-4)
+    # Scaling every statistic by 1000 leaves the relative damping's answer unchanged.
+    scaled = [{"kernel": KFAC(1000 * s["kernel"].a, s["kernel"].g)} for s in stats]
+    rescaled = mats(
+        models, scaled, init=init, damping=10.0, maxiter=500, tol=1e-7
+    ).params["kernel"]
+    np.testing.assert_allclose(rescaled, damped, rtol=1e-3, atol=1e-4)
+
+
+def test_init_and_early_stopping_matter():
+    models, stats = kfac_problem(jax.random.PRNGKey(20), with_bias=False)
+    inits = [{"kernel": jnp.zeros((4, 3))}, {"kernel": jnp.ones((4, 3))}]
+    early = [
+        mats(models, stats, init=i, maxiter=1, tol=0.0).params["kernel"] for i in inits
+    ]
+    assert float(jnp.max(jnp.abs(early[0] - early[1]))) > 1e-2
+    converged = [
+        mats(models, stats, init=i, maxiter=300, tol=1e-7).params["kernel"]
+        for i in inits
+    ]
+    np.testing.assert_allclose(converged[0], converged[1], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("fallback", ["average", "init", "given"])
+def test_fallback_rules(fallback):
+    models, stats = kfac_problem(jax.random.PRNGKey(21))
+    init = jax.tree.map(lambda x: x + 10.0, models[0])
+    base = jax.tree.map(lambda x: x - 10.0, models[0])
+    rule = base if fallback == "given" else fallback
+    result = mats(models, stats, init=init, fallback=rule, maxiter=5, tol=0.0)
+    expected = {
+        "average": (models[0]["bias"] + models[1]["bias"] + models[2]["bias"]) / 3,
+        "init": init["bias"],
+        "given": base["bias"],
+    }[fallback]
+    np.testing.assert_allclose(result.params["bias"], expected, rtol=1e-6)
+    assert result.report["bias"].solver == f"fallback:{fallback}"
+    # Every leaf is present in the merged tree (none silently dropped).
+    assert jax.tree.structure(result.params) == jax.tree.structure(models[0])
+
+
+@pytest.mark.filterwarnings("ignore::mats_jax.ConvergenceWarning")
+def test_sweeps_reuse_the_compiled_solver():
+    from mats_jax.solver import _solve_jit
+
+    models, stats = kfac_problem(jax.random.PRNGKey(22), shape=(5, 7))
+    mats(models, stats, maxiter=10)
+    before = _solve_jit._cache_size()
+    for maxiter, tol, damping, scale in (
+        (3, 0.0, 0.0, 0.1),
+        (50, 1e-4, 0.1, 0.7),
+        (7, 1e-6, 1.0, 1.3),
+    ):
+        init = mats_jax.task_arithmetic(models[0], models, scale=scale)
+        mats(
+            models,
+            stats,
+            init=init,
+            maxiter=maxiter,
+            tol=tol,
+            damping=damping,
+            weights=[1.0, 2.0, scale],
+        )
+        mats(
+            models,
+            stats,
+            init=init,
+            maxiter=maxiter,
+            tol=tol,
+            damping=damping,
+            weights=[1.0, 2.0, scale],
+        )
+    # One more entry at most: the first call with an init pytree (vs None).
+    assert _solve_jit._cache_size() <= before + 1
+
+
+def test_unconverged_cg_warns_and_reports():
+    models, stats = kfac_problem(jax.random.PRNGKey(23), shape=(8, 6))
+    with pytest.warns(mats_jax.ConvergenceWarning, match="kernel: maxiter"):
+        result = mats(models, stats, maxiter=2, tol=1e-8)
+    assert mats_jax.STATUS_NAMES[int(result.report["kernel"].status[0])] == "maxiter"
+    assert int(result.report["kernel"].iterations[0]) == 2
+    assert "kernel" in mats_jax.format_report(result.report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mats(models, stats, maxiter=500, tol=1e-5)  # converges: no warning
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_parameters_merge_in_float32_and_keep_their_dtype(dtype):
+    models, stats = kfac_problem(jax.random.PRNGKey(24))
+    low = [jax.tree.map(lambda x: x.astype(dtype), m) for m in models]
+    got = mats(low, stats, maxiter=300, tol=1e-6).params
+    assert got["kernel"].dtype == dtype and got["bias"].dtype == dtype
+    reference = mats(
+        [jax.tree.map(lambda x: x.astype(jnp.float32), m) for m in low],
+        stats,
+        maxiter=300,
+        tol=1e-6,
+    ).params
+    np.testing.assert_allclose(
+        got["kernel"].astype(jnp.float32),
+        reference["kernel"].astype(dtype).astype(jnp.float32),
+    )
+
+
+def test_mats_under_outer_jit_equals_eager():
+    models, stats = kfac_problem(jax.random.PRNGKey(25))
+    eager = mats(models, stats, maxiter=20, tol=0.0)
+    jitted = jax.jit(lambda ms, ss, n: mats(ms, ss, maxiter=n, tol=0.0))(
+        models, stats, 20
+    )
+    np.testing.assert_allclose(
+        jitted.params["kernel"], eager.params["kernel"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        jitted.report["kernel"].iterations, eager.report["kernel"].iterations
+    )
+
+
+def test_float64_precision_in_a_subprocess():
+    # jax_enable_x64 is process-wide, so the check runs in its own interpreter.
+    script = textwrap.dedent(
+        """
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, numpy as np
+        from mats_jax import KFAC, mats
+        key = jax.random.PRNGKey(0)
+        def spd(k, n):
+            q = jax.random.normal(k, (n, 2 * n), jnp.float32)
+            return q @ q.T
+        models = [{"k": jax.random.normal(jax.random.fold_in(key, t), (6, 5), jnp.float32)} for t in range(3)]
+        stats = [{"k": KFAC(spd(jax.random.fold_in(key, 10 + t), 6), spd(jax.random.fold_in(key, 20 + t), 5))} for t in range(3)]
+        out = mats(models, stats, precision="float64", maxiter=500, tol=1e-12)
+        assert out.params["k"].dtype == jnp.float32, out.params["k"].dtype
+        res = float(out.report["k"].final_residual[0])
+        assert res < 1e-10, res
+        print("ok", res)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok")
