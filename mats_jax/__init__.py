@@ -27,7 +27,21 @@ from mats_jax.solver import (
     per_block_cg,
     solve,
 )
-from mats_jax.stats import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.stats import (
+    KFAC,
+    Dense,
+    Diagonal,
+    Gram,
+    Statistic,
+    StatisticsInputError,
+    diagonal_fisher,
+    gram,
+    kfac,
+    load_statistics,
+    save_statistics,
+    statistic_scales,
+    statistics_table,
+)
 from mats_jax.tree import task_vectors
 
 __version__ = "0.1.0"
@@ -44,15 +58,23 @@ __all__ = [
     "MergeInputError",
     "MergeResult",
     "Statistic",
+    "StatisticsInputError",
     "average",
     "dare",
+    "diagonal_fisher",
     "fisher_merge",
     "format_report",
+    "gram",
+    "kfac",
+    "load_statistics",
     "magnitude_threshold",
     "mats",
     "per_block_cg",
     "regmean",
+    "save_statistics",
     "solve",
+    "statistic_scales",
+    "statistics_table",
     "task_arithmetic",
     "task_vectors",
     "ties",

@@ -1,5 +1,29 @@
-"""Statistics: the per-task matrices C_m that data-dependent merging weighs tasks by."""
+"""Statistics: the per-task matrices C_m that data-dependent merging weighs tasks by.
 
+Types (:mod:`~mats_jax.stats.statistic`), estimators from any JAX model
+(:func:`diagonal_fisher`, :func:`gram`, :func:`kfac`), saving and loading
+(:mod:`~mats_jax.stats.io`) and a summary of what each leaf got.
+"""
+
+from mats_jax.stats.fisher import diagonal_fisher
+from mats_jax.stats.io import load_statistics, save_statistics
+from mats_jax.stats.kronecker import gram, kfac
+from mats_jax.stats.likelihood import StatisticsInputError
 from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.stats.summary import statistic_scales, statistics_table
 
-__all__ = ["KFAC", "Dense", "Diagonal", "Gram", "Statistic"]
+__all__ = [
+    "KFAC",
+    "Dense",
+    "Diagonal",
+    "Gram",
+    "Statistic",
+    "StatisticsInputError",
+    "diagonal_fisher",
+    "gram",
+    "kfac",
+    "load_statistics",
+    "save_statistics",
+    "statistic_scales",
+    "statistics_table",
+]

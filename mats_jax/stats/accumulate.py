@@ -1,0 +1,198 @@
+"""Summing a statistic over a data iterator, in fixed-size micro-batches, optionally sharded.
+
+Every estimator is a jitted *step* ``acc ← step(acc, micro_batch, key)`` that
+adds one micro-batch's sums to an accumulator pytree. This module runs it over
+a Python iterable of batches: it validates each batch, cuts it into
+micro-batches of one fixed size (the last one padded with masked-out examples,
+so the step compiles once), shards each micro-batch's examples over a device
+mesh when one is given (data parallel: XLA sums across devices), shows a
+progress bar, and stops with a clear error on an empty iterator or a
+non-finite sum.
+
+Memory is bounded by the micro-batch, whatever the number of examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mats_jax.stats.likelihood import StatisticsInputError, check_batch
+from mats_jax.tree import path_str
+from mats_jax.typing import Array
+
+__all__ = ["accumulate"]
+
+Step = Callable[[Any, Mapping[str, Any], Array], Any]
+
+
+def _micro_batches(
+    batch: Mapping[str, Any], size: int, batch_size: int
+) -> Iterable[dict[str, Any]]:
+    """Cuts a batch into micro-batches of exactly ``size`` examples.
+
+    The mask marks real examples (and, with (batch, positions) masks, real
+    positions); padding examples are copies of the first example with mask 0.
+    """
+    mask = batch.get("mask")
+    if mask is None:
+        mask = np.ones((batch_size,), np.float32)
+    full = {**batch, "mask": np.asarray(mask, np.float32)}
+    for start in range(0, batch_size, size):
+        stop = min(start + size, batch_size)
+        pad = size - (stop - start)
+
+        def take(x: Any, start: int = start, stop: int = stop, pad: int = pad) -> Any:
+            x = np.asarray(x)[start:stop]
+            if pad:
+                x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)], axis=0)
+            return x
+
+        micro = jax.tree.map(take, full)
+        if pad:
+            micro["mask"][size - pad :] = 0.0
+        yield micro
+
+
+def accumulate(
+    step: Step,
+    init: Any,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    key: Array,
+    micro_batch_size: int,
+    needs_labels: bool,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    description: str = "statistics",
+) -> tuple[Any, int]:
+    """Runs ``step`` over every micro-batch of ``batches``.
+
+    Args:
+      step: jitted ``(acc, micro_batch, key) -> acc``.
+      init: the zero accumulator.
+      batches: an iterable of batch mappings (see
+        :mod:`mats_jax.stats.likelihood`).
+      key: PRNG key, folded with the micro-batch index for each step.
+      micro_batch_size: examples per step; rounded up to a multiple of the
+        mesh's device count.
+      needs_labels: whether every batch must carry labels.
+      mesh: a device mesh whose first axis shards the examples, or None.
+      progress: show a progress bar (rich) with examples and their rate.
+      description: the progress bar's label.
+
+    Returns:
+      ``(acc, num_examples)``: the summed accumulator and the number of real
+      (unmasked) examples seen.
+
+    Raises:
+      StatisticsInputError: on a bad batch, an empty iterator, or a sum that
+        became NaN or Inf (naming the batch and the accumulator entry).
+    """
+    if int(micro_batch_size) != micro_batch_size or micro_batch_size < 1:
+        raise StatisticsInputError(
+            f"micro_batch_size must be a positive integer, got {micro_batch_size!r}"
+        )
+    size = int(micro_batch_size)
+    sharding = None
+    if mesh is not None:
+        devices = mesh.shape[mesh.axis_names[0]]
+        size = -(-size // devices) * devices
+        sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        init = jax.device_put(init, NamedSharding(mesh, PartitionSpec()))
+    acc = init
+    seen = 0
+    steps = 0
+    with _progress(progress, description) as advance:
+        for index, batch in enumerate(batches):
+            batch_size = check_batch(batch, index, needs_labels=needs_labels)
+            for micro in _micro_batches(batch, size, batch_size):
+                if sharding is not None:
+                    micro = jax.device_put(micro, sharding)
+                acc = step(acc, micro, jax.random.fold_in(key, steps))
+                steps += 1
+            seen += _real_examples(batch, batch_size)
+            _check_finite(acc, index)
+            advance(batch_size)
+    if steps == 0:
+        raise StatisticsInputError(
+            "the data iterator yielded no batches: statistics need at least one example"
+        )
+    if seen == 0:
+        raise StatisticsInputError(
+            "every example was masked out: statistics need at least one example"
+        )
+    return acc, seen
+
+
+def _real_examples(batch: Mapping[str, Any], batch_size: int) -> int:
+    """Examples with any unmasked entry."""
+    if "mask" not in batch:
+        return batch_size
+    mask = np.asarray(batch["mask"]).reshape(batch_size, -1)
+    return int(np.sum(mask.max(axis=1) > 0))
+
+
+def _check_finite(acc: Any, index: int) -> None:
+    # The accumulator is keyed by parameter paths, so its paths name the leaf.
+    flags = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), acc))
+    flat = jax.tree_util.tree_flatten_with_path(flags)[0]
+    bad = [path_str(p) for p, ok in flat if not bool(ok)]
+    if bad:
+        raise StatisticsInputError(
+            f"a NaN or Inf appeared in the statistics while adding batch {index}, at "
+            + ", ".join(repr(b) for b in bad[:10])
+            + ": the model's outputs or gradients are not finite on that batch"
+        )
+
+
+class _progress:
+    """A rich progress bar counting examples, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, description: str):
+        self.enabled = enabled
+        self.description = description
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("examples"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=None, rate="")
+
+        def advance(n: int) -> None:
+            self.bar.advance(task, n)
+            elapsed = self.bar.tasks[0].elapsed or 0.0
+            done = self.bar.tasks[0].completed
+            if elapsed > 0:
+                self.bar.update(task, rate=f"{done / elapsed:,.0f}/s")
+
+        return advance
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,446 @@
+"""Find a model's dense layers from its jaxpr and expose their inputs and output gradients.
+
+Gram (RegMean) and K-FAC statistics need, for every dense kernel W, the inputs
+x of the product ``x W`` and the gradient g of the log-likelihood at its
+output. Users should not edit their model or add hooks, so this module reads
+them off the model function itself:
+
+1. ``fn(params, *args)`` is traced once to a jaxpr with every parameter leaf
+   as an input.
+2. Parameter leaves are followed through the operations that do not change
+   their values (dtype casts, nested ``jit`` calls, remat, custom-derivative
+   wrappers) and through ``scan`` (a leaf sliced by a scan over its leading
+   axis is a stack of per-layer kernels, as ``nn.scan`` makes them).
+3. Every ``dot_general`` that contracts a parameter leaf with an activation is
+   a *tap*. An interpreter re-evaluates the jaxpr, adding a zero perturbation
+   ε to each tap's output and returning each tap's activation input. The
+   gradient of any function of the outputs with respect to ε is the gradient
+   g at the tap's output, so one jitted forward and backward pass yields every
+   layer's (x, g) at once.
+
+A leaf with any other use (a gather for an embedding, a convolution, a batched
+``dot_general``, a ``while`` loop) is *unrecognised*: its statistic falls back
+to another kind (the callers decide, and say which leaves got what). A leaf
+used by several taps (tied weights, a layer applied twice, a kernel that is a
+scan constant) accumulates over its uses.
+
+Examples:
+  >>> import jax, jax.numpy as jnp, mats_jax
+  >>> params = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+  >>> def fn(p, x):
+  ...     return jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"]
+  >>> layers = find_layers(fn, params, jnp.ones((5, 3)))
+  >>> names = jax.tree.leaves(mats_jax.tree.leaf_paths(params))  # ['b', 'w1', 'w2']
+  >>> [(names[tap.leaf], tap.in_axes, tap.out_axes) for tap in layers.taps]
+  [('w1', (0,), (1,)), ('w2', (0,), (1,))]
+  >>> [names[i] for i in layers.unrecognised]  # the bias is added, not multiplied
+  ['b']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+
+from mats_jax.typing import Array, Params
+
+__all__ = ["Layers", "Tap", "find_layers", "tapped"]
+
+# Primitives through which a parameter keeps its identity (its values, or a
+# cast of them): the product downstream is still a product with the parameter.
+_TRANSPARENT = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
+# Call-like primitives whose inner jaxpr we can evaluate inline.
+_INLINE = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """A product of an activation with a parameter leaf, found in the jaxpr.
+
+    Attributes:
+      leaf: index of the parameter leaf (in ``jax.tree.leaves(params)`` order).
+      in_axes: the leaf's axes contracted with the activation (its inputs), in
+        the order the product pairs them with ``x_contract``.
+      out_axes: the leaf's remaining axes (its outputs), increasing.
+      layer_levels: which enclosing scans slice the leaf, as indices into
+        ``loop_shape``: the leaf's leading axes are per-layer axes, one per
+        such scan in order (one statistic per layer). Scans that do not slice
+        the leaf apply the same kernel at every step: uses to accumulate.
+      loop_shape: lengths of all enclosing scans, outermost first; the tap's
+        activations and output gradients carry these as leading axes.
+      x_contract: the activation's contracted axes (pairing with ``in_axes``).
+      x_free: the activation's other axes: its rows (examples, tokens, ...).
+      param_first: whether the parameter is the product's left operand.
+      x_shape, out_shape: per-iteration shapes of the activation and output.
+    """
+
+    leaf: int
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    layer_levels: tuple[int, ...]
+    loop_shape: tuple[int, ...]
+    x_contract: tuple[int, ...]
+    x_free: tuple[int, ...]
+    param_first: bool
+    x_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    def rows_and_inputs(self, x: Array) -> Array:
+        """Activations as ``loop_shape + (rows, I)``, I in the order of ``in_axes``."""
+        lead = len(self.loop_shape)
+        order = tuple(range(lead)) + tuple(
+            lead + a for a in self.x_free + self.x_contract
+        )
+        n_in = math.prod(self.x_shape[a] for a in self.x_contract)
+        return jnp.transpose(x, order).reshape(*self.loop_shape, -1, n_in)
+
+    def rows_and_outputs(self, g: Array) -> Array:
+        """Output gradients as ``loop_shape + (rows, O)``, rows ordered like the inputs'.
+
+        A product's output axes are (activation rows..., parameter outputs...),
+        or the reverse when the parameter is the left operand.
+        """
+        lead = len(self.loop_shape)
+        n_out, n_rows = len(self.out_axes), len(self.x_free)
+        if self.param_first:
+            perm = (
+                *range(lead),
+                *(lead + n_out + i for i in range(n_rows)),
+                *(lead + i for i in range(n_out)),
+            )
+            g = jnp.transpose(g, perm)
+        size_out = math.prod(g.shape[g.ndim - n_out :])
+        return g.reshape(*self.loop_shape, -1, size_out)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_shape[a] for a in self.x_free)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """What :func:`find_layers` found: the taps, and the leaves it could not read."""
+
+    taps: tuple[Tap, ...]
+    unrecognised: tuple[int, ...]
+    num_leaves: int
+    eps_shapes: tuple[tuple[int, ...], ...]
+    eps_dtypes: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """A value that is parameter leaf ``leaf``, sliced by the scans at ``levels``."""
+
+    leaf: int
+    levels: tuple[int, ...]
+
+
+class _Interpreter:
+    """Evaluates a jaxpr, tapping parameter products (see the module docstring).
+
+    In discovery mode (``eps is None``) perturbations are zeros made on the
+    spot and the taps are recorded; in evaluation mode ``eps`` supplies them, in
+    the order taps were discovered.
+    """
+
+    def __init__(
+        self,
+        eps: Sequence[Array] | None,
+        scan_tap_counts: dict[int, int],
+        loop_shape: tuple[int, ...] = (),
+    ):
+        self.eps = eps
+        # Taps inside each scan, by id of its equation, shared by every
+        # interpreter of one jaxpr: discovery fills it, evaluation reads it.
+        self.scan_tap_counts = scan_tap_counts
+        self.loop_shape = loop_shape
+        self.taps: list[Tap] = []
+        self.xs: list[Array] = []
+        self.unrecognised: set[int] = set()
+        self.cursor = 0  # next tap index, relative to this interpreter's eps
+
+    def run(
+        self,
+        jaxpr: Any,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        tags: Sequence[_Tag | None],
+    ) -> tuple[list[Any], list[_Tag | None]]:
+        env: dict[Any, Any] = {}
+        tag_env: dict[Any, _Tag | None] = {}
+
+        def read(v: Any) -> Any:
+            return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+        def read_tag(v: Any) -> _Tag | None:
+            return None if isinstance(v, jex.core.Literal) else tag_env.get(v)
+
+        for v, val in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = val
+        for v, val, tag in zip(jaxpr.invars, args, tags, strict=True):
+            env[v] = val
+            tag_env[v] = tag
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            intags = [read_tag(v) for v in eqn.invars]
+            outvals, outtags = self._eqn(eqn, invals, intags)
+            for v, val, tag in zip(eqn.outvars, outvals, outtags, strict=True):
+                if not isinstance(v, jex.core.DropVar):
+                    env[v] = val
+                    tag_env[v] = tag
+        return [read(v) for v in jaxpr.outvars], [read_tag(v) for v in jaxpr.outvars]
+
+    def _eqn(
+        self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
+    ) -> tuple[list[Any], list[_Tag | None]]:
+        name = eqn.primitive.name
+        tagged = [t for t in intags if t is not None]
+        if not tagged:
+            return self._bind(eqn, invals), [None] * len(eqn.outvars)
+        if name in _TRANSPARENT and len(invals) == 1:
+            return self._bind(eqn, invals), [intags[0]]
+        if name == "dot_general":
+            tapped_out = self._dot(eqn, invals, intags)
+            if tapped_out is not None:
+                return [tapped_out], [None]
+        elif name == "scan":
+            return self._scan(eqn, invals, intags)
+        elif name in _INLINE and _INLINE[name] in eqn.params:
+            inner = eqn.params[_INLINE[name]]
+            closed = (
+                inner if hasattr(inner, "jaxpr") else jex.core.ClosedJaxpr(inner, ())
+            )
+            n_args = len(closed.jaxpr.invars)
+            return self.run(
+                closed.jaxpr, closed.consts, invals[-n_args:], intags[-n_args:]
+            )
+        for t in tagged:
+            self.unrecognised.add(t.leaf)
+        return self._bind(eqn, invals), [None] * len(eqn.outvars)
+
+    @staticmethod
+    def _bind(eqn: Any, invals: list[Any]) -> list[Any]:
+        bind_params = eqn.primitive.get_bind_params(eqn.params)
+        subfuns: list[Any] = []
+        if isinstance(bind_params, tuple):  # jax < 0.7 returns (subfuns, params)
+            subfuns, bind_params = bind_params
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+        return list(out) if eqn.primitive.multiple_results else [out]
+
+    def _dot(
+        self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
+    ) -> Any | None:
+        (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+        if intags[0] is not None and intags[1] is not None:
+            return None  # a product of two parameters is not a dense layer
+        param_first = intags[0] is not None
+        tag = intags[0] if param_first else intags[1]
+        assert tag is not None
+        if lhs_b or rhs_b:
+            return None
+        p_contract, x_contract = (lhs_c, rhs_c) if param_first else (rhs_c, lhs_c)
+        param, x = (invals[0], invals[1]) if param_first else (invals[1], invals[0])
+        p_free = tuple(a for a in range(param.ndim) if a not in p_contract)
+        x_free = tuple(a for a in range(x.ndim) if a not in x_contract)
+        if not p_free:
+            return None  # a parameter vector dotted into activations: no output axis
+        out = self._bind(eqn, invals)[0]
+        index = self.cursor
+        self.cursor += 1
+        if self.eps is None:
+            eps = jnp.zeros(out.shape, out.dtype)
+            self.taps.append(
+                Tap(
+                    leaf=tag.leaf,
+                    in_axes=tuple(len(tag.levels) + a for a in p_contract),
+                    out_axes=tuple(len(tag.levels) + a for a in p_free),
+                    layer_levels=tag.levels,
+                    loop_shape=self.loop_shape,
+                    x_contract=tuple(x_contract),
+                    x_free=x_free,
+                    param_first=param_first,
+                    x_shape=tuple(x.shape),
+                    out_shape=tuple(out.shape),
+                )
+            )
+        else:
+            eps = self.eps[index]
+        self.xs.append(x)
+        return out + eps.astype(out.dtype)
+
+    def _scan(
+        self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
+    ) -> tuple[list[Any], list[_Tag | None]]:
+        p = eqn.params
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        body = p["jaxpr"]
+        length = p["length"]
+        consts, carry, xs = (
+            invals[:n_consts],
+            invals[n_consts : n_consts + n_carry],
+            invals[n_consts + n_carry :],
+        )
+        const_tags = intags[:n_consts]
+        carry_tags = intags[n_consts : n_consts + n_carry]
+        xs_tags = intags[n_consts + n_carry :]
+        for t in carry_tags:
+            if t is not None:
+                self.unrecognised.add(t.leaf)
+        depth = len(self.loop_shape)
+        x_inner_tags = [
+            None if t is None else _Tag(t.leaf, (*t.levels, depth)) for t in xs_tags
+        ]
+        start = self.cursor
+        discovering = self.eps is None
+        count = self.scan_tap_counts.get(id(eqn), 0)
+        outer_eps = (
+            []
+            if discovering or self.eps is None
+            else list(self.eps[start : start + count])
+        )
+        inner_loop = (*self.loop_shape, length)
+        recorder: dict[str, Any] = {}
+
+        def step(carry_in: Any, sliced: Any) -> Any:
+            x_slice, eps_slice = sliced
+            inner = _Interpreter(
+                None if discovering else eps_slice, self.scan_tap_counts, inner_loop
+            )
+            outs, _ = inner.run(
+                body.jaxpr,
+                body.consts,
+                [*consts, *carry_in, *x_slice],
+                [*const_tags, *([None] * n_carry), *x_inner_tags],
+            )
+            recorder["inner"] = inner
+            new_carry, ys = outs[:n_carry], outs[n_carry:]
+            return new_carry, (ys, inner.xs)
+
+        final_carry, (ys, inner_xs) = jax.lax.scan(
+            step,
+            list(carry),
+            (list(xs), outer_eps),
+            length=length,
+            reverse=p["reverse"],
+            unroll=p["unroll"],
+        )
+        inner: _Interpreter = recorder["inner"]
+        self.unrecognised |= inner.unrecognised
+        if discovering:
+            self.scan_tap_counts[id(eqn)] = len(inner.taps)
+            self.taps.extend(inner.taps)
+        self.cursor = start + (len(inner.taps) if discovering else count)
+        self.xs.extend(inner_xs)
+        return [*final_carry, *ys], [None] * (n_carry + len(ys))
+
+
+def _root_tags(num_leaves: int, num_args: int) -> list[_Tag | None]:
+    return [*(_Tag(i, ()) for i in range(num_leaves)), *([None] * num_args)]
+
+
+def _trace(
+    fn: Callable[..., Any], params: Params, args: tuple[Any, ...]
+) -> tuple[Any, Any, list[Any], list[Any]]:
+    """``fn`` as a closed jaxpr over (parameter leaves, argument leaves)."""
+    leaves, treedef = jax.tree.flatten(params)
+    flat_args, args_def = jax.tree.flatten(args)
+
+    def flat_fn(leaves: list[Any], flat_args: list[Any]) -> Any:
+        return fn(
+            jax.tree.unflatten(treedef, leaves),
+            *jax.tree.unflatten(args_def, flat_args),
+        )
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, flat_args)
+    return closed, jax.tree.structure(out_shape), leaves, flat_args
+
+
+def _discover(closed: Any, leaves: list[Any], flat_args: list[Any]) -> _Interpreter:
+    finder = _Interpreter(None, {})
+
+    def run(lv: list[Any], fa: list[Any]) -> Any:
+        return finder.run(
+            closed.jaxpr, closed.consts, [*lv, *fa], _root_tags(len(lv), len(fa))
+        )[0]
+
+    jax.eval_shape(run, leaves, flat_args)
+    return finder
+
+
+def find_layers(fn: Callable[..., Any], params: Params, *args: Any) -> Layers:
+    """Traces ``fn(params, *args)`` and lists its parameter products (taps).
+
+    Args:
+      fn: the model function; ``params`` is its first argument.
+      params: a parameter pytree (concrete or abstract: only shapes are used).
+      *args: example arguments (only shapes and dtypes are used).
+
+    Returns:
+      A :class:`Layers`: the taps in evaluation order, the indices of
+      unrecognised leaves, and the shapes of the perturbations
+      :func:`tapped` expects.
+    """
+    closed, _, leaves, flat_args = _trace(fn, params, args)
+    finder = _discover(closed, leaves, flat_args)
+    return Layers(
+        taps=tuple(finder.taps),
+        unrecognised=tuple(sorted(finder.unrecognised)),
+        num_leaves=len(leaves),
+        eps_shapes=tuple(t.loop_shape + t.out_shape for t in finder.taps),
+        eps_dtypes=tuple(jnp.result_type(leaves[t.leaf]) for t in finder.taps),
+    )
+
+
+def tapped(
+    fn: Callable[..., Any], layers: Layers
+) -> Callable[..., tuple[Any, list[Array]]]:
+    """``fn`` rewritten to take perturbations and return the taps' inputs.
+
+    Returns:
+      ``g(params, eps, *args) -> (fn(params, *args) with eps added at each
+      tap's output, [x for each tap])``, where ``eps`` is a list of arrays of
+      ``layers.eps_shapes`` (zeros to evaluate ``fn`` unchanged). Each x has
+      shape ``tap.loop_shape + tap.x_shape``. Differentiating the first output
+      with respect to ``eps`` gives each tap's output gradient.
+    """
+
+    def run(
+        params: Params, eps: Sequence[Array], *args: Any
+    ) -> tuple[Any, list[Array]]:
+        closed, out_tree, leaves, flat_args = _trace(fn, params, args)
+        # Discovery on this very jaxpr gives the per-scan tap counts that the
+        # evaluation needs; it is trace-time work only.
+        finder = _discover(closed, leaves, flat_args)
+        if len(finder.taps) != len(layers.taps):
+            raise ValueError(
+                f"the model function has {len(finder.taps)} dense layers for these "
+                f"arguments, but {len(layers.taps)} were found when it was first traced"
+            )
+        interp = _Interpreter(list(eps), finder.scan_tap_counts)
+        outs, _ = interp.run(
+            closed.jaxpr,
+            closed.consts,
+            [*leaves, *flat_args],
+            _root_tags(len(leaves), len(flat_args)),
+        )
+        return jax.tree.unflatten(out_tree, outs), interp.xs
+
+    return run

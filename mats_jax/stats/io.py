@@ -1,0 +1,150 @@
+"""Saving and loading statistics with orbax, so they can be published and reused.
+
+A statistics checkpoint is an orbax checkpoint directory with two items:
+``arrays`` (the statistics' arrays, a nested dict keyed by parameter path and
+field, saved by ``StandardSave`` and so shardable) and ``layout`` (JSON: for
+each parameter leaf, its statistic type and, for Gram and K-FAC, the kernel's
+input and output axes; ``null`` for leaves without a statistic). Loading
+rebuilds the same statistic pytree, so one team can publish the Fisher of its
+model and another merge with it without the data.
+
+Examples:
+  >>> import tempfile, jax.numpy as jnp
+  >>> from mats_jax import KFAC, load_statistics, save_statistics
+  >>> stats = {"dense": {"kernel": KFAC(jnp.eye(3), jnp.eye(2)), "bias": None}}
+  >>> path = tempfile.mkdtemp() + "/stats"
+  >>> save_statistics(path, stats)
+  >>> load_statistics(path)["dense"]["kernel"].g.shape
+  (2, 2)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.tree import path_str
+from mats_jax.typing import StatTree
+
+__all__ = ["load_statistics", "save_statistics"]
+
+_TYPES: dict[str, type[Statistic]] = {t.kind: t for t in (Diagonal, Dense, Gram, KFAC)}
+FORMAT = "mats_jax.statistics/1"
+
+
+def _is_stat(x: Any) -> bool:
+    return x is None or isinstance(x, Statistic)
+
+
+def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
+    """Saves a statistic pytree as an orbax checkpoint at ``path`` (a new directory).
+
+    Raises:
+      FileExistsError: if ``path`` exists (nothing is overwritten).
+      TypeError: if a leaf is neither a statistic nor None.
+    """
+    path = os.fspath(os.path.abspath(path))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; statistics are never overwritten")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(statistics, is_leaf=_is_stat)
+    arrays: dict[str, dict[str, Any]] = {}
+    layout: dict[str, Any] = {}
+    for key_path, stat in flat:
+        name = path_str(key_path)
+        if stat is None:
+            layout[name] = None
+            continue
+        if not isinstance(stat, Statistic):
+            raise TypeError(
+                f"statistics at {name!r}: expected a statistic or None, got {type(stat).__name__}"
+            )
+        fields = {f: getattr(stat, f) for f in ("f", "a", "g") if hasattr(stat, f)}
+        arrays[name] = fields
+        layout[name] = {
+            "type": stat.kind,
+            **{
+                k: list(getattr(stat, k))
+                for k in ("in_axes", "out_axes")
+                if hasattr(stat, k)
+            },
+        }
+    meta = {"format": FORMAT, "order": [path_str(p) for p, _ in flat], "layout": layout}
+    del treedef
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            path,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays),
+                layout=ocp.args.JsonSave(meta),
+            ),
+        )
+
+
+def load_statistics(
+    path: str | os.PathLike[str], like: StatTree | None = None
+) -> StatTree:
+    """Loads statistics saved by :func:`save_statistics`.
+
+    Args:
+      path: the checkpoint directory.
+      like: optionally, a parameter (or statistic) pytree whose structure the
+        result takes; by default the result is nested dicts keyed by the
+        saved leaf paths.
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: if it is not a statistics checkpoint, or ``like`` has other
+        leaves than the ones saved.
+    """
+    path = os.fspath(os.path.abspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no statistics checkpoint at {path}")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        meta = checkpointer.restore(
+            path, args=ocp.args.Composite(layout=ocp.args.JsonRestore())
+        )["layout"]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} is not a mats_jax statistics checkpoint (format {FORMAT})"
+            )
+        arrays = checkpointer.restore(
+            path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+        )["arrays"]
+    stats: dict[str, Statistic | None] = {}
+    for name in meta["order"]:
+        entry = meta["layout"][name]
+        if entry is None:
+            stats[name] = None
+            continue
+        kind = _TYPES[entry["type"]]
+        fields = arrays[name]
+        axes = {k: tuple(entry[k]) for k in ("in_axes", "out_axes") if k in entry}
+        stats[name] = kind(**fields, **axes)
+    if like is None:
+        return _nest(stats)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_stat)
+    names = [path_str(p) for p, _ in flat]
+    if sorted(names) != sorted(stats):
+        missing = sorted(set(names) - set(stats))
+        extra = sorted(set(stats) - set(names))
+        raise ValueError(
+            f"{path}: saved leaves differ from `like`: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    return jax.tree_util.tree_unflatten(treedef, [stats[n] for n in names])
+
+
+def _nest(flat: dict[str, Any]) -> Any:
+    if list(flat) == ["<root>"]:
+        return flat["<root>"]
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, last = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out

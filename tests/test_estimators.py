@@ -1,0 +1,517 @@
+"""Statistics estimators against slow, obviously correct twins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mats_jax
+from mats_jax import (
+    KFAC,
+    Diagonal,
+    StatisticsInputError,
+    diagonal_fisher,
+    gram,
+    kfac,
+)
+
+KEY = jax.random.PRNGKey(0)
+
+
+def mlp_params(key=KEY, sizes=(3, 5, 4)):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "hidden": {
+            "kernel": jax.random.normal(k1, sizes[:2]) / 2,
+            "bias": 0.1 * jax.random.normal(k3, sizes[1:2]),
+        },
+        "out": {"kernel": jax.random.normal(k2, sizes[1:])},
+    }
+
+
+def mlp(params, x):
+    h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+    return h @ params["out"]["kernel"]
+
+
+def data(n=23, d=3, classes=4, key=KEY):
+    x = jax.random.normal(jax.random.fold_in(key, 7), (n, d))
+    y = jax.random.randint(jax.random.fold_in(key, 8), (n,), 0, classes)
+    return x, y
+
+
+def as_batches(x, y=None, mask=None, size=10):
+    out = []
+    for s in range(0, x.shape[0], size):
+        batch = {"inputs": x[s : s + size]}
+        if y is not None:
+            batch["labels"] = y[s : s + size]
+        if mask is not None:
+            batch["mask"] = mask[s : s + size]
+        out.append(batch)
+    return out
+
+
+# --- diagonal Fisher --------------------------------------------------------------
+
+
+def loop_fisher(params, x, y, kind):
+    """One example at a time, one class at a time: the definition."""
+    total = jax.tree.map(jnp.zeros_like, params)
+    grad_log_p = jax.jit(
+        jax.grad(lambda p, xi, c: jax.nn.log_softmax(mlp(p, xi[None]))[0, c])
+    )
+    for i in range(x.shape[0]):
+        probs = jax.nn.softmax(mlp(params, x[i : i + 1]))[0]
+        classes = (
+            [(int(y[i]), 1.0)]
+            if kind == "empirical"
+            else [(c, float(probs[c])) for c in range(probs.shape[0])]
+        )
+        for c, weight in classes:
+            g = grad_log_p(params, x[i], c)
+            total = jax.tree.map(lambda t, gi, w=weight: t + w * gi**2, total, g)
+    return jax.tree.map(lambda t: t / x.shape[0], total)
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_diagonal_fisher_equals_loop_of_single_example_gradients(kind):
+    params = mlp_params()
+    x, y = data()
+    fisher = diagonal_fisher(
+        mlp, params, as_batches(x, y), kind=kind, micro_batch_size=4, progress=False
+    )
+    expected = loop_fisher(params, x, y, kind)
+    for got, want in zip(
+        jax.tree.leaves(fisher, is_leaf=lambda s: isinstance(s, Diagonal)),
+        jax.tree.leaves(expected),
+    ):
+        np.testing.assert_allclose(got.f, want, rtol=1e-4, atol=1e-7)
+
+
+def test_sampled_fisher_approaches_exact_with_many_samples():
+    params = mlp_params()
+    x, y = data(n=8)
+    exact = diagonal_fisher(mlp, params, as_batches(x, y), kind="exact", progress=False)
+    sampled = diagonal_fisher(
+        mlp,
+        params,
+        as_batches(x, y),
+        kind="sampled",
+        num_samples=4000,
+        key=jax.random.key(1),
+        progress=False,
+    )
+    for e, s in zip(jax.tree.leaves(exact), jax.tree.leaves(sampled)):
+        np.testing.assert_allclose(s, e, rtol=0.1, atol=0.02 * float(jnp.max(e)))
+
+
+def test_masked_examples_do_not_count():
+    params = mlp_params()
+    x, y = data(n=12)
+    mask = jnp.array([1.0] * 7 + [0.0] * 5)
+    masked = diagonal_fisher(
+        mlp, params, as_batches(x, y, mask, size=12), kind="empirical", progress=False
+    )
+    first7 = diagonal_fisher(
+        mlp, params, as_batches(x[:7], y[:7]), kind="empirical", progress=False
+    )
+    for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(first7)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_result_does_not_depend_on_micro_batch_size():
+    params = mlp_params()
+    x, y = data()
+    results = [
+        diagonal_fisher(
+            mlp,
+            params,
+            as_batches(x, y),
+            kind="exact",
+            micro_batch_size=size,
+            progress=False,
+        )
+        for size in (1, 3, 32)
+    ]
+    for other in results[1:]:
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+# --- Gram and K-FAC ---------------------------------------------------------------
+
+
+def test_gram_equals_xtx_of_a_hand_written_forward_pass():
+    params = mlp_params()
+    x, _ = data()
+    grams = gram(mlp, params, as_batches(x), micro_batch_size=4, progress=False)
+    hidden = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+    np.testing.assert_allclose(
+        grams["hidden"]["kernel"].a, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        grams["out"]["kernel"].a, hidden.T @ hidden / x.shape[0], rtol=1e-5, atol=1e-6
+    )
+    assert grams["hidden"]["bias"] is None  # not a dense kernel: RegMean averages it
+
+
+def test_kfac_factors_equal_hand_computation():
+    params = mlp_params()
+    x, y = data()
+    stats = kfac(mlp, params, as_batches(x, y), micro_batch_size=4, progress=False)
+    n = x.shape[0]
+    pre = x @ params["hidden"]["kernel"] + params["hidden"]["bias"]
+    hidden = jnp.tanh(pre)
+    probs = jax.nn.softmax(hidden @ params["out"]["kernel"])
+    out_fisher = [
+        jnp.diag(p) - jnp.outer(p, p) for p in probs
+    ]  # Σ_c p_c (e_c - p)(e_c - p)ᵀ
+    g_out = sum(out_fisher) / n
+    np.testing.assert_allclose(
+        stats["out"]["kernel"].a, hidden.T @ hidden / n, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(stats["out"]["kernel"].g, g_out, rtol=1e-4, atol=1e-7)
+    # Hidden layer: the gradient at its output is J_i u with J_i = diag(tanh') W_outᵀ.
+    g_hidden = (
+        sum(
+            (jnp.diag(1 - hidden[i] ** 2) @ params["out"]["kernel"])
+            @ out_fisher[i]
+            @ (jnp.diag(1 - hidden[i] ** 2) @ params["out"]["kernel"]).T
+            for i in range(n)
+        )
+        / n
+    )
+    np.testing.assert_allclose(
+        stats["hidden"]["kernel"].g, g_hidden, rtol=1e-4, atol=1e-7
+    )
+    assert isinstance(stats["hidden"]["bias"], Diagonal)  # the fallback, and it says so
+    expected_bias = loop_fisher(params, x, y, "exact")["hidden"]["bias"]
+    np.testing.assert_allclose(
+        stats["hidden"]["bias"].f, expected_bias, rtol=1e-4, atol=1e-8
+    )
+
+
+def test_kfac_of_single_softmax_layer_equals_exact_fisher_block():
+    # With zero weights every example has the same output distribution, and the
+    # exact Fisher block of W is exactly A ⊗ G.
+    x, y = data(n=9, d=3, classes=4)
+    params = {"w": jnp.zeros((3, 4))}
+    stats = kfac(lambda p, xb: xb @ p["w"], params, as_batches(x, y), progress=False)
+
+    def log_p(w, xi, c):
+        return jax.nn.log_softmax(xi @ w)[c]
+
+    exact = jnp.zeros((12, 12))
+    for i in range(x.shape[0]):
+        probs = jax.nn.softmax(x[i] @ params["w"])
+        for c in range(4):
+            s = jax.grad(log_p)(params["w"], x[i], c).reshape(-1)
+            exact = exact + probs[c] * jnp.outer(s, s)
+    exact = exact / x.shape[0]
+    np.testing.assert_allclose(
+        jnp.kron(stats["w"].a, stats["w"].g), exact, rtol=1e-4, atol=1e-7
+    )
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.Dense(5, name="hidden")(x))
+        return nn.Dense(4, use_bias=False, name="out")(x)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(3, 5, rngs=rngs)
+        self.out = nnx.Linear(5, 4, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.hidden(x)))
+
+
+def einsum_mlp(params, x):
+    h = jnp.tanh(
+        jnp.einsum("bi,io->bo", x, params["hidden"]["kernel"])
+        + params["hidden"]["bias"]
+    )
+    return jnp.einsum("bi,io->bo", h, params["out"]["kernel"])
+
+
+def test_linen_nnx_and_plain_jax_give_identical_statistics():
+    params = mlp_params()
+    x, y = data()
+    batches = as_batches(x, y)
+    linen_params = {"params": params}
+    model = NnxMLP(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    state["hidden"]["kernel"][...] = params["hidden"]["kernel"]
+    state["hidden"]["bias"][...] = params["hidden"]["bias"]
+    state["out"]["kernel"][...] = params["out"]["kernel"]
+
+    def nnx_fn(s, xb):
+        return nnx.merge(graphdef, s)(xb)
+
+    results = {
+        "plain @": kfac(mlp, params, batches, progress=False),
+        "plain einsum": kfac(einsum_mlp, params, batches, progress=False),
+        "linen": kfac(LinenMLP().apply, linen_params, batches, progress=False)[
+            "params"
+        ],
+        "nnx": kfac(nnx_fn, state, batches, progress=False),
+    }
+    # Same leaf order in all four (hidden/bias: f, hidden/kernel: a, g, out/kernel: a, g).
+    reference = jax.tree.leaves(results["plain @"])
+    assert len(reference) == 5
+    for name, got in results.items():
+        leaves = jax.tree.leaves(got)
+        assert len(leaves) == 5, name
+        for a, b in zip(leaves, reference):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=name)
+    assert isinstance(results["linen"]["hidden"]["kernel"], KFAC)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(6, name="fc")(jnp.tanh(x)), None
+
+
+class ScannedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, name="embed")(x)
+        x, _ = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )(name="layers")(x, None)
+        return nn.Dense(4, name="head")(x)
+
+
+class UnrolledNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, name="embed")(x)
+        for i in range(3):
+            x = x + nn.Dense(6, name=f"fc_{i}")(jnp.tanh(x))
+        return nn.Dense(4, name="head")(x)
+
+
+def test_scanned_layers_get_per_layer_statistics_equal_to_unrolled():
+    x, y = data()
+    batches = as_batches(x, y)
+    scanned = ScannedNet()
+    params = scanned.init(KEY, x)
+    unrolled_params = {
+        "params": {
+            "embed": params["params"]["embed"],
+            "head": params["params"]["head"],
+            **{
+                f"fc_{i}": jax.tree.map(
+                    lambda a, i=i: a[i], params["params"]["layers"]["fc"]
+                )
+                for i in range(3)
+            },
+        }
+    }
+    np.testing.assert_allclose(
+        scanned.apply(params, x), UnrolledNet().apply(unrolled_params, x), rtol=1e-5
+    )
+    stacked = kfac(scanned.apply, params, batches, progress=False)["params"]["layers"][
+        "fc"
+    ]["kernel"]
+    unrolled = kfac(UnrolledNet().apply, unrolled_params, batches, progress=False)[
+        "params"
+    ]
+    assert stacked.a.shape == (3, 6, 6) and stacked.g.shape == (3, 6, 6)
+    for i in range(3):
+        np.testing.assert_allclose(
+            stacked.a[i], unrolled[f"fc_{i}"]["kernel"].a, rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            stacked.g[i], unrolled[f"fc_{i}"]["kernel"].g, rtol=1e-4, atol=1e-7
+        )
+
+
+def test_a_kernel_used_twice_accumulates_over_its_uses():
+    params = {
+        "w": jax.random.normal(KEY, (4, 4)) / 2,
+        "head": jax.random.normal(jax.random.fold_in(KEY, 1), (4, 3)),
+    }
+
+    def twice(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["w"]) @ p["w"]) @ p["head"]
+
+    x, _ = data(n=10, d=4)
+    got = gram(twice, params, as_batches(x), progress=False)["w"].a
+    h = jnp.tanh(x @ params["w"])
+    # Both uses add their rows: A = (XᵀX + HᵀH) / (2N).
+    np.testing.assert_allclose(got, (x.T @ x + h.T @ h) / 20, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_general_attention_projections():
+    class Attention(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.MultiHeadDotProductAttention(
+                num_heads=2, qkv_features=4, name="attn"
+            )(x)
+            return nn.Dense(3, name="head")(h.mean(axis=1))
+
+    x = jax.random.normal(KEY, (6, 5, 4))
+    y = jax.random.randint(KEY, (6,), 0, 3)
+    model = Attention()
+    params = model.init(KEY, x)
+    stats = kfac(model.apply, params, as_batches(x, y), progress=False)["params"][
+        "attn"
+    ]
+    for name in ("query", "key", "value"):
+        stat = stats[name]["kernel"]
+        assert (
+            isinstance(stat, KFAC) and stat.in_axes == (0,) and stat.out_axes == (1, 2)
+        )
+        assert stat.a.shape == (4, 4) and stat.g.shape == (4, 4)
+    q_in = x.reshape(-1, 4)
+    np.testing.assert_allclose(
+        stats["query"]["kernel"].a, q_in.T @ q_in / q_in.shape[0], rtol=1e-5, atol=1e-6
+    )
+    out = stats["out"]["kernel"]
+    assert out.in_axes == (0, 1) and out.out_axes == (2,) and out.a.shape == (4, 4)
+
+
+def test_token_level_sequence_model_with_padding():
+    vocab, dim, length = 5, 3, 4
+    params = {
+        "embed": jax.random.normal(KEY, (vocab, dim)),
+        "proj": jax.random.normal(jax.random.fold_in(KEY, 1), (dim, vocab)),
+    }
+
+    def lm(p, tokens):
+        return p["embed"][tokens] @ p["proj"]  # (batch, positions, vocab)
+
+    tokens = jax.random.randint(KEY, (6, length), 0, vocab)
+    mask = (jnp.arange(length)[None] < jnp.array([4, 3, 2, 4, 1, 3])[:, None]).astype(
+        jnp.float32
+    )
+    stats = kfac(
+        lm,
+        params,
+        [{"inputs": tokens, "labels": tokens, "mask": mask}],
+        kind="empirical",
+        progress=False,
+    )
+    rows = params["embed"][tokens].reshape(-1, dim)
+    w = mask.reshape(-1)
+    np.testing.assert_allclose(
+        stats["proj"].a, (rows * w[:, None]).T @ rows / w.sum(), rtol=1e-5, atol=1e-6
+    )
+    probs = jax.nn.softmax(lm(params, tokens)).reshape(-1, vocab)
+    scores = (jax.nn.one_hot(tokens.reshape(-1), vocab) - probs) * w[:, None]
+    np.testing.assert_allclose(
+        stats["proj"].g, scores.T @ scores / 6, rtol=1e-4, atol=1e-6
+    )
+    assert isinstance(
+        stats["embed"], Diagonal
+    )  # gathered, not multiplied: the fallback
+    with pytest.raises(StatisticsInputError, match="kind='sampled'"):
+        kfac(
+            lm,
+            params,
+            [{"inputs": tokens, "labels": tokens, "mask": mask}],
+            kind="exact",
+            progress=False,
+        )
+
+
+def test_statistics_feed_mats_directly_and_save_and_load(tmp_path):
+    x, y = data()
+    tasks = [mlp_params(jax.random.PRNGKey(t)) for t in range(3)]
+    stats = [
+        kfac(mlp, p, as_batches(x, (y + t) % 4), progress=False)
+        for t, p in enumerate(tasks)
+    ]
+    merged = mats_jax.mats(tasks, stats, init=mats_jax.average(tasks), maxiter=50)
+    assert jax.tree.structure(merged.params) == jax.tree.structure(tasks[0])
+    mats_jax.save_statistics(tmp_path / "task0", stats[0])
+    loaded = mats_jax.load_statistics(tmp_path / "task0", like=stats[0])
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(stats[0])):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(loaded) == jax.tree.structure(stats[0])
+    with pytest.raises(FileExistsError):
+        mats_jax.save_statistics(tmp_path / "task0", stats[0])
+    table = mats_jax.statistics_table(stats)
+    assert "hidden/kernel  KFAC" in table and "hidden/bias    Diagonal" in table
+
+
+# --- bad input ----------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    params = mlp_params()
+    x, y = data()
+    with pytest.raises(StatisticsInputError, match="yielded no batches"):
+        kfac(mlp, params, [], progress=False)
+    with pytest.raises(StatisticsInputError, match="yielded no batches"):
+        diagonal_fisher(mlp, params, iter([]), progress=False)
+    with pytest.raises(
+        StatisticsInputError,
+        match=r"batch 0: leading \(batch\) sizes differ: inputs: 23, labels: 22",
+    ):
+        diagonal_fisher(mlp, params, [{"inputs": x, "labels": y[:-1]}], progress=False)
+    with pytest.raises(StatisticsInputError, match="logits of shape"):
+        diagonal_fisher(
+            lambda p, xb: jnp.sum(mlp(p, xb)), params, as_batches(x, y), progress=False
+        )
+    with pytest.raises(StatisticsInputError, match="no dense layer"):
+        gram(
+            lambda p, xb: xb * p["w"], {"w": jnp.ones(3)}, as_batches(x), progress=False
+        )
+    with pytest.raises(StatisticsInputError, match="needs gold 'labels'"):
+        diagonal_fisher(mlp, params, as_batches(x), kind="empirical", progress=False)
+    with pytest.raises(StatisticsInputError, match="needs a PRNG key"):
+        kfac(mlp, params, as_batches(x, y), kind="sampled", progress=False)
+    bad = jax.tree.map(lambda a: a.at[0].set(jnp.nan) if a.ndim == 1 else a, params)
+    with pytest.raises(
+        StatisticsInputError, match=r"NaN or Inf appeared .* batch 0, at 'hidden/"
+    ):
+        kfac(mlp, bad, as_batches(x, y), progress=False)
+
+
+def test_data_parallel_on_eight_devices_equals_single_device():
+    script = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh
+        from mats_jax import diagonal_fisher, kfac
+        assert jax.device_count() == 8, jax.devices()
+        key = jax.random.PRNGKey(0)
+        params = {"w1": jax.random.normal(key, (3, 5)), "b": jnp.zeros(5),
+                  "w2": jax.random.normal(jax.random.fold_in(key, 1), (5, 4))}
+        def fn(p, x):
+            return jnp.tanh(x @ p["w1"] + p["b"]) @ p["w2"]
+        x = jax.random.normal(key, (50, 3))
+        y = jax.random.randint(key, (50,), 0, 4)
+        batches = [{"inputs": x[:30], "labels": y[:30]}, {"inputs": x[30:], "labels": y[30:]}]
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        for estimator in (kfac, diagonal_fisher):
+            single = estimator(fn, params, batches, micro_batch_size=16, progress=False)
+            sharded = estimator(fn, params, batches, micro_batch_size=16, mesh=mesh, progress=False)
+            for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
