@@ -7,7 +7,9 @@ the NaN/Inf check needs concrete values and is skipped while tracing.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,23 +57,54 @@ def _structure_difference(reference: Params, other: Params) -> str:
     return "; ".join(parts) or "the same leaf paths but a different container structure"
 
 
+# What, besides being finite, an array must satisfy: nothing, non-negative
+# entries (a diagonal statistic), or a non-negative diagonal (a PSD matrix).
+ANY, NONNEGATIVE, NONNEGATIVE_DIAGONAL = 0, 1, 2
+
+
 def _check_finite(entries: Sequence[tuple[str, str, Array]]) -> None:
-    """Raises on the first NaN/Inf among ``(owner, path, array)`` entries.
+    """Raises on the first NaN/Inf among ``(owner, path, array)`` entries."""
+    _check_values([(*e, ANY) for e in entries])
+
+
+def _check_values(entries: Sequence[tuple[str, str, Array, int]]) -> None:
+    """Raises on the first array that is not finite or breaks its sign rule.
 
     One fused device pass over every array; traced arrays are skipped.
     """
     concrete = [e for e in entries if not _is_traced(e[2])]
     if not concrete:
         return
-    flags = np.asarray(_all_finite([leaf for _, _, leaf in concrete]))
-    for (owner, path, _), ok in zip(concrete, flags, strict=True):
+    rules = tuple(e[3] for e in concrete)
+    finite, signed = np.asarray(_value_flags([e[2] for e in concrete], rules))
+    for (owner, path, _, rule), ok, sign_ok in zip(
+        concrete, finite, signed, strict=True
+    ):
         if not ok:
             raise MergeInputError(f"{owner} at {path!r}: contains NaN or Inf")
+        if not sign_ok:
+            what = (
+                "negative entries"
+                if rule == NONNEGATIVE
+                else "negative diagonal entries"
+            )
+            raise MergeInputError(
+                f"{owner} at {path!r}: has {what}; a statistic must be positive semi-definite"
+            )
 
 
-@jax.jit
-def _all_finite(leaves: list[Array]) -> Array:
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+@functools.partial(jax.jit, static_argnums=1)
+def _value_flags(leaves: list[Array], rules: tuple[int, ...]) -> Array:
+    finite, signed = [], []
+    for leaf, rule in zip(leaves, rules, strict=True):
+        finite.append(jnp.all(jnp.isfinite(leaf)))
+        if rule == NONNEGATIVE:
+            signed.append(jnp.all(leaf >= 0))
+        elif rule == NONNEGATIVE_DIAGONAL:
+            signed.append(jnp.all(jnp.diagonal(leaf, axis1=-2, axis2=-1) >= 0))
+        else:
+            signed.append(jnp.array(True))
+    return jnp.stack([jnp.stack(finite), jnp.stack(signed)])
 
 
 def check_models(
@@ -176,6 +209,13 @@ def check_fraction(
     """Checks that a density or drop rate lies in its interval (skipped when traced)."""
     if _is_traced(value):
         return
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real)
+        or (np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number))
+    ):
+        raise MergeInputError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}"
+        )
     v = float(value)
     low_ok = v >= 0 if include_zero else v > 0
     high_ok = v <= 1 if include_one else v < 1
@@ -191,24 +231,28 @@ def check_statistics(
     models: Sequence[Params],
     *,
     allowed: tuple[type, ...] = (Statistic,),
+    name: str = "statistics",
 ) -> list[list[Statistic | None]]:
     """Checks one statistic pytree per model against the models' leaves.
 
     Each statistic pytree has the parameters' structure with a statistic (or
     None, for no statistic) at each leaf. A leaf's statistics must have the same
-    type and layout in every task, fit the leaf's shape, and be finite.
+    type and layout in every task, fit the leaf's shape, and be finite, with
+    non-negative entries (Diagonal) or a non-negative diagonal (the matrices):
+    a cheap necessary condition for positive semi-definiteness that catches
+    sign errors. ``name`` is the argument's name in messages.
 
     Returns:
       For each task, the list of statistics in the order of the models' leaves.
     """
     if isinstance(statistics, dict) or not isinstance(statistics, Sequence):
         raise MergeInputError(
-            f"statistics must be a list with one statistic pytree per model, got "
+            f"{name} must be a list with one statistic pytree per model, got "
             f"{type(statistics).__name__}"
         )
     if len(statistics) != len(models):
         raise MergeInputError(
-            f"statistics has {len(statistics)} entries, expected {len(models)}: one per model"
+            f"{name} has {len(statistics)} entries, expected {len(models)}: one per model"
         )
     leaves, treedef = _flatten(models[0])
     per_task: list[list[Statistic | None]] = []
@@ -217,7 +261,7 @@ def check_statistics(
             flat = treedef.flatten_up_to(stat_tree)
         except (ValueError, TypeError) as error:
             raise MergeInputError(
-                f"statistics[{m}] does not have the parameters' tree structure "
+                f"{name}[{m}] does not have the parameters' tree structure "
                 f"(expected a statistic or None at each of: "
                 + ", ".join(repr(p) for p, _ in leaves[:8])
                 + (" …" if len(leaves) > 8 else "")
@@ -231,24 +275,29 @@ def check_statistics(
         for m, stat in enumerate(column):
             if stat is not None and not isinstance(stat, allowed):
                 raise MergeInputError(
-                    f"statistics[{m}] at {path!r}: expected one of {names} or None, "
+                    f"{name}[{m}] at {path!r}: expected one of {names} or None, "
                     f"got {type(stat).__name__}"
                 )
             if (stat is None) != (first is None) or (
                 stat is not None and not _same_structure(stat, first)
             ):
                 raise MergeInputError(
-                    f"statistics[{m}] at {path!r}: {_describe(stat)} differs from "
-                    f"statistics[0]'s {_describe(first)}; every task needs the same "
+                    f"{name}[{m}] at {path!r}: {_describe(stat)} differs from "
+                    f"{name}[0]'s {_describe(first)}; every task needs the same "
                     "statistic type and layout for a leaf"
                 )
             if stat is not None:
                 misfit = stat.fit_error(tuple(leaf.shape))
                 if misfit:
-                    raise MergeInputError(f"statistics[{m}] at {path!r}: {misfit}")
-    _check_finite(
+                    raise MergeInputError(f"{name}[{m}] at {path!r}: {misfit}")
+    _check_values(
         [
-            (f"statistics[{m}]", f"{path}/{field}", array)
+            (
+                f"{name}[{m}]",
+                f"{path}/{field}",
+                array,
+                NONNEGATIVE if stat.kind == "Diagonal" else NONNEGATIVE_DIAGONAL,
+            )
             for m, task in enumerate(per_task)
             for (path, _), stat in zip(leaves, task, strict=True)
             if stat is not None

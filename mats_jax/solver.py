@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -343,9 +345,72 @@ def solve(
     Raises:
       MergeInputError: on inputs that do not fit, before any work.
     """
+    checked = check_inputs(
+        models,
+        statistics,
+        weights=weights,
+        init=init,
+        fallback=fallback,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+    )
+    return execute(
+        models,
+        checked,
+        init=init,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        preconditioner=preconditioner,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        group_blocks=group_blocks,
+    )
+
+
+class CheckedInputs(NamedTuple):
+    """What :func:`check_inputs` validated, ready for :func:`execute`."""
+
+    per_task: list[list[Statistic | None]]
+    weights: Array
+    fallback: str
+    fallback_tree: Params | None
+    paths: list[str]
+
+
+def check_inputs(
+    models: Sequence[Params],
+    statistics: Sequence[StatTree],
+    *,
+    weights: Any = None,
+    init: Params | None = None,
+    fallback: Fallback | Params = "average",
+    method: str = "cg",
+    maxiter: Any = 100,
+    tol: Any = 1e-5,
+    damping: Any = 0.0,
+    precision: str | None = None,
+    check_every: int = 20,
+    divergence_factor: Any = 10.0,
+    allowed: tuple[type, ...] = (Statistic,),
+    name: str = "statistics",
+) -> CheckedInputs:
+    """Validates everything :func:`solve` takes, before any work.
+
+    Methods that transform their statistics (Fisher merging's floor,
+    RegMean's shrinkage) validate the raw ones here, transform the checked
+    ``per_task`` lists, and hand them to :func:`execute`.
+    """
     checks.check_models(models)
-    weights = checks.check_weights(weights, len(models))
-    per_task = checks.check_statistics(statistics, models)
+    checked_weights = checks.check_weights(weights, len(models))
+    per_task = checks.check_statistics(statistics, models, allowed=allowed, name=name)
     if init is not None:
         checks.check_like(init, models[0], "init")
     fallback_tree = None
@@ -365,7 +430,7 @@ def solve(
         for path, stat in zip(paths, per_task[0], strict=True):
             if stat is not None and not stat.has_closed_form:
                 raise checks.MergeInputError(
-                    f"statistics at {path!r}: {stat.kind} has no closed-form solve; "
+                    f"{name} at {path!r}: {stat.kind} has no closed-form solve; "
                     "use method='cg' (mats)"
                 )
     _check_solver_numbers(maxiter, tol, damping, check_every, divergence_factor)
@@ -378,26 +443,45 @@ def solve(
             "precision='float64' needs double precision enabled: "
             "jax.config.update('jax_enable_x64', True) before creating arrays"
         )
+    return CheckedInputs(per_task, checked_weights, fallback, fallback_tree, paths)
+
+
+def execute(
+    models: Sequence[Params],
+    checked: CheckedInputs,
+    *,
+    init: Params | None = None,
+    method: str = "cg",
+    maxiter: Any = 100,
+    tol: Any = 1e-5,
+    damping: Any = 0.0,
+    preconditioner: bool = False,
+    precision: str | None = None,
+    check_every: int = 20,
+    divergence_factor: Any = 10.0,
+    group_blocks: bool = True,
+) -> MergeResult:
+    """Runs the jitted solve on inputs :func:`check_inputs` validated."""
     params, report = _solve_jit(
         models,
-        per_task,
+        checked.per_task,
         init,
-        fallback_tree,
-        weights,
+        checked.fallback_tree,
+        checked.weights,
         maxiter,
         tol,
         damping,
         divergence_factor,
         method=method,
         preconditioner=preconditioner,
-        fallback=fallback,
+        fallback=checked.fallback,
         precision=precision,
         check_every=int(check_every),
         group_blocks=group_blocks,
     )
     if isinstance(tol, jax.core.Tracer) or tol > 0:
         # tol = 0 asks for exactly maxiter steps (as the paper runs): no warning.
-        _warn_unconverged(report, paths)
+        _warn_unconverged(report, checked.paths)
     return MergeResult(params, report)
 
 
@@ -443,8 +527,20 @@ def _warn_unconverged(report: Any, paths: Sequence[str]) -> None:
             + "; ".join(short[:10])
             + (" …" if len(short) > 10 else ""),
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first caller outside mats_jax."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        package + os.sep
+    ):
+        level += 1
+        frame = frame.f_back  # type: ignore[assignment]
+    return level
 
 
 def _present(stat: Statistic | None) -> Statistic:

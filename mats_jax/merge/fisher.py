@@ -27,27 +27,28 @@ import jax
 import jax.numpy as jnp
 
 from mats_jax import checks
-from mats_jax.solver import Fallback, MergeResult, solve
-from mats_jax.stats.statistic import Diagonal
+from mats_jax.solver import Fallback, MergeResult, check_inputs, execute
+from mats_jax.stats.statistic import Diagonal, Statistic
 from mats_jax.typing import Params, StatTree
 
 __all__ = ["fisher_merge"]
 
 
-def _as_diagonal(fishers: StatTree, floor: float) -> StatTree:
-    def floored(x: Any) -> Any:
-        if x is None:
-            return None
-        f = x.f if isinstance(x, Diagonal) else x
-        if not hasattr(f, "shape"):
-            raise checks.MergeInputError(
-                f"expected a Fisher array or Diagonal at each leaf, got {type(x).__name__}"
-            )
-        return Diagonal(jnp.maximum(jnp.asarray(f, jnp.float32), floor))
+def _as_diagonal(fishers: StatTree) -> StatTree:
+    """Wraps bare Fisher arrays as Diagonal statistics; anything else is left to the checks."""
+
+    def wrap(x: Any) -> Any:
+        return Diagonal(x) if hasattr(x, "shape") else x
 
     return jax.tree.map(
-        floored, fishers, is_leaf=lambda x: x is None or isinstance(x, Diagonal)
+        wrap, fishers, is_leaf=lambda x: x is None or isinstance(x, Statistic)
     )
+
+
+def _floor(stat: Statistic | None, floor: Any) -> Statistic | None:
+    if not isinstance(stat, Diagonal):  # None: the checks allow nothing else
+        return stat
+    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), floor))
 
 
 def fisher_merge(
@@ -77,9 +78,18 @@ def fisher_merge(
         raise checks.MergeInputError(
             f"fishers must be a list with one Fisher pytree per model, got {type(fishers).__name__}"
         )
-    if not (float(floor) >= 0):
+    if not isinstance(floor, jax.core.Tracer) and not float(floor) >= 0:
         raise checks.MergeInputError(f"floor must be >= 0, got {floor!r}")
-    stats = [_as_diagonal(f, floor) for f in fishers]
-    return solve(
-        models, stats, weights=weights, fallback=fallback, method="closed_form"
+    checked = check_inputs(
+        models,
+        [_as_diagonal(f) for f in fishers],
+        weights=weights,
+        fallback=fallback,
+        method="closed_form",
+        allowed=(Diagonal,),
+        name="fishers",
     )
+    # The floor applies after validation, so a NaN, -inf or negative Fisher is
+    # reported rather than floored away.
+    floored = [[_floor(s, floor) for s in task] for task in checked.per_task]
+    return execute(models, checked._replace(per_task=floored), method="closed_form")

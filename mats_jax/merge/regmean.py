@@ -28,20 +28,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from mats_jax import checks
-from mats_jax.solver import Fallback, MergeResult, solve
-from mats_jax.stats.statistic import Gram
+from mats_jax.solver import Fallback, MergeResult, check_inputs, execute
+from mats_jax.stats.statistic import Gram, Statistic
 from mats_jax.typing import Params, StatTree
 
 __all__ = ["regmean"]
 
 
-def _shrink(gram: Gram | None, alpha: Any) -> Gram | None:
-    if gram is None:
-        return None
+def _shrink(gram: Statistic | None, alpha: Any) -> Statistic | None:
+    if not isinstance(gram, Gram):  # None: the checks allow nothing else
+        return gram
     diagonal = jnp.diagonal(gram.a, axis1=-2, axis2=-1)
     off_shrunk = alpha * gram.a + (1 - alpha) * (
         diagonal[..., :, None] * jnp.eye(gram.a.shape[-1], dtype=gram.a.dtype)
@@ -74,15 +73,14 @@ def regmean(
       null space.
     """
     checks.check_fraction("alpha", alpha, include_zero=True, include_one=True)
-    checks.check_statistics(grams, models, allowed=(Gram,))
-    shrunk = [
-        jax.tree.map(
-            lambda g: _shrink(g, alpha),
-            tree,
-            is_leaf=lambda x: x is None or isinstance(x, Gram),
-        )
-        for tree in grams
-    ]
-    return solve(
-        models, shrunk, weights=weights, fallback=fallback, method="closed_form"
+    checked = check_inputs(
+        models,
+        grams,
+        weights=weights,
+        fallback=fallback,
+        method="closed_form",
+        allowed=(Gram,),
+        name="grams",
     )
+    shrunk = [[_shrink(g, alpha) for g in task] for task in checked.per_task]
+    return execute(models, checked._replace(per_task=shrunk), method="closed_form")

@@ -1,0 +1,810 @@
+"""Property tests: invariants every merge method keeps, over small random pytrees.
+
+Each example is a parameter pytree with a dense kernel, a bias and a nested
+leaf, drawn by hypothesis from a fixed list of shape configurations (one of
+them a stacked kernel with two independent blocks), with 1 to 4 models. The
+list is short on purpose: jit compiles once per shape signature.
+
+Where a property is exact only in exact arithmetic and a rounding tie can flip
+a discrete choice (TIES's and DARE-TIES's elected sign is the sign of a sum of
+weighted task vectors, which is 0 or ±tiny at a cancellation), the values are
+drawn from a dyadic grid, on which every sum involved is exact in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import mats_jax as mj
+
+# Leaf path -> shape. The second configuration stacks two (3, 2) kernels, as
+# nn.scan does: its KFAC and Gram statistics have a leading block axis.
+SHAPES = (
+    {"dense/kernel": (3, 4), "dense/bias": (4,), "nested/inner/scale": (2,)},
+    {"dense/kernel": (2, 3, 2), "dense/bias": (2,), "nested/inner/scale": (3,)},
+)
+# (shape configuration, number of models) pairs drawn from: 1 to 4 models,
+# closed under leaving one model out for M >= 2, and few enough that the
+# number of compilations stays small.
+SIGNATURES = ((0, 1), (0, 2), (0, 3), (1, 3), (1, 4))
+
+# Entries are 0 or at least 1e-3 in magnitude: XLA on CPU flushes subnormal
+# results to zero, so a merge of values near the float32 underflow threshold
+# is not exact even where the arithmetic is.
+FLOATS = st.floats(-4.0, 4.0, width=32).map(lambda x: x if abs(x) >= 1e-3 else 0.0)
+DYADIC = st.integers(-16, 16).map(lambda i: i / 4)  # sums of these are exact
+UNIT = st.floats(-1.0, 1.0, width=32)
+POSITIVE = st.floats(0.0, 4.0, width=32)
+WEIGHT = st.floats(0.125, 4.0)
+DYADIC_WEIGHT = st.integers(1, 16).map(lambda i: i / 4)
+
+# CG settings for MaTS: the 12-dimensional systems here converge in a few
+# steps; the comparisons allow float32 CG's error on conditioning up to ~100.
+CG = {"maxiter": 200, "tol": 1e-6}
+CG_TOL = {"rtol": 2e-3, "atol": 2e-3}
+EXACT_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+# --------------------------------------------------------------------------
+# Pytrees and statistics
+# --------------------------------------------------------------------------
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {mj.tree.path_str(p): x for p, x in flat}
+
+
+def _paired_leaves(actual: Any, expected: Any) -> list[tuple[str, Any, Any]]:
+    """Leaves of two trees by path, after checking structure, shapes and dtypes."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    wanted = leaves_by_path(expected)
+    pairs = [(path, x, wanted[path]) for path, x in leaves_by_path(actual).items()]
+    for path, x, y in pairs:
+        assert jnp.shape(x) == jnp.shape(y), path
+        assert jnp.result_type(x) == jnp.result_type(y), path
+    return pairs
+
+
+def assert_trees_close(actual: Any, expected: Any, **tol: float) -> None:
+    for path, x, y in _paired_leaves(actual, expected):
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=path, **tol
+        )
+
+
+def assert_trees_equal(actual: Any, expected: Any) -> None:
+    for path, x, y in _paired_leaves(actual, expected):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=path)
+
+
+@st.composite
+def params(draw: Any, config: int, values: Any = FLOATS) -> dict[str, Any]:
+    return nest(
+        {
+            path: jnp.asarray(draw(hnp.arrays(np.float32, shape, elements=values)))
+            for path, shape in SHAPES[config].items()
+        }
+    )
+
+
+@st.composite
+def spd(draw: Any, n: int, batch: tuple[int, ...] = ()) -> jax.Array:
+    """``XᵀX / n + I/2``: symmetric, eigenvalues in [1/2, n + 1/2]."""
+    x = draw(hnp.arrays(np.float32, (*batch, n, n), elements=UNIT))
+    a = np.swapaxes(x, -1, -2) @ x / n + 0.5 * np.eye(n, dtype=np.float32)
+    return jnp.asarray(a)
+
+
+def statistic(draw: Any, kind: str | None, shape: tuple[int, ...]) -> Any:
+    """One task's statistic of ``kind`` for a leaf of ``shape`` (SPD)."""
+    if kind is None:
+        return None
+    if kind in ("fisher", "diagonal"):
+        f = jnp.asarray(draw(hnp.arrays(np.float32, shape, elements=POSITIVE)))
+        # Raw arrays for fisher_merge; a Diagonal needs positive entries to be SPD.
+        return f if kind == "fisher" else mj.Diagonal(f + 0.25)
+    if kind == "dense":
+        return mj.Dense(draw(spd(math.prod(shape))))
+    block, n_in, n_out = shape[:-2], shape[-2], shape[-1]
+    if kind == "gram":
+        return mj.Gram(draw(spd(n_in, block)))
+    assert kind == "kfac"
+    return mj.KFAC(draw(spd(n_in, block)), draw(spd(n_out, block)))
+
+
+# Which statistic each leaf gets, per statistic family. Leaves with None take
+# the solver's fallback rule (the weighted average). The two MaTS layouts
+# between them give every statistic type (KFAC, Gram, Diagonal, Dense) and the
+# fallback to some leaf; two, not four, because each compiles per signature.
+LAYOUTS = {
+    "fisher": {
+        "dense/kernel": "fisher",
+        "dense/bias": "fisher",
+        "nested/inner/scale": None,
+    },
+    "regmean": {"dense/kernel": "gram", "dense/bias": None, "nested/inner/scale": None},
+    "kfac": {
+        "dense/kernel": "kfac",
+        "dense/bias": "diagonal",
+        "nested/inner/scale": "dense",
+    },
+    "gram": {"dense/kernel": "gram", "dense/bias": "dense", "nested/inner/scale": None},
+}
+MATS_LAYOUTS = ("kfac", "gram")
+
+
+@st.composite
+def statistics(
+    draw: Any, layout: str | None, config: int, num_models: int
+) -> list[Any]:
+    if layout is None:
+        return [None] * num_models
+    kinds = LAYOUTS[layout]
+    return [
+        nest({p: statistic(draw, kinds[p], s) for p, s in SHAPES[config].items()})
+        for _ in range(num_models)
+    ]
+
+
+class Problem(NamedTuple):
+    config: int
+    base: Any
+    models: list[Any]
+    weights: list[float]
+    stats: list[Any]
+
+
+@st.composite
+def problems(
+    draw: Any,
+    layout: str | None = None,
+    *,
+    min_models: int = 1,
+    max_models: int = 4,
+    values: Any = FLOATS,
+    weights: Any = WEIGHT,
+    configs: tuple[int, ...] = (0, 1),
+    signatures: tuple[tuple[int, int], ...] = SIGNATURES,
+) -> Problem:
+    signatures = [
+        (c, m) for c, m in signatures if c in configs and min_models <= m <= max_models
+    ]
+    config, m = draw(st.sampled_from(signatures))
+    return Problem(
+        config,
+        draw(params(config, values)),
+        [draw(params(config, values)) for _ in range(m)],
+        draw(st.lists(weights, min_size=m, max_size=m)),
+        draw(statistics(layout, config, m)),
+    )
+
+
+# --------------------------------------------------------------------------
+# The methods, as one table: name -> (statistic layout, merge, tolerance).
+# merge(base, models, stats, weights) returns the merged parameters.
+# --------------------------------------------------------------------------
+
+Merge = Callable[[Any, list[Any], list[Any], Any], Any]
+
+
+class Method(NamedTuple):
+    layout: str | None
+    merge: Merge
+    tol: dict[str, float]
+    values: Any = FLOATS  # DYADIC where a sign election makes rounding ties matter
+    weights: Any = WEIGHT
+
+
+def _mats(base: Any, models: list[Any], stats: list[Any], weights: Any) -> Any:
+    return mj.mats(models, stats, init=base, weights=weights, **CG).params
+
+
+METHODS = {
+    "average": Method(None, lambda b, ms, s, w: mj.average(ms, weights=w), EXACT_TOL),
+    "task_arithmetic": Method(
+        None,
+        lambda b, ms, s, w: mj.task_arithmetic(b, ms, scale=0.7, weights=w),
+        EXACT_TOL,
+    ),
+    "ties": Method(
+        None,
+        lambda b, ms, s, w: mj.ties(b, ms, density=0.5, scale=0.9, weights=w),
+        EXACT_TOL,
+        DYADIC,
+        DYADIC_WEIGHT,
+    ),
+    "ties_per_leaf": Method(
+        None,
+        lambda b, ms, s, w: mj.ties(b, ms, density=0.4, weights=w, trim="per_leaf"),
+        EXACT_TOL,
+        DYADIC,
+        DYADIC_WEIGHT,
+    ),
+    # drop_rate=0: with p > 0 each model's mask depends on its index.
+    "dare": Method(
+        None,
+        lambda b, ms, s, w: mj.dare(
+            b, ms, drop_rate=0.0, key=jax.random.key(0), scale=0.6, weights=w
+        ),
+        EXACT_TOL,
+    ),
+    "dare_ties": Method(
+        None,
+        lambda b, ms, s, w: mj.dare(
+            b, ms, drop_rate=0.0, key=jax.random.key(0), weights=w, sign_election=True
+        ),
+        EXACT_TOL,
+        DYADIC,
+        DYADIC_WEIGHT,
+    ),
+    "fisher_merge": Method(
+        "fisher",
+        lambda b, ms, s, w: mj.fisher_merge(ms, s, weights=w).params,
+        EXACT_TOL,
+    ),
+    "regmean": Method(
+        "regmean",
+        lambda b, ms, s, w: mj.regmean(ms, s, alpha=0.8, weights=w).params,
+        {"rtol": 1e-4, "atol": 1e-4},
+    ),
+    **{f"mats_{layout}": Method(layout, _mats, CG_TOL) for layout in MATS_LAYOUTS},
+}
+
+
+def methods(*names: str) -> Any:
+    """``pytest.mark.parametrize`` over rows of METHODS (all rows by default)."""
+    names = names or tuple(METHODS)
+    return pytest.mark.parametrize("name", names)
+
+
+# --------------------------------------------------------------------------
+# Merging copies of one model returns it
+# --------------------------------------------------------------------------
+
+
+def _one_over_sum(weights: list[float]) -> float:
+    return 1.0 / float(np.sum(np.asarray(weights, np.float32)))
+
+
+# name -> (layout, merge(base, models, stats, weights, init)). Each row uses
+# hyperparameters under which M copies of θ merge to θ.
+FIXED_POINT = {
+    "average": (None, lambda b, ms, s, w, i: mj.average(ms, weights=w)),
+    "task_arithmetic_1_over_m": (
+        None,
+        lambda b, ms, s, w, i: mj.task_arithmetic(b, ms, scale=1 / len(ms)),
+    ),
+    "task_arithmetic_1_over_sum_w": (
+        None,
+        lambda b, ms, s, w, i: mj.task_arithmetic(
+            b, ms, scale=_one_over_sum(w), weights=w
+        ),
+    ),
+    "ties_density_1": (
+        None,
+        lambda b, ms, s, w, i: mj.ties(b, ms, density=1.0, scale=1.0, weights=w),
+    ),
+    "ties_density_1_per_leaf": (
+        None,
+        lambda b, ms, s, w, i: mj.ties(b, ms, density=1.0, weights=w, trim="per_leaf"),
+    ),
+    "dare_drop_0": (
+        None,
+        lambda b, ms, s, w, i: mj.dare(
+            b,
+            ms,
+            drop_rate=0.0,
+            key=jax.random.key(3),
+            scale=_one_over_sum(w),
+            weights=w,
+        ),
+    ),
+    "dare_ties_drop_0": (
+        None,
+        lambda b, ms, s, w, i: mj.dare(
+            b, ms, drop_rate=0.0, key=jax.random.key(3), weights=w, sign_election=True
+        ),
+    ),
+    "fisher_merge": (
+        "fisher",
+        lambda b, ms, s, w, i: mj.fisher_merge(ms, s, weights=w).params,
+    ),
+    "regmean": (
+        "regmean",
+        lambda b, ms, s, w, i: mj.regmean(ms, s, alpha=0.7, weights=w).params,
+    ),
+    **{
+        f"mats_{layout}": (
+            layout,
+            lambda b, ms, s, w, i: mj.mats(ms, s, init=i, weights=w, **CG).params,
+        )
+        for layout in MATS_LAYOUTS
+    },
+}
+
+
+@pytest.mark.parametrize("name", tuple(FIXED_POINT))
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_merging_copies_of_one_model_returns_it(name: str, data: Any) -> None:
+    layout, merge = FIXED_POINT[name]
+    p = data.draw(problems(layout))
+    theta, init = p.models[0], data.draw(params(p.config))
+    copies = [theta] * len(p.models)
+    merged = merge(p.base, copies, p.stats, p.weights, init)
+    tol = CG_TOL if name.startswith("mats") else EXACT_TOL
+    assert_trees_close(merged, theta, **tol)
+
+
+# Any hyperparameters: task vectors of copies of the base are all zero, so the
+# result is the base exactly. (The average is not in this table: its weights
+# are its only hyperparameters, and the test above covers it.)
+BASE_FIXED_POINT = {
+    "task_arithmetic": lambda b, ms, w, h: mj.task_arithmetic(
+        b, ms, scale=h["scale"], weights=w
+    ),
+    "ties": lambda b, ms, w, h: mj.ties(
+        b, ms, density=h["density"], scale=h["scale"], weights=w, trim=h["trim"]
+    ),
+    "dare": lambda b, ms, w, h: mj.dare(
+        b,
+        ms,
+        drop_rate=h["drop_rate"],
+        key=jax.random.key(h["seed"]),
+        scale=h["scale"],
+        weights=w,
+        sign_election=h["sign_election"],
+    ),
+}
+
+HYPERPARAMETERS = st.fixed_dictionaries(
+    {
+        "scale": st.floats(-3.0, 3.0),
+        "density": st.floats(0.01, 1.0),
+        "drop_rate": st.floats(0.0, 0.95),
+        "seed": st.integers(0, 2**31 - 1),
+        "trim": st.sampled_from(["global", "per_leaf"]),
+        "sign_election": st.booleans(),
+    }
+)
+
+
+@pytest.mark.parametrize("name", tuple(BASE_FIXED_POINT))
+@settings(max_examples=15, deadline=None)
+@given(p=problems(), h=HYPERPARAMETERS)
+def test_merging_copies_of_the_base_returns_the_base(
+    name: str, p: Problem, h: dict[str, Any]
+) -> None:
+    merged = BASE_FIXED_POINT[name](p.base, [p.base] * len(p.models), p.weights, h)
+    assert_trees_equal(merged, p.base)
+
+
+# --------------------------------------------------------------------------
+# Order of the models
+# --------------------------------------------------------------------------
+
+
+@methods()
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_result_does_not_depend_on_the_order_of_the_models(
+    name: str, data: Any
+) -> None:
+    method = METHODS[name]
+    p = data.draw(
+        problems(
+            method.layout, min_models=2, values=method.values, weights=method.weights
+        )
+    )
+    order = data.draw(st.permutations(range(len(p.models))))
+    merged = method.merge(p.base, p.models, p.stats, p.weights)
+    permuted = method.merge(
+        p.base,
+        [p.models[i] for i in order],
+        [p.stats[i] for i in order],
+        [p.weights[i] for i in order],
+    )
+    assert_trees_close(permuted, merged, **method.tol)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    p=problems(min_models=2),
+    drop_rate=st.floats(0.05, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+    sign_election=st.booleans(),
+)
+def test_dare_is_deterministic_for_one_key_and_order(
+    p: Problem, drop_rate: float, seed: int, sign_election: bool
+) -> None:
+    # With drop_rate > 0, permuting the models permutes which mask each one
+    # gets (a mask depends on the key, the leaf and the model's index), so the
+    # result is only reproducible for the same order and key.
+    def merge(key: jax.Array) -> Any:
+        return mj.dare(
+            p.base,
+            p.models,
+            drop_rate=drop_rate,
+            key=key,
+            weights=p.weights,
+            sign_election=sign_election,
+        )
+
+    assert_trees_equal(merge(jax.random.key(seed)), merge(jax.random.key(seed)))
+    assert_trees_equal(merge(jax.random.key(seed)), merge(jax.random.PRNGKey(seed)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    p=problems(max_models=1), drop_rate=st.floats(0.05, 0.9), seed=st.integers(0, 99)
+)
+def test_dare_keeps_each_entry_rescaled_or_drops_it(
+    p: Problem, drop_rate: float, seed: int
+) -> None:
+    (model,) = p.models
+    merged = mj.dare(p.base, p.models, drop_rate=drop_rate, key=jax.random.key(seed))
+    base, theta = leaves_by_path(p.base), leaves_by_path(model)
+    for path, x in leaves_by_path(merged).items():
+        tau = np.asarray(theta[path]) - np.asarray(base[path])
+        delta = np.asarray(x) - np.asarray(base[path])
+        kept = np.isclose(delta, tau / np.float32(1 - drop_rate), rtol=1e-5, atol=1e-5)
+        dropped = np.isclose(delta, 0.0, atol=1e-6)
+        assert np.all(kept | dropped), path
+
+
+# --------------------------------------------------------------------------
+# Linear methods
+# --------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    p=problems(),
+    lam1=st.floats(-2.0, 2.0),
+    lam2=st.floats(-2.0, 2.0),
+    weighted=st.booleans(),
+)
+def test_task_arithmetic_is_linear_in_scale(
+    p: Problem, lam1: float, lam2: float, weighted: bool
+) -> None:
+    weights = p.weights if weighted else None
+
+    def offset(lam: float) -> Any:
+        merged = mj.task_arithmetic(p.base, p.models, scale=lam, weights=weights)
+        return mj.tree.sub(merged, p.base)
+
+    assert_trees_close(
+        offset(lam1 + lam2),
+        mj.tree.add(offset(lam1), offset(lam2)),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    assert_trees_equal(offset(0.0), jax.tree.map(jnp.zeros_like, p.base))
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=problems())
+def test_average_is_task_arithmetic_with_scale_one_over_m(p: Problem) -> None:
+    expected = mj.task_arithmetic(p.base, p.models, scale=1 / len(p.models))
+    assert_trees_close(mj.average(p.models), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=problems())
+def test_weighted_average_is_task_arithmetic_with_normalised_weights(
+    p: Problem,
+) -> None:
+    w = np.asarray(p.weights, np.float32)
+    expected = mj.task_arithmetic(p.base, p.models, scale=1.0, weights=w / w.sum())
+    assert_trees_close(
+        mj.average(p.models, weights=p.weights), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------
+# Structure, shapes and dtypes
+# --------------------------------------------------------------------------
+
+# float32 leaves are checked by every comparison in this file; here a model
+# mixes bfloat16 and float32 leaves.
+DTYPES = {
+    "dense/kernel": jnp.bfloat16,
+    "dense/bias": jnp.float32,
+    "nested/inner/scale": jnp.bfloat16,
+}
+
+
+@methods()
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_merged_tree_has_the_inputs_structure_shapes_and_dtypes(
+    name: str, data: Any
+) -> None:
+    method = METHODS[name]
+    p = data.draw(problems(method.layout, min_models=2, max_models=2, configs=(0,)))
+
+    def cast(tree: Any) -> Any:
+        return mj.tree.map_with_path(lambda path, x: x.astype(DTYPES[path]), tree)
+
+    base, models = cast(p.base), [cast(m) for m in p.models]
+    merged = method.merge(base, models, p.stats, p.weights)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    for path, x in leaves_by_path(merged).items():
+        assert isinstance(x, jax.Array), path
+        assert x.shape == SHAPES[0][path], path
+        assert x.dtype == DTYPES[path], path
+
+    # Low-precision leaves are merged in float32 and cast back: the result is
+    # the float32 merge of the same values, rounded once.
+    def upcast(tree: Any) -> Any:
+        return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+    in_float32 = method.merge(
+        upcast(base), [upcast(m) for m in models], p.stats, p.weights
+    )
+    assert_trees_close(merged, cast(in_float32), rtol=2**-7, atol=1e-3)
+
+
+@methods("fisher_merge", "regmean", "mats_kfac", "mats_gram")
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_report_has_one_leaf_report_per_parameter_leaf(name: str, data: Any) -> None:
+    method = METHODS[name]
+    p = data.draw(problems(method.layout, min_models=3, max_models=3, configs=(1,)))
+    if name == "fisher_merge":
+        result = mj.fisher_merge(p.models, p.stats, weights=p.weights)
+    elif name == "regmean":
+        result = mj.regmean(p.models, p.stats, alpha=0.8, weights=p.weights)
+    else:
+        result = mj.mats(p.models, p.stats, init=p.base, weights=p.weights, **CG)
+    is_report = lambda x: isinstance(x, mj.LeafReport)  # noqa: E731
+    assert jax.tree.structure(result.report, is_leaf=is_report) == jax.tree.structure(
+        result.params
+    )
+    layout = LAYOUTS[method.layout]
+    for path, leaf in leaves_by_path(
+        jax.tree.map(lambda r: r.solver, result.report, is_leaf=is_report)
+    ).items():
+        assert (leaf == "fallback:average") == (layout[path] is None), path
+
+
+# --------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------
+
+# dare is included with the zero-weighted model last: the masks of the other
+# models (which depend on their index) are then the same as without it.
+ZERO_WEIGHT_METHODS = (
+    "average",
+    "task_arithmetic",
+    "ties",
+    "ties_per_leaf",
+    "dare",
+    "dare_ties",
+    "fisher_merge",
+    "regmean",
+    "mats_kfac",
+    "mats_gram",
+)
+
+
+@methods(*ZERO_WEIGHT_METHODS)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_weight_zero_is_leaving_the_model_out(name: str, data: Any) -> None:
+    method = METHODS[name]
+    p = data.draw(
+        problems(
+            method.layout, min_models=2, values=method.values, weights=method.weights
+        )
+    )
+    dropped = data.draw(st.integers(0, len(p.models) - 1))
+    if name.startswith("dare"):
+        dropped = len(p.models) - 1
+    weights = list(p.weights)
+    weights[dropped] = 0.0
+    kept = [i for i in range(len(p.models)) if i != dropped]
+    merged = method.merge(p.base, p.models, p.stats, weights)
+    without = method.merge(
+        p.base,
+        [p.models[i] for i in kept],
+        [p.stats[i] for i in kept],
+        [p.weights[i] for i in kept],
+    )
+    assert_trees_close(merged, without, **method.tol)
+
+
+@methods(
+    "average",
+    "ties",
+    "ties_per_leaf",
+    "dare_ties",
+    "fisher_merge",
+    "regmean",
+    "mats_kfac",
+    "mats_gram",
+)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_scaling_all_weights_changes_nothing(name: str, data: Any) -> None:
+    method = METHODS[name]
+    p = data.draw(problems(method.layout, values=method.values, weights=method.weights))
+    if method.weights is DYADIC_WEIGHT:
+        factor = data.draw(st.sampled_from([0.25, 2.0, 3.0, 10.0]))  # keeps sums exact
+    else:
+        factor = data.draw(st.floats(0.01, 100.0))
+    merged = method.merge(p.base, p.models, p.stats, p.weights)
+    scaled = method.merge(p.base, p.models, p.stats, [factor * w for w in p.weights])
+    assert_trees_close(scaled, merged, **method.tol)
+
+
+# dare is not here: each copy of a model would get its own mask.
+@methods(
+    "average",
+    "task_arithmetic",
+    "ties",
+    "ties_per_leaf",
+    "fisher_merge",
+    "regmean",
+    "mats_kfac",
+    "mats_gram",
+)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_weight_two_is_the_model_twice(name: str, data: Any) -> None:
+    # Catches weights applied in the wrong place (squared, to one factor of two,
+    # after a normalisation), which scaling all weights at once cannot see.
+    method = METHODS[name]
+    p = data.draw(
+        problems(
+            method.layout,
+            values=method.values,
+            weights=method.weights,
+            signatures=((0, 2), (1, 3)),  # M + 1 models is also in SIGNATURES
+        )
+    )
+    twice = data.draw(st.integers(0, len(p.models) - 1))
+    weights = list(p.weights)
+    weights[twice] *= 2
+    merged = method.merge(p.base, p.models, p.stats, weights)
+    repeated = method.merge(
+        p.base,
+        [*p.models, p.models[twice]],
+        [*p.stats, p.stats[twice]],
+        [*p.weights, p.weights[twice]],
+    )
+    assert_trees_close(merged, repeated, **method.tol)
+
+
+@settings(max_examples=15, deadline=None)
+@given(p=problems(min_models=2), lam=st.floats(-2.0, 2.0))
+def test_task_arithmetic_weights_scale_each_task_vector(p: Problem, lam: float) -> None:
+    # θ₀ + λ Σ w_m τ_m: scaling the weights by c is scaling λ by c.
+    scaled = mj.task_arithmetic(
+        p.base, p.models, scale=lam, weights=[2 * w for w in p.weights]
+    )
+    expected = mj.task_arithmetic(p.base, p.models, scale=2 * lam, weights=p.weights)
+    assert_trees_close(scaled, expected, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Under jax.jit
+# --------------------------------------------------------------------------
+
+# name -> (layout, merge(base, models, stats, weights, h)), h the
+# hyperparameters. JITTED holds each merge under jax.jit, with every array and
+# hyperparameter traced; it is built once here so each shape signature
+# compiles once, and sweeping the hyperparameters does not recompile.
+JIT_CASES: dict[str, tuple[str | None, Callable[..., Any]]] = {
+    "average": (None, lambda b, ms, s, w, h: mj.average(ms, weights=w)),
+    "task_arithmetic": (
+        None,
+        lambda b, ms, s, w, h: mj.task_arithmetic(b, ms, scale=h["scale"], weights=w),
+    ),
+    "ties": (
+        None,
+        lambda b, ms, s, w, h: mj.ties(
+            b, ms, density=h["density"], scale=h["scale"], weights=w
+        ),
+    ),
+    "ties_per_leaf": (
+        None,
+        lambda b, ms, s, w, h: mj.ties(
+            b, ms, density=h["density"], scale=h["scale"], weights=w, trim="per_leaf"
+        ),
+    ),
+    "dare": (
+        None,
+        lambda b, ms, s, w, h: mj.dare(
+            b, ms, drop_rate=h["drop_rate"], key=h["key"], scale=h["scale"], weights=w
+        ),
+    ),
+    "dare_ties": (
+        None,
+        lambda b, ms, s, w, h: mj.dare(
+            b, ms, drop_rate=h["drop_rate"], key=h["key"], weights=w, sign_election=True
+        ),
+    ),
+    "fisher_merge": (
+        "fisher",
+        lambda b, ms, s, w, h: mj.fisher_merge(ms, s, weights=w),
+    ),
+    "regmean": (
+        "regmean",
+        lambda b, ms, s, w, h: mj.regmean(ms, s, alpha=h["alpha"], weights=w),
+    ),
+    **{
+        f"mats_{layout}": (
+            layout,
+            lambda b, ms, s, w, h: mj.mats(
+                ms,
+                s,
+                init=b,
+                weights=w,
+                maxiter=h["maxiter"],
+                tol=h["tol"],
+                damping=h["damping"],
+            ),
+        )
+        for layout in MATS_LAYOUTS
+    },
+}
+JITTED = {name: jax.jit(fn) for name, (_, fn) in JIT_CASES.items()}
+
+JIT_HYPERPARAMETERS = st.fixed_dictionaries(
+    {
+        "scale": st.floats(-2.0, 2.0),
+        "density": st.floats(0.05, 1.0),
+        "drop_rate": st.floats(0.0, 0.9),
+        "alpha": st.floats(0.0, 1.0),
+        "maxiter": st.integers(0, 30),
+        "tol": st.floats(1e-6, 1e-2),
+        "damping": st.floats(0.0, 1.0),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+@pytest.mark.filterwarnings("ignore::mats_jax.ConvergenceWarning")
+@pytest.mark.parametrize("name", tuple(JIT_CASES))
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_jit_matches_eager(name: str, data: Any) -> None:
+    layout, eager = JIT_CASES[name]
+    p = data.draw(problems(layout, min_models=3, max_models=3, configs=(0,)))
+    h = data.draw(JIT_HYPERPARAMETERS)
+    h["key"] = jax.random.key(h.pop("seed"))
+    expected = eager(p.base, p.models, p.stats, p.weights, h)
+    traced_h = {
+        k: jnp.asarray(v) if not isinstance(v, jax.Array) else v for k, v in h.items()
+    }
+    actual = JITTED[name](p.base, p.models, p.stats, jnp.asarray(p.weights), traced_h)
+    if isinstance(expected, mj.MergeResult):
+        assert isinstance(actual, mj.MergeResult)
+        assert_trees_close(actual.report, expected.report, rtol=1e-4, atol=1e-5)
+        expected, actual = expected.params, actual.params
+    tol = CG_TOL if name.startswith("mats") else {"rtol": 1e-5, "atol": 1e-5}
+    assert_trees_close(actual, expected, **tol)
