@@ -1,13 +1,15 @@
 """Summing a statistic over a data iterator, in fixed-size micro-batches, optionally sharded.
 
-Every estimator is a jitted *step* ``acc ← step(acc, micro_batch, key)`` that
-adds one micro-batch's sums to an accumulator pytree. This module runs it over
-a Python iterable of batches: it validates each batch, cuts it into
-micro-batches of one fixed size (the last one padded with masked-out examples,
-so the step compiles once), shards each micro-batch's examples over a device
-mesh when one is given (data parallel: XLA sums across devices), shows a
-progress bar, and stops with a clear error on an empty iterator or a
-non-finite sum.
+Every estimator is a *step* ``acc ← step(acc, params, micro_batch, key)`` that adds
+one micro-batch's sums to an accumulator pytree keyed by parameter path. This
+module jits it and runs it over a Python iterable of batches: it validates each
+batch, cuts it into micro-batches of one fixed size (the last one padded with
+masked-out examples, so the step compiles once), shards each micro-batch's
+examples over a device mesh when one is given (data parallel: XLA sums across
+devices), shows a progress bar, and raises a clear error on an empty iterator
+or a non-finite sum. The finiteness test runs on the device inside the step
+(it records the first batch whose sums stopped being finite), so the loop never
+waits for the device between batches.
 
 Memory is bounded by the micro-batch, whatever the number of examples.
 """
@@ -28,7 +30,7 @@ from mats_jax.typing import Array
 
 __all__ = ["accumulate"]
 
-Step = Callable[[Any, Mapping[str, Any], Array], Any]
+Step = Callable[[Any, Any, Mapping[str, Any], Array], Any]
 
 
 def _micro_batches(
@@ -62,6 +64,7 @@ def _micro_batches(
 def accumulate(
     step: Step,
     init: Any,
+    params: Any,
     batches: Iterable[Mapping[str, Any]],
     *,
     key: Array,
@@ -74,8 +77,10 @@ def accumulate(
     """Runs ``step`` over every micro-batch of ``batches``.
 
     Args:
-      step: jitted ``(acc, micro_batch, key) -> acc``.
+      step: ``(acc, params, micro_batch, key) -> acc``, traceable (it is
+        jitted here, with the parameters as an argument, not as constants).
       init: the zero accumulator.
+      params: the model's parameters, passed to ``step``.
       batches: an iterable of batch mappings (see
         :mod:`mats_jax.stats.likelihood`).
       key: PRNG key, folded with the micro-batch index for each step.
@@ -100,12 +105,32 @@ def accumulate(
         )
     size = int(micro_batch_size)
     sharding = None
+    state = {"sums": init, "first_bad": jnp.array(-1, jnp.int32)}
     if mesh is not None:
         devices = mesh.shape[mesh.axis_names[0]]
         size = -(-size // devices) * devices
         sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-        init = jax.device_put(init, NamedSharding(mesh, PartitionSpec()))
-    acc = init
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = jax.device_put(state, replicated)
+        params = jax.device_put(params, replicated)
+
+    @jax.jit
+    def checked_step(
+        state: dict[str, Any],
+        params: Any,
+        micro: Mapping[str, Any],
+        k: Array,
+        index: Array,
+    ) -> dict[str, Any]:
+        sums = step(state["sums"], params, micro, k)
+        finite = jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(sums)])
+        )
+        first_bad = jnp.where(
+            (state["first_bad"] < 0) & ~finite, index, state["first_bad"]
+        )
+        return {"sums": sums, "first_bad": first_bad}
+
     seen = 0
     steps = 0
     with _progress(progress, description) as advance:
@@ -114,10 +139,15 @@ def accumulate(
             for micro in _micro_batches(batch, size, batch_size):
                 if sharding is not None:
                     micro = jax.device_put(micro, sharding)
-                acc = step(acc, micro, jax.random.fold_in(key, steps))
+                state = checked_step(
+                    state,
+                    params,
+                    micro,
+                    jax.random.fold_in(key, steps),
+                    jnp.int32(index),
+                )
                 steps += 1
             seen += _real_examples(batch, batch_size)
-            _check_finite(acc, index)
             advance(batch_size)
     if steps == 0:
         raise StatisticsInputError(
@@ -127,7 +157,8 @@ def accumulate(
         raise StatisticsInputError(
             "every example was masked out: statistics need at least one example"
         )
-    return acc, seen
+    _check_finite(state["sums"], int(state["first_bad"]))
+    return state["sums"], seen
 
 
 def _real_examples(batch: Mapping[str, Any], batch_size: int) -> int:
@@ -139,6 +170,9 @@ def _real_examples(batch: Mapping[str, Any], batch_size: int) -> int:
 
 
 def _check_finite(acc: Any, index: int) -> None:
+    """Raises if batch ``index`` (≥ 0) made the sums non-finite, naming the leaves."""
+    if index < 0:
+        return
     # The accumulator is keyed by parameter paths, so its paths name the leaf.
     flags = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), acc))
     flat = jax.tree_util.tree_flatten_with_path(flags)[0]

@@ -10,9 +10,13 @@ kind, sampled labels for the sampled kind, and every class weighted by its
 probability for the exact kind. For a sequence model the score of an example is
 the gradient of the summed log-likelihood of its (unmasked) target tokens.
 
-Per-example gradients come from ``jax.vmap`` over the examples of a
-micro-batch of ``jax.vjp``: memory is one micro-batch of gradients, whatever
-the size of the data.
+For a dense kernel used once with one row per example (the layers of a plain
+classifier), example i's gradient is the outer product ``x_i g_iᵀ`` of the
+layer's input and output gradient, so its square is ``(x_i ⊙ x_i)(g_i ⊙ g_i)ᵀ``:
+those kernels need no per-example gradients at all
+(:mod:`mats_jax.stats.estimate`). Every other leaf gets per-example gradients
+from ``jax.vmap`` over a micro-batch's examples of ``jax.vjp``. Memory is one
+micro-batch, whatever the size of the data.
 
 Normalisation (the same for every statistic of this package): per example,
 i.e. divided by the number of (unmasked) examples N, so that tasks with more
@@ -24,66 +28,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mats_jax.stats.accumulate import accumulate
-from mats_jax.stats.likelihood import (
-    FisherKind,
-    StatisticsInputError,
-    check_kind,
-    check_logits,
-    logit_cotangents,
-)
-from mats_jax.stats.statistic import Diagonal
-from mats_jax.tree import leaf_paths
+from mats_jax.stats.estimate import estimate
+from mats_jax.stats.likelihood import FisherKind
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = ["diagonal_fisher"]
 
 LogitsFn = Callable[[Params, Any], Array]
-
-
-def per_example_squared_scores(
-    logits_fn: LogitsFn,
-    params: Params,
-    selected: list[bool],
-    micro: Mapping[str, Any],
-    key: Array,
-    kind: FisherKind,
-    num_samples: int,
-) -> list[Array | None]:
-    """Σ over a micro-batch's examples of their squared scores, for the selected leaves."""
-    leaves, treedef = jax.tree.flatten(params)
-    chosen = [leaf for leaf, s in zip(leaves, selected, strict=True) if s]
-    inputs, mask = micro["inputs"], micro["mask"]
-    size = mask.shape[0]
-    labels = micro.get("labels")
-    labels = labels if labels is not None else jnp.zeros(mask.shape, jnp.int32)
-    logits_shape = jax.eval_shape(lambda: logits_fn(params, inputs))
-    check_logits(logits_shape, size, tuple(labels.shape), kind)
-
-    def with_chosen(values: list[Array]) -> Params:
-        it = iter(values)
-        return jax.tree.unflatten(
-            treedef,
-            [next(it) if s else leaf for leaf, s in zip(leaves, selected, strict=True)],
-        )
-
-    def one_example(x: Any, label: Array, m: Array, k: Array) -> list[Array]:
-        def logits_of(values: list[Array]) -> Array:
-            return logits_fn(with_chosen(values), jax.tree.map(lambda a: a[None], x))
-
-        logits, pullback = jax.vjp(logits_of, chosen)
-        u = logit_cotangents(logits, label[None], m[None], kind, k, num_samples)
-        grads = jax.vmap(pullback)(u.astype(logits.dtype))[0]
-        return [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0) for g in grads]
-
-    keys = jax.random.split(key, size)
-    squares = jax.vmap(one_example)(inputs, labels, mask, keys)
-    sums = iter([jnp.sum(s, axis=0) for s in squares])
-    return [next(sums) if s else None for s in selected]
 
 
 def diagonal_fisher(
@@ -128,57 +81,17 @@ def diagonal_fisher(
       StatisticsInputError: on bad batches, an empty iterator, logits of the
         wrong shape, or NaN/Inf in the gradients.
     """
-    check_kind(kind, num_samples)
-    if kind == "sampled" and key is None:
-        raise StatisticsInputError(
-            "kind='sampled' needs a PRNG key: key=jax.random.key(seed)"
-        )
-    selected = _selection(params, leaves)
-    paths = jax.tree.leaves(leaf_paths(params))
-    init = {
-        p: jnp.zeros(jnp.shape(x), jnp.float32)
-        for p, x, s in zip(paths, jax.tree.leaves(params), selected, strict=True)
-        if s
-    }
-
-    @jax.jit
-    def step(
-        acc: dict[str, Array], micro: Mapping[str, Any], k: Array
-    ) -> dict[str, Array]:
-        sums = per_example_squared_scores(
-            logits_fn, params, selected, micro, k, kind, num_samples
-        )
-        return {
-            p: acc[p] + s for p, s in zip(paths, sums, strict=True) if s is not None
-        }
-
-    acc, n = accumulate(
-        step,
-        init,
+    return estimate(
+        logits_fn,
+        params,
         batches,
-        key=key if key is not None else jax.random.key(0),
+        target="diagonal",
+        kind=kind,
+        num_samples=num_samples,
+        key=key,
         micro_batch_size=micro_batch_size,
-        needs_labels=kind == "empirical",
         mesh=mesh,
+        fallback=None,
         progress=progress,
-        description=f"diagonal Fisher ({kind})",
+        leaves=leaves,
     )
-    flat = [
-        Diagonal(acc[p] / n) if s else None
-        for p, s in zip(paths, selected, strict=True)
-    ]
-    return jax.tree.unflatten(jax.tree.structure(params), flat)
-
-
-def _selection(params: Params, leaves: Any) -> list[bool]:
-    n = len(jax.tree.leaves(params))
-    if leaves is None:
-        return [True] * n
-    try:
-        treedef: Any = jax.tree.structure(params)  # its stubs lack flatten_up_to
-        flat = treedef.flatten_up_to(leaves)
-    except (ValueError, TypeError) as error:
-        raise StatisticsInputError(
-            f"leaves must be a boolean pytree with the parameters' structure: {error}"
-        ) from None
-    return [bool(x) for x in flat]

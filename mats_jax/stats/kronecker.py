@@ -33,284 +33,16 @@ for :func:`gram`: RegMean merges them by the solver's fallback rule).
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
-from mats_jax.stats.accumulate import accumulate
-from mats_jax.stats.capture import Layers, Tap, find_layers, tapped
-from mats_jax.stats.fisher import per_example_squared_scores
-from mats_jax.stats.likelihood import (
-    FisherKind,
-    StatisticsInputError,
-    check_batch,
-    check_kind,
-    check_logits,
-    logit_cotangents,
-)
-from mats_jax.stats.statistic import KFAC, Diagonal, Gram, Statistic
-from mats_jax.tree import leaf_paths
+from mats_jax.stats.estimate import Fallback, estimate
+from mats_jax.stats.likelihood import FisherKind
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = ["gram", "kfac"]
-
-Fallback = Literal["diagonal"] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kernel:
-    """One parameter leaf read as a dense kernel, and the taps that use it."""
-
-    leaf: int
-    taps: tuple[int, ...]
-    in_axes: tuple[int, ...]
-    out_axes: tuple[int, ...]
-    layer_shape: tuple[int, ...]
-    n_in: int
-    n_out: int
-
-
-def _kernels(layers: Layers, leaves: list[Any]) -> tuple[list[_Kernel], set[int]]:
-    """Groups taps by leaf; a leaf whose uses disagree on its layout is unrecognised."""
-    by_leaf: dict[int, list[int]] = {}
-    for i, tap in enumerate(layers.taps):
-        by_leaf.setdefault(tap.leaf, []).append(i)
-    kernels, rejected = [], set(layers.unrecognised)
-    for leaf, tap_ids in by_leaf.items():
-        if leaf in rejected:
-            continue
-        taps = [layers.taps[i] for i in tap_ids]
-        first = taps[0]
-        layouts = {
-            (t.in_axes, t.out_axes, tuple(t.loop_shape[lv] for lv in t.layer_levels))
-            for t in taps
-        }
-        if len(layouts) != 1:
-            rejected.add(leaf)
-            continue
-        shape = np.shape(leaves[leaf])
-        kernels.append(
-            _Kernel(
-                leaf=leaf,
-                taps=tuple(tap_ids),
-                in_axes=first.in_axes,
-                out_axes=first.out_axes,
-                layer_shape=tuple(shape[: len(first.layer_levels)]),
-                n_in=int(np.prod([shape[a] for a in first.in_axes])),
-                n_out=int(np.prod([shape[a] for a in first.out_axes])),
-            )
-        )
-    return kernels, rejected
-
-
-def _row_weights(tap: Tap, mask: Array) -> Array | None:
-    """Weights of the tap's rows (per loop iteration) from the batch mask, or None.
-
-    Rows whose leading axes are the mask's (batch[, positions]) take the mask;
-    rows led by the batch axis alone take the per-example mask. Rows not led by
-    the batch axis cannot be told apart from padding: None (unrecognised).
-    """
-    rows = tap.row_shape
-    example_mask = mask.reshape(mask.shape[0], -1).max(axis=1)
-    for m in (mask, example_mask):
-        if rows[: m.ndim] == m.shape:
-            w = m.reshape(m.shape + (1,) * (len(rows) - m.ndim))
-            return jnp.broadcast_to(w, rows).reshape(-1)
-    return None
-
-
-def _reduce_loops(tap: Tap, x: Array) -> Array:
-    """Sums a per-iteration array over the loops that do not slice the leaf."""
-    summed = tuple(i for i in range(len(tap.loop_shape)) if i not in tap.layer_levels)
-    out = jnp.sum(x, axis=summed) if summed else x
-    return out
-
-
-def _tap_sums(
-    tap: Tap, x: Array, gs: Array | None, mask: Array
-) -> tuple[Array, Array | None, Array]:
-    """(Σ w x xᵀ, Σ g gᵀ, Σ w) for one tap, per layer."""
-    weights = _row_weights(tap, mask)
-    assert weights is not None
-    rows_x = tap.rows_and_inputs(x).astype(jnp.float32)
-    a = _reduce_loops(tap, jnp.einsum("...ri,r,...rj->...ij", rows_x, weights, rows_x))
-    n_loops = int(
-        np.prod(
-            [
-                tap.loop_shape[i]
-                for i in range(len(tap.loop_shape))
-                if i not in tap.layer_levels
-            ]
-        )
-    )
-    count = jnp.sum(weights) * n_loops
-    g = None
-    if gs is not None:
-        rows_g = jax.vmap(tap.rows_and_outputs)(gs).astype(jnp.float32)
-        g = _reduce_loops(tap, jnp.einsum("k...ro,k...rp->...op", rows_g, rows_g))
-    return a, g, count
-
-
-def _first_micro_batch(
-    batches: Iterable[Mapping[str, Any]], size: int
-) -> tuple[Any, Iterable[Mapping[str, Any]]]:
-    iterator = iter(batches)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise StatisticsInputError(
-            "the data iterator yielded no batches: statistics need at least one example"
-        ) from None
-    batch_size = check_batch(first, 0, needs_labels=False)
-    take = np.arange(size) % batch_size
-    inputs = jax.tree.map(lambda x: np.asarray(x)[take], first["inputs"])
-    return inputs, itertools.chain([first], iterator)
-
-
-def _estimate(
-    fn: Callable[[Params, Any], Any],
-    params: Params,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    with_g: bool,
-    kind: FisherKind,
-    num_samples: int,
-    key: Array | None,
-    micro_batch_size: int,
-    mesh: Mesh | None,
-    fallback: Fallback,
-    progress: bool,
-    name: str,
-) -> StatTree:
-    if fallback not in ("diagonal", None):
-        raise StatisticsInputError(
-            f"fallback must be 'diagonal' or None, got {fallback!r}"
-        )
-    if with_g or fallback == "diagonal":
-        check_kind(kind, num_samples)
-        if kind == "sampled" and key is None:
-            raise StatisticsInputError(
-                "kind='sampled' needs a PRNG key: key=jax.random.key(seed)"
-            )
-    size = int(micro_batch_size)
-    if mesh is not None:
-        devices = mesh.shape[mesh.axis_names[0]]
-        size = -(-size // devices) * devices
-    example_inputs, batches = _first_micro_batch(batches, size)
-    leaves = jax.tree.leaves(params)
-    paths = jax.tree.leaves(leaf_paths(params))
-    layers = find_layers(fn, params, example_inputs)
-    kernels, rejected = _kernels(layers, leaves)
-    probe_mask = jnp.ones((size,))
-    for k in list(kernels):
-        if any(_row_weights(layers.taps[t], probe_mask) is None for t in k.taps):
-            kernels.remove(k)
-            rejected.add(k.leaf)
-    if not kernels:
-        raise StatisticsInputError(
-            f"{name}: no dense layer (a product of an activation with a parameter) was found "
-            f"in the model function; leaves: {', '.join(paths[:10])}"
-        )
-    kernel_leaves = {k.leaf for k in kernels}
-    diagonal_leaves = [
-        fallback == "diagonal" and i not in kernel_leaves for i in range(len(leaves))
-    ]
-    run = tapped(fn, layers)
-
-    def zeros(shape: tuple[int, ...]) -> Array:
-        return jnp.zeros(shape, jnp.float32)
-
-    init: dict[str, Any] = {
-        paths[k.leaf]: {
-            "a": zeros((*k.layer_shape, k.n_in, k.n_in)),
-            "rows": zeros(()),
-            **({"g": zeros((*k.layer_shape, k.n_out, k.n_out))} if with_g else {}),
-        }
-        for k in kernels
-    }
-    for i, chosen in enumerate(diagonal_leaves):
-        if chosen:
-            init[paths[i]] = {"f": zeros(np.shape(leaves[i]))}
-
-    @jax.jit
-    def step(acc: dict[str, Any], micro: Mapping[str, Any], k: Array) -> dict[str, Any]:
-        inputs, mask = micro["inputs"], micro["mask"]
-        eps = [
-            jnp.zeros(s, d)
-            for s, d in zip(layers.eps_shapes, layers.eps_dtypes, strict=True)
-        ]
-        new = dict(acc)
-        if with_g:
-            labels = micro.get("labels")
-            out, pullback, xs = jax.vjp(
-                lambda e: run(params, e, inputs), eps, has_aux=True
-            )
-            check_logits(
-                out,
-                mask.shape[0],
-                None if labels is None else tuple(labels.shape),
-                kind,
-            )
-            u = logit_cotangents(out, labels, mask, kind, k, num_samples)
-            gs = jax.vmap(pullback)(u.astype(out.dtype))[0]
-        else:
-            _, xs = run(params, eps, inputs)
-            gs = None
-        for kern in kernels:
-            entry = dict(new[paths[kern.leaf]])
-            for t in kern.taps:
-                a, g, count = _tap_sums(
-                    layers.taps[t], xs[t], None if gs is None else gs[t], mask
-                )
-                entry["a"] = entry["a"] + a
-                entry["rows"] = entry["rows"] + count
-                if g is not None:
-                    entry["g"] = entry["g"] + g
-            new[paths[kern.leaf]] = entry
-        if any(diagonal_leaves):
-            sums = per_example_squared_scores(
-                fn,
-                params,
-                diagonal_leaves,
-                micro,
-                jax.random.fold_in(k, 1),
-                kind,
-                num_samples,
-            )
-            for i, s in enumerate(sums):
-                if s is not None:
-                    new[paths[i]] = {"f": acc[paths[i]]["f"] + s}
-        return new
-
-    acc, n = accumulate(
-        step,
-        init,
-        batches,
-        key=key if key is not None else jax.random.key(0),
-        micro_batch_size=size,
-        needs_labels=(with_g or fallback == "diagonal") and kind == "empirical",
-        mesh=mesh,
-        progress=progress,
-        description=name if not with_g else f"{name} ({kind})",
-    )
-    out: list[Statistic | None] = [None] * len(leaves)
-    for kern in kernels:
-        entry = acc[paths[kern.leaf]]
-        a = entry["a"] / jnp.maximum(entry["rows"], 1.0)
-        if with_g:
-            out[kern.leaf] = KFAC(a, entry["g"] / n, kern.in_axes, kern.out_axes)
-        else:
-            out[kern.leaf] = Gram(a, kern.in_axes, kern.out_axes)
-    for i, chosen in enumerate(diagonal_leaves):
-        if chosen:
-            out[i] = Diagonal(acc[paths[i]]["f"] / n)
-    return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
 def kfac(
@@ -351,11 +83,11 @@ def kfac(
       per dense kernel (one system per layer for scanned kernels), the fallback
       elsewhere. Pass one per task to :func:`~mats_jax.mats`.
     """
-    return _estimate(
+    return estimate(
         logits_fn,
         params,
         batches,
-        with_g=True,
+        target="kfac",
         kind=kind,
         num_samples=num_samples,
         key=key,
@@ -363,7 +95,6 @@ def kfac(
         mesh=mesh,
         fallback=fallback,
         progress=progress,
-        name="K-FAC",
     )
 
 
@@ -397,11 +128,11 @@ def gram(
     Returns:
       A statistic pytree with a :class:`~mats_jax.Gram` per dense kernel.
     """
-    return _estimate(
+    return estimate(
         apply_fn,
         params,
         batches,
-        with_g=False,
+        target="gram",
         kind=kind,
         num_samples=num_samples,
         key=key,
@@ -409,5 +140,4 @@ def gram(
         mesh=mesh,
         fallback=fallback,
         progress=progress,
-        name="Gram",
     )

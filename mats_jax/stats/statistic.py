@@ -253,6 +253,38 @@ class Dense(Statistic):
         )
 
 
+def kernel_axes(
+    ndim: int, in_axes: Sequence[int], out_axes: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(block axes, input axes, output axes) of a kernel of rank ``ndim``."""
+    ins = tuple(a % ndim for a in in_axes)
+    outs = tuple(a % ndim for a in out_axes)
+    blocks = tuple(a for a in range(ndim) if a not in ins + outs)
+    return blocks, ins, outs
+
+
+def kernel_to_blocks(
+    leaf: Array, in_axes: Sequence[int], out_axes: Sequence[int]
+) -> Array:
+    """A kernel as ``(B, I, O)``: blocks, then inputs and outputs flattened in order."""
+    blocks, ins, outs = kernel_axes(leaf.ndim, in_axes, out_axes)
+    n_in = math.prod(leaf.shape[a] for a in ins)
+    n_out = math.prod(leaf.shape[a] for a in outs)
+    return jnp.transpose(leaf, blocks + ins + outs).reshape(-1, n_in, n_out)
+
+
+def kernel_from_blocks(
+    blocks: Array,
+    leaf_shape: tuple[int, ...],
+    in_axes: Sequence[int],
+    out_axes: Sequence[int],
+) -> Array:
+    """The inverse of :func:`kernel_to_blocks`."""
+    order = sum(kernel_axes(len(leaf_shape), in_axes, out_axes), ())
+    permuted = blocks.reshape(tuple(leaf_shape[a] for a in order))
+    return jnp.transpose(permuted, tuple(int(a) for a in np.argsort(order)))
+
+
 class _KernelLayout:
     """Shared layout logic of Gram and KFAC: input, output and block axes."""
 
@@ -268,10 +300,7 @@ class _KernelLayout:
     def _axes(
         self, ndim: int
     ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        ins = tuple(a % ndim for a in self.in_axes)
-        outs = tuple(a % ndim for a in self.out_axes)
-        blocks = tuple(a for a in range(ndim) if a not in ins + outs)
-        return blocks, ins, outs
+        return kernel_axes(ndim, self.in_axes, self.out_axes)
 
     def _layout_error(self, leaf_shape: tuple[int, ...]) -> str | None:
         ndim = len(leaf_shape)
@@ -307,14 +336,10 @@ class _KernelLayout:
         return None
 
     def to_blocks(self, leaf: Array) -> Array:
-        blocks, ins, outs = self._axes(leaf.ndim)
-        _, n_in, n_out = self._sizes(leaf.shape)
-        return jnp.transpose(leaf, blocks + ins + outs).reshape(-1, n_in, n_out)
+        return kernel_to_blocks(leaf, self.in_axes, self.out_axes)
 
     def from_blocks(self, blocks: Array, leaf_shape: tuple[int, ...]) -> Array:
-        order = sum(self._axes(len(leaf_shape)), ())
-        permuted = blocks.reshape(tuple(leaf_shape[a] for a in order))
-        return jnp.transpose(permuted, tuple(int(a) for a in np.argsort(order)))
+        return kernel_from_blocks(blocks, leaf_shape, self.in_axes, self.out_axes)
 
 
 def _blocked_factor(factor: Array, n: int) -> Array:
