@@ -553,3 +553,21 @@ def test_diagonal_fisher_of_a_sequence_model_equals_a_loop():
         total = jax.tree.map(lambda t, g: t + g**2, total, jax.grad(log_lik)(params, i))
     for leaf in ("embed", "proj"):
         np.testing.assert_allclose(got[leaf].f, total[leaf] / 5, rtol=1e-4, atol=1e-7)
+
+
+def test_estimating_many_tasks_compiles_once():
+    from mats_jax.stats import accumulate, estimate
+
+    x, y = data()
+    before = set(estimate._PLANS)
+    for t in range(3):
+        kfac(
+            mlp,
+            mlp_params(jax.random.PRNGKey(t)),
+            as_batches(x, y, size=12),
+            micro_batch_size=5,
+            progress=False,
+        )
+    assert len(set(estimate._PLANS) - before) == 1
+    plan = next(reversed(estimate._PLANS.values()))  # the most recently used
+    assert accumulate._jitted(plan.step)._cache_size() == 1

@@ -7,8 +7,8 @@ batch, cuts it into micro-batches of one fixed size (the last one padded with
 masked-out examples, so the step compiles once), shards each micro-batch's
 examples over a device mesh when one is given (data parallel: XLA sums across
 devices), shows a progress bar, and raises a clear error on an empty iterator
-or a non-finite sum. The finiteness test runs on the device inside the step
-(it records the first batch whose sums stopped being finite), so the loop never
+or a non-finite sum. The finiteness test runs on the device once per batch (it
+records the first batch whose sums stopped being finite), so the loop never
 waits for the device between batches.
 
 Memory is bounded by the micro-batch, whatever the number of examples.
@@ -16,6 +16,7 @@ Memory is bounded by the micro-batch, whatever the number of examples.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -114,23 +115,7 @@ def accumulate(
         state = jax.device_put(state, replicated)
         params = jax.device_put(params, replicated)
 
-    @jax.jit
-    def checked_step(
-        state: dict[str, Any],
-        params: Any,
-        micro: Mapping[str, Any],
-        k: Array,
-        index: Array,
-    ) -> dict[str, Any]:
-        sums = step(state["sums"], params, micro, k)
-        finite = jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(sums)])
-        )
-        first_bad = jnp.where(
-            (state["first_bad"] < 0) & ~finite, index, state["first_bad"]
-        )
-        return {"sums": sums, "first_bad": first_bad}
-
+    jitted_step = _jitted(step)
     seen = 0
     steps = 0
     with _progress(progress, description) as advance:
@@ -139,14 +124,14 @@ def accumulate(
             for micro in _micro_batches(batch, size, batch_size):
                 if sharding is not None:
                     micro = jax.device_put(micro, sharding)
-                state = checked_step(
-                    state,
-                    params,
-                    micro,
-                    jax.random.fold_in(key, steps),
-                    jnp.int32(index),
+                state["sums"] = jitted_step(
+                    state["sums"], params, micro, jax.random.fold_in(key, steps)
                 )
                 steps += 1
+            # Once per batch, on the device: no wait for the result here.
+            state["first_bad"] = _record_first_bad(
+                state["sums"], state["first_bad"], index
+            )
             seen += _real_examples(batch, batch_size)
             advance(batch_size)
     if steps == 0:
@@ -159,6 +144,27 @@ def accumulate(
         )
     _check_finite(state["sums"], int(state["first_bad"]))
     return state["sums"], seen
+
+
+_JITTED: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _jitted(step: Step) -> Callable[..., Any]:
+    """One jitted executable per step function, so repeated calls compile once."""
+    if step not in _JITTED:
+        _JITTED[step] = jax.jit(step)
+    return _JITTED[step]
+
+
+@jax.jit
+def _record_first_bad(sums: Any, first_bad: Array, index: Array) -> Array:
+    """``index`` if the sums just stopped being finite, else ``first_bad``."""
+    finite = jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(sums)])
+    )
+    return jnp.where((first_bad < 0) & ~finite, index, first_bad)
 
 
 def _real_examples(batch: Mapping[str, Any], batch_size: int) -> int:

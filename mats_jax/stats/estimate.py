@@ -20,6 +20,7 @@ normalisation (per example; A and Gram per row): see :mod:`mats_jax.stats.kronec
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping
@@ -222,50 +223,81 @@ def _one_row_per_example(tap: Tap, size: int) -> bool:
     return tap.row_shape == (size,) and len(tap.layer_levels) == len(tap.loop_shape)
 
 
-def estimate(
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one configuration of an estimator computes, and its step function."""
+
+    kernels: tuple[_Kernel, ...]
+    per_example: tuple[bool, ...]
+    init_shapes: dict[str, Any]
+    step: Callable[..., Any]
+
+
+_PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
+
+
+def _signature(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+
+
+def _plan(
     fn: Callable[[Params, Any], Any],
     params: Params,
-    batches: Iterable[Mapping[str, Any]],
+    example_inputs: Any,
     *,
     target: Target,
     kind: FisherKind,
     num_samples: int,
-    key: Array | None,
-    micro_batch_size: int,
-    mesh: Mesh | None,
     fallback: Fallback,
-    progress: bool,
-    leaves: Any = None,
-) -> StatTree:
-    """Estimates ``target`` statistics of ``fn`` over ``batches``; see the module docstring.
+    selected: tuple[bool, ...],
+    size: int,
+) -> _Plan:
+    """The (cached) plan for this model function, configuration and shapes.
 
-    Args:
-      target: ``"gram"`` or ``"kfac"`` (per dense kernel, ``fallback`` for the
-        other leaves) or ``"diagonal"`` (the diagonal Fisher of every leaf
-        selected by ``leaves``).
-      Everything else: as for :func:`~mats_jax.kfac`.
+    Reusing the plan reuses its step function, and with it the jitted
+    executable: estimating the statistics of many tasks of one model
+    compiles once.
     """
-    if fallback not in ("diagonal", None):
-        raise StatisticsInputError(
-            f"fallback must be 'diagonal' or None, got {fallback!r}"
-        )
-    needs_fisher = target != "gram" or fallback == "diagonal"
-    if needs_fisher:
-        check_kind(kind, num_samples)
-        if kind == "sampled" and key is None:
-            raise StatisticsInputError(
-                "kind='sampled' needs a PRNG key: key=jax.random.key(seed)"
-            )
-    selected = _selection(params, leaves)
-    size = int(micro_batch_size) if int(micro_batch_size) == micro_batch_size else -1
-    if size < 1:
-        raise StatisticsInputError(
-            f"micro_batch_size must be a positive integer, got {micro_batch_size!r}"
-        )
-    if mesh is not None:
-        devices = mesh.shape[mesh.axis_names[0]]
-        size = -(-size // devices) * devices
-    example_inputs, batches = _first_micro_batch(batches, size)
+    config = (target, kind, num_samples, fallback, selected, size)
+    try:
+        key = (fn, config, _signature(params), _signature(example_inputs))
+        hash(key)
+    except TypeError:  # an unhashable model function: no caching
+        key = None
+    if key is not None and key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    built = _build_plan(
+        fn,
+        params,
+        example_inputs,
+        target=target,
+        kind=kind,
+        num_samples=num_samples,
+        fallback=fallback,
+        selected=selected,
+        size=size,
+    )
+    if key is not None:
+        _PLANS[key] = built
+        if len(_PLANS) > 16:
+            _PLANS.popitem(last=False)
+    return built
+
+
+def _build_plan(
+    fn: Callable[[Params, Any], Any],
+    params: Params,
+    example_inputs: Any,
+    *,
+    target: Target,
+    kind: FisherKind,
+    num_samples: int,
+    fallback: Fallback,
+    selected: tuple[bool, ...],
+    size: int,
+) -> _Plan:
     flat_params = jax.tree.leaves(params)
     paths = jax.tree.leaves(leaf_paths(params))
     layers = find_layers(fn, params, example_inputs)
@@ -300,26 +332,23 @@ def estimate(
     needs_g = target == "kfac" or (target == "diagonal" and bool(kernels))
     run = tapped(fn, layers)
 
-    def zeros(shape: tuple[int, ...]) -> Array:
-        return jnp.zeros(shape, jnp.float32)
-
-    init: dict[str, Any] = {}
+    init: dict[str, Any] = {}  # shapes of the accumulator's arrays
     for k in kernels:
         if target == "diagonal":
-            init[paths[k.leaf]] = {"f": zeros((*k.layer_shape, k.n_in, k.n_out))}
+            init[paths[k.leaf]] = {"f": (*k.layer_shape, k.n_in, k.n_out)}
         else:
             init[paths[k.leaf]] = {
-                "a": zeros((*k.layer_shape, k.n_in, k.n_in)),
-                "rows": zeros(()),
+                "a": (*k.layer_shape, k.n_in, k.n_in),
+                "rows": (),
                 **(
-                    {"g": zeros((*k.layer_shape, k.n_out, k.n_out))}
+                    {"g": (*k.layer_shape, k.n_out, k.n_out)}
                     if target == "kfac"
                     else {}
                 ),
             }
     for i, chosen in enumerate(per_example):
         if chosen:
-            init[paths[i]] = {"f": zeros(np.shape(flat_params[i]))}
+            init[paths[i]] = {"f": tuple(np.shape(flat_params[i]))}
 
     def step(
         acc: dict[str, Any], params: Params, micro: Mapping[str, Any], k: Array
@@ -384,14 +413,81 @@ def estimate(
                     new[paths[i]] = {"f": acc[paths[i]]["f"] + s}
         return new
 
+    return _Plan(tuple(kernels), tuple(per_example), init, step)
+
+
+def estimate(
+    fn: Callable[[Params, Any], Any],
+    params: Params,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    target: Target,
+    kind: FisherKind,
+    num_samples: int,
+    key: Array | None,
+    micro_batch_size: int,
+    mesh: Mesh | None,
+    fallback: Fallback,
+    progress: bool,
+    leaves: Any = None,
+) -> StatTree:
+    """Estimates ``target`` statistics of ``fn`` over ``batches``; see the module docstring.
+
+    Args:
+      target: ``"gram"`` or ``"kfac"`` (per dense kernel, ``fallback`` for the
+        other leaves) or ``"diagonal"`` (the diagonal Fisher of every leaf
+        selected by ``leaves``).
+      Everything else: as for :func:`~mats_jax.kfac`.
+    """
+    if fallback not in ("diagonal", None):
+        raise StatisticsInputError(
+            f"fallback must be 'diagonal' or None, got {fallback!r}"
+        )
+    needs_fisher = target != "gram" or fallback == "diagonal"
+    if needs_fisher:
+        check_kind(kind, num_samples)
+        if kind == "sampled" and key is None:
+            raise StatisticsInputError(
+                "kind='sampled' needs a PRNG key: key=jax.random.key(seed)"
+            )
+    selected = _selection(params, leaves)
+    size = int(micro_batch_size) if int(micro_batch_size) == micro_batch_size else -1
+    if size < 1:
+        raise StatisticsInputError(
+            f"micro_batch_size must be a positive integer, got {micro_batch_size!r}"
+        )
+    if mesh is not None:
+        devices = mesh.shape[mesh.axis_names[0]]
+        size = -(-size // devices) * devices
+    example_inputs, batches = _first_micro_batch(batches, size)
+    plan = _plan(
+        fn,
+        params,
+        example_inputs,
+        target=target,
+        kind=kind,
+        num_samples=num_samples,
+        fallback=fallback,
+        selected=tuple(selected),
+        size=size,
+    )
+    kernels, per_example = plan.kernels, plan.per_example
+    flat_params = jax.tree.leaves(params)
+    paths = jax.tree.leaves(leaf_paths(params))
+    needs_fisher_labels = needs_fisher and kind == "empirical"
+    init = jax.tree.map(
+        lambda shape: jnp.zeros(shape, jnp.float32),
+        plan.init_shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
     acc, n = accumulate(
-        step,
+        plan.step,
         init,
         params,
         batches,
         key=key if key is not None else jax.random.key(0),
         micro_batch_size=size,
-        needs_labels=needs_fisher and kind == "empirical",
+        needs_labels=needs_fisher_labels,
         mesh=mesh,
         progress=progress,
         description={
