@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mats_jax import checks
-from mats_jax.stats.statistic import Statistic
+from mats_jax.stats.statistic import EighSequence, Statistic
 from mats_jax.tree import compute_dtype, leaf_paths, path_str
 from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array, Params, StatTree
@@ -635,6 +635,8 @@ def _solve_jit(
         out[i] = value.astype(reference[i].dtype)
         reports[i] = LeafReport(solver=f"fallback:{fallback}")
 
+    eigh = EighSequence()  # every eigendecomposition of this solve, one at a time
+    prepared: list[Any] = []
     for group in _group_leaves(per_task, reference, group_blocks):
         idx = group.indices
         shapes = [tuple(reference[i].shape) for i in idx]
@@ -675,8 +677,20 @@ def _solve_jit(
         )
         rhs = b + _per_block(delta, x0) * x0
         if method == "closed_form":
-            pinv = group.stat_type.sum_pinv(stats, delta)
-            x = x0 + pinv(rhs - matvec(x0))
+            inverse = group.stat_type.sum_pinv(stats, delta, eigh)
+        elif preconditioner:
+            inverse = group.stat_type.sum_preconditioner(stats, delta, eigh)
+        else:
+            inverse = None
+        prepared.append((idx, shapes, layouts, matvec, x0, rhs, inverse))
+
+    for idx, shapes, layouts, matvec, x0, rhs, inverse in prepared:
+        # No loop may start before the last eigendecomposition is done (see
+        # EighSequence: a CG loop and an eigh waiting at once hang jaxlib 0.10).
+        x0, rhs = eigh.after_all(x0, rhs)
+        if method == "closed_form":
+            assert inverse is not None
+            x = x0 + inverse(rhs - matvec(x0))
             no_steps = jnp.zeros(rhs.shape[:1], jnp.int32)
             info = CGInfo(
                 relative_residual(matvec, rhs, x0),
@@ -686,18 +700,13 @@ def _solve_jit(
             )
             solver_name = "closed_form"
         else:
-            precond = (
-                group.stat_type.sum_preconditioner(stats, delta)
-                if preconditioner
-                else None
-            )
             x, info = per_block_cg(
                 matvec,
                 rhs,
                 x0,
                 maxiter=maxiter,
                 tol=tol,
-                precond=precond,
+                precond=inverse,
                 check_every=check_every,
                 divergence_factor=divergence_factor,
             )

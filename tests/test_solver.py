@@ -607,3 +607,34 @@ def test_float64_precision_in_a_subprocess():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok")
+
+
+def test_preconditioned_solve_of_several_groups_does_not_hang():
+    # jaxlib 0.10's CPU eigh waits on the intra-op pool; run concurrently with
+    # another eigh or a CG loop it hung this 2-core machine for good. The solver
+    # orders them (EighSequence); a hang fails here by the timeout, not CI's.
+    script = textwrap.dedent(
+        """
+        import jax, mats_jax
+        key = jax.random.PRNGKey(0)
+        def spd(k, n):
+            q = jax.random.normal(k, (n, 2 * n))
+            return q @ q.T / n
+        shapes = {"a": (64, 256), "b": (256, 64), "c": (64, 64), "d": (64, 64)}
+        models = [{n: jax.random.normal(jax.random.fold_in(key, 10 * t + i), s)
+                   for i, (n, s) in enumerate(shapes.items())} for t in range(4)]
+        stats = [{n: mats_jax.KFAC(spd(jax.random.fold_in(key, 100 + 10 * t + i), s[0]),
+                                   spd(jax.random.fold_in(key, 200 + 10 * t + i), s[1]))
+                  for i, (n, s) in enumerate(shapes.items())} for t in range(4)]
+        for grouped in (True, False, True):
+            out = mats_jax.mats(models, stats, maxiter=30, tol=1e-6, preconditioner=True,
+                                group_blocks=grouped)
+            jax.block_until_ready(out.params)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

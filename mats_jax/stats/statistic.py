@@ -60,7 +60,7 @@ import numpy as np
 from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array
 
-__all__ = ["KFAC", "Dense", "Diagonal", "Gram", "Statistic"]
+__all__ = ["KFAC", "Dense", "Diagonal", "EighSequence", "Gram", "Statistic"]
 
 Apply = Callable[[Array], Array]
 
@@ -82,11 +82,45 @@ def _safe_reciprocal(values: Array, cutoff: Array) -> Array:
     return jnp.where(keep, 1.0 / jnp.where(keep, values, 1.0), 0.0)
 
 
+Eigh = Callable[[Array], tuple[Array, Array]]
+
+
+class EighSequence:
+    """Eigendecompositions that run one after another inside one traced program.
+
+    jaxlib 0.10's CPU ``eigh`` splits a batch over XLA's intra-op thread pool
+    and blocks until the pieces are done; when as many run at once as the pool
+    has threads (one per core), every thread waits and the process hangs
+    (seen on 2 cores with ``mats(..., preconditioner=True)``: see
+    ``benchmarks/results/solver_kfac.md``). Tying each call's input to the
+    previous call's output with an optimisation barrier makes XLA run them in
+    sequence; the solver also holds every CG loop back until the last one is
+    done (:meth:`after_all`), since a loop waiting on the pool blocks a thread
+    too. One instance per traced solve.
+    """
+
+    def __init__(self) -> None:
+        self._last: Array | None = None
+
+    def __call__(self, matrix: Array) -> tuple[Array, Array]:
+        (matrix,) = self.after_all(matrix)
+        values, vectors = jnp.linalg.eigh(matrix)
+        self._last = values
+        return values, vectors
+
+    def after_all(self, *arrays: Array) -> tuple[Array, ...]:
+        """``arrays``, made available only once every eigh so far is done."""
+        if self._last is None:
+            return arrays
+        *out, _ = jax.lax.optimization_barrier((*arrays, self._last))
+        return tuple(out)
+
+
 def _sym_pinv_apply(
-    matrix: Array, damping: Array
+    matrix: Array, damping: Array, eigh: Eigh
 ) -> Callable[[Array, Callable[[Array, Array, Array], Array]], Array]:
     """Eigendecomposes a batch of symmetric matrices once; returns a spectral applier."""
-    values, vectors = jnp.linalg.eigh(matrix)
+    values, vectors = eigh(matrix)
     n = matrix.shape[-1]
     damped = values + damping[:, None]
     inv = _safe_reciprocal(damped, _pinv_cutoff(damped, n))
@@ -137,14 +171,22 @@ class Statistic:
 
     # Operations on a sum of same-typed blocked statistics -------------------
     @classmethod
-    def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
-        """``x ↦ (Σ_m C_m + δ I)⁺ x``: the exact pseudo-inverse, per block."""
+    def sum_pinv(
+        cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
+    ) -> Apply:
+        """``x ↦ (Σ_m C_m + δ I)⁺ x``: the exact pseudo-inverse, per block.
+
+        ``eigh`` is the eigendecomposition to use (the solver passes an
+        :class:`EighSequence`).
+        """
         raise NotImplementedError(f"{cls.kind} statistics have no closed-form solve")
 
     @classmethod
-    def sum_preconditioner(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
+    def sum_preconditioner(
+        cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
+    ) -> Apply:
         """An approximation of ``(Σ_m C_m + δ I)⁺`` that is cheap to apply."""
-        return cls.sum_pinv(stats, damping)
+        return cls.sum_pinv(stats, damping, eigh)
 
 
 def _register(cls: type, data: Sequence[str], meta: Sequence[str] = ()) -> type:
@@ -195,7 +237,9 @@ class Diagonal(Statistic):
         return jnp.mean(self.f, axis=-1)
 
     @classmethod
-    def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
+    def sum_pinv(
+        cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
+    ) -> Apply:
         total = sum_of(s.f for s in stats) + damping[:, None]  # type: ignore[attr-defined]
         inv = _safe_reciprocal(total, _pinv_cutoff(total, 1))
         return lambda x: inv * x
@@ -243,8 +287,10 @@ class Dense(Statistic):
         return jnp.mean(jnp.diagonal(self.f, axis1=-2, axis2=-1), axis=-1)
 
     @classmethod
-    def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
-        apply = _sym_pinv_apply(sum_of(s.f for s in stats), damping)  # type: ignore[attr-defined]
+    def sum_pinv(
+        cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
+    ) -> Apply:
+        apply = _sym_pinv_apply(sum_of(s.f for s in stats), damping, eigh)  # type: ignore[attr-defined]
         return lambda x: apply(
             x,
             lambda u, inv, v: jnp.einsum(
@@ -389,8 +435,10 @@ class Gram(_KernelLayout, Statistic):
         return jnp.mean(jnp.diagonal(self.a, axis1=-2, axis2=-1), axis=-1)
 
     @classmethod
-    def sum_pinv(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
-        apply = _sym_pinv_apply(sum_of(s.a for s in stats), damping)  # type: ignore[attr-defined]
+    def sum_pinv(
+        cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
+    ) -> Apply:
+        apply = _sym_pinv_apply(sum_of(s.a for s in stats), damping, eigh)  # type: ignore[attr-defined]
         return lambda x: apply(
             x, lambda u, inv, v: u @ (inv[:, :, None] * (jnp.swapaxes(u, -1, -2) @ v))
         )
@@ -459,7 +507,9 @@ class KFAC(_KernelLayout, Statistic):
         return mean_diag(self.a) * mean_diag(self.g)
 
     @classmethod
-    def sum_preconditioner(cls, stats: Sequence[Statistic], damping: Array) -> Apply:
+    def sum_preconditioner(
+        cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
+    ) -> Apply:
         """The nearest Kronecker product to ``Σ_m A_m ⊗ G_m``, inverted spectrally.
 
         .. math::
@@ -493,8 +543,8 @@ class KFAC(_KernelLayout, Statistic):
         sigma = sum_of(
             inner(a, x) * inner(g, y) for a, g in zip(a_list, g_list, strict=True)
         )
-        lam_x, u_x = jnp.linalg.eigh(sigma * x)
-        lam_y, u_y = jnp.linalg.eigh(y)
+        lam_x, u_x = eigh(sigma * x)
+        lam_y, u_y = eigh(y)
         outer = lam_x[:, :, None] * lam_y[:, None, :] + damping[:, None, None]
         # Only numerically zero eigenvalues are dropped: a preconditioner that
         # zeroes small but real curvature would stall CG in those directions.
