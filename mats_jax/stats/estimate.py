@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,17 +241,22 @@ def _signature(tree: Any) -> Any:
     return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
 
 
+class _Config(NamedTuple):
+    """Everything besides shapes that an estimator's plan depends on."""
+
+    target: Target
+    kind: FisherKind
+    num_samples: int
+    fallback: Fallback
+    selected: tuple[bool, ...]
+    size: int
+
+
 def _plan(
     fn: Callable[[Params, Any], Any],
     params: Params,
     example_inputs: Any,
-    *,
-    target: Target,
-    kind: FisherKind,
-    num_samples: int,
-    fallback: Fallback,
-    selected: tuple[bool, ...],
-    size: int,
+    config: _Config,
 ) -> _Plan:
     """The (cached) plan for this model function, configuration and shapes.
 
@@ -259,7 +264,6 @@ def _plan(
     executable: estimating the statistics of many tasks of one model
     compiles once.
     """
-    config = (target, kind, num_samples, fallback, selected, size)
     try:
         key = (fn, config, _signature(params), _signature(example_inputs))
         hash(key)
@@ -268,17 +272,7 @@ def _plan(
     if key is not None and key in _PLANS:
         _PLANS.move_to_end(key)
         return _PLANS[key]
-    built = _build_plan(
-        fn,
-        params,
-        example_inputs,
-        target=target,
-        kind=kind,
-        num_samples=num_samples,
-        fallback=fallback,
-        selected=selected,
-        size=size,
-    )
+    built = _build_plan(fn, params, example_inputs, config)
     if key is not None:
         _PLANS[key] = built
         if len(_PLANS) > 16:
@@ -290,14 +284,9 @@ def _build_plan(
     fn: Callable[[Params, Any], Any],
     params: Params,
     example_inputs: Any,
-    *,
-    target: Target,
-    kind: FisherKind,
-    num_samples: int,
-    fallback: Fallback,
-    selected: tuple[bool, ...],
-    size: int,
+    config: _Config,
 ) -> _Plan:
+    target, kind, num_samples, fallback, selected, size = config
     flat_params = jax.tree.leaves(params)
     paths = jax.tree.leaves(leaf_paths(params))
     layers = find_layers(fn, params, example_inputs)
@@ -464,12 +453,7 @@ def estimate(
         fn,
         params,
         example_inputs,
-        target=target,
-        kind=kind,
-        num_samples=num_samples,
-        fallback=fallback,
-        selected=tuple(selected),
-        size=size,
+        _Config(target, kind, num_samples, fallback, tuple(selected), size),
     )
     kernels, per_example = plan.kernels, plan.per_example
     flat_params = jax.tree.leaves(params)
