@@ -1547,8 +1547,13 @@ def _batched_conclusion(s: dict[str, Any], results: dict[str, Any]) -> str:
         f"{paths['mlp']['kernels']} MLP kernels take the outer-product path, whose FLOPs "
         "equal fwd+bwd's (a forward, a backward to the layer outputs, one (x²)ᵀ(g²) "
         "product per kernel); the second, per-example pass for the "
-        f"{paths['mlp']['kernels']} biases costs ×{_f(mlp['kernels_only'] / mlp['fisher'])} "
-        f"(kernels only: {_f(mlp['kernels_only'])} ex/s against {_f(mlp['fisher'])}), and "
+        f"{paths['mlp']['kernels']} biases costs "
+        + (
+            f"×{_f(mlp['kernels_only'] / mlp['fisher'])}"
+            if mlp["kernels_only"] >= 1.05 * mlp["fisher"]
+            else "nothing measurable"
+        )
+        + f" (kernels only: {_f(mlp['kernels_only'])} ex/s against {_f(mlp['fisher'])}), and "
         "the kernels alone still take "
         f"{_f(mlp['micro_batched'] / mlp['kernels_only'])}× fwd+bwd's time at that m "
         "(the tapped forward, the squares, the finiteness test, see below). Only "
