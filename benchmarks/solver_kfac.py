@@ -33,11 +33,13 @@ synthetic but K-FAC-like factors, and measures, in one run:
    ``maxiter=0`` calls with and without it.
 
 jaxlib 0.10 hangs in the preconditioned solve on a 2-core machine (see the
-notes in the results); the script sets ``NPROC=64`` to avoid it.
+notes in the results); the script sets ``NPROC=64`` to avoid it, and gives
+jaxlib's LAPACK calls one OpenBLAS thread (``--no-workaround``: neither). A
+full run also checks, in a separate process, whether the hang still happens.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/solver_kfac.py            # full, about 10 min on 2 cores
+    .venv/bin/python benchmarks/solver_kfac.py            # full, 11 min on 2 idle cores
     .venv/bin/python benchmarks/solver_kfac.py --quick    # smoke run, small shapes
 
 It writes ``benchmarks/results/solver_kfac.{md,json}`` (``--quick``:
@@ -48,6 +50,7 @@ from the measured numbers.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -68,6 +71,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import scipy
+import scipy.linalg  # loads the OpenBLAS whose LAPACK jaxlib's CPU kernels call
 import scipy.sparse.linalg as spla
 
 import mats_jax
@@ -101,11 +105,14 @@ class Config:
     fixed_iters: int = 100
     reps: int = 3  # round-robin repetitions of the fixed-step runs
     solve_reps: int = 2  # and of the time-to-solve runs
+    probe_timeout_s: float = 90.0  # from the start; 0: skip the hang probe
     solve_maxiter: int = 5000
     seed: int = 0
 
 
-QUICK = Config(hidden=64, ff=256, layers=2, tasks=4, task_rank=8, reps=2)
+QUICK = Config(
+    hidden=64, ff=256, layers=2, tasks=4, task_rank=8, reps=2, probe_timeout_s=0.0
+)
 
 # (module, kernel) -> (input source, kernel shape as (in, out) in config names).
 KERNELS = {
@@ -653,6 +660,48 @@ def preconditioner_setup(problem: Problem, cfg: Config) -> dict[str, Any]:
     }
 
 
+HANG_PROBE = """
+import jax, jax.numpy as jnp, mats_jax
+def spd(key, n):
+    x = jax.random.normal(key, (2 * n, n))
+    return x.T @ x / (2 * n)
+shapes = [(64, 64)] * 8 + [(64, 256), (256, 64)] * 2  # groups of 8, 2 and 2 blocks
+ks = iter(jax.random.split(jax.random.PRNGKey(0), 200))
+models = [{f"w{i}": jax.random.normal(next(ks), s) for i, s in enumerate(shapes)}
+          for _ in range(4)]
+stats = [{f"w{i}": mats_jax.KFAC(spd(next(ks), s[0]), spd(next(ks), s[1]))
+          for i, s in enumerate(shapes)} for _ in range(4)]
+for _ in range(3):
+    jax.block_until_ready(mats_jax.mats(models, stats, maxiter=1, preconditioner=True))
+"""
+
+
+def start_hang_probe() -> subprocess.Popen:
+    """A small preconditioned mats in a fresh process without the workaround.
+
+    It runs while the problem is built (untimed); a hung process sits idle.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NPROC"}
+    return subprocess.Popen(
+        [sys.executable, "-c", HANG_PROBE],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def finish_hang_probe(probe: subprocess.Popen | None, deadline: float) -> str:
+    if probe is None:
+        return "not run"
+    try:
+        code = probe.wait(timeout=max(deadline - time.perf_counter(), 0.0))
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.wait()
+        return "hangs (no result when the timing started)"
+    return "returns" if code == 0 else f"fails (exit {code})"
+
+
 # --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
@@ -784,7 +833,7 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def _e(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2e}"
+    return "–" if x is None else f"{x:.3e}"
 
 
 def _loads(values: list[float]) -> str:
@@ -793,6 +842,15 @@ def _loads(values: list[float]) -> str:
 
 def _runs(times: list[float]) -> str:
     return " / ".join(_f(t) for t in times)
+
+
+def _workaround(applied: dict[str, Any] | None) -> str:
+    if applied is None:
+        return "none (`--no-workaround`)"
+    return (
+        f"NPROC={applied['NPROC']} (XLA:CPU pool size), 1 OpenBLAS thread in "
+        f"jaxlib's LAPACK calls ({applied['one_thread']})"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -1034,15 +1092,19 @@ NOTES = """## Notes
 
 - **Hang in the preconditioned solve (jaxlib 0.10.2).** jaxlib 0.10's CPU LAPACK kernels
   (here `eigh`) split a batch over XLA:CPU's intra-op thread pool and block until the pieces
-  are done. The pool has one thread per core (2 here); when as many batched `eigh` calls run
-  at once as the pool has threads, every thread waits and the process hangs for good.
-  `KFAC.sum_preconditioner` runs two independent batched `eigh` per group of blocks, so
-  `mats(..., preconditioner=True)` hangs on this machine (reproduced with a single group of
-  4 blocks). This script therefore sets `NPROC=64` before JAX starts, which sizes the pool to
-  64 threads (more than the 2 × 24 `eigh` calls of `group_blocks=False`); `--no-workaround`
-  leaves it unset. Every JAX number here, with or without the preconditioner, ran with that
-  pool; its cost on the matmul loops was a few per cent in a side test, but 64 threads on 2
-  cores make the batched `eigh` slower than it need be, so the setup cost is pessimistic.
+  are done. The pool has one thread per core (2 here); when as many batched `eigh` calls wait
+  at once as the pool has threads, every thread waits and the process hangs for good, idle.
+  `KFAC.sum_preconditioner` runs two batched `eigh` per group of blocks, so
+  `mats(..., preconditioner=True)` can hang on this machine; the probe below (`HANG_PROBE` in
+  the script: 12 small kernels, 4 tasks, run in a fresh process without the workaround while
+  the problem is built, given 90 s) checks it at the revision measured. This script sets `NPROC=64` before JAX starts, which
+  sizes the pool to 64 threads (more than the 2 × 24 `eigh` calls of `group_blocks=False`).
+  It also sets scipy's bundled OpenBLAS, which jaxlib's LAPACK calls, to one thread: jaxlib
+  already splits a batch of `eigh` over its pool, and an OpenBLAS thread team inside each piece
+  made batched `eigh` 10 to 500× slower and erratic here (16 × 256² took 1 to 20 s instead of
+  0.03 s). numpy's OpenBLAS, which does the scipy loop's matmuls, is a separate library and
+  keeps its threads. `--no-workaround` changes neither. Every JAX number here ran with the
+  64-thread pool; its cost on the matmul loops was a few per cent in a side test.
 - Synthetic factors: the spectra are milder than many real K-FAC factors (whose condition
   numbers often reach 1e6 and more per factor), so that unpreconditioned CG reaches 1e-5 in a
   few hundred steps and the run stays near ten minutes. The Kronecker preconditioner is exact
@@ -1073,8 +1135,7 @@ def markdown(
         f"{info['platform']}",
         f"- Versions: Python {info['python']}, JAX {info['jax']}, jaxlib "
         f"{info['jaxlib']}, numpy {info['numpy']}, scipy {info['scipy']}",
-        f"- Environment: NPROC={info['nproc_env']}, XLA_FLAGS=`{info['xla_flags']}` "
-        "(see Notes: without NPROC the preconditioned solve hangs)",
+        f"- Workaround (see Notes): {_workaround(results['workaround'])}",
         f"- Load average (1/5/15 min) at start {_loads(results['load_average_at_start'])}, "
         f"at end {_loads(info['load_average_1_5_15min'])}, on 2 cores: other jobs ran too.",
         f"- Total wall time: {_f(results['total_seconds'])} s",
@@ -1089,6 +1150,9 @@ def markdown(
             fixed_section(results["fixed_iterations"], summary),
             solve_section(summary, results["preconditioner_setup"], len(blocks)),
             NOTES,
+            f"Hang probe at this revision, without the workaround: "
+            f"**{results['hang_probe_without_workaround']}**.",
+            "",
             f"## `format_report` of the solve {pre_name}",
             "",
             "```",
@@ -1132,9 +1196,11 @@ def parse_args() -> argparse.Namespace:
 def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
     start = time.perf_counter()
     load_at_start = list(os.getloadavg())
+    probe = start_hang_probe() if cfg.probe_timeout_s > 0 else None
     print("building the problem…", flush=True)
     problem = build_problem(cfg)
     blocks = numpy_blocks(problem)
+    hang = finish_hang_probe(probe, start + cfg.probe_timeout_s)
     print(f"fixed iterations ({cfg.fixed_iters} steps, {cfg.reps} reps)…", flush=True)
     fixed = fixed_iterations(problem, blocks, cfg)
     print(f"time to solve ({cfg.solve_reps} reps)…", flush=True)
@@ -1155,22 +1221,47 @@ def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
         "fixed_iterations": fixed,
         "time_to_solve": solved,
         "preconditioner_setup": setup,
+        "hang_probe_without_workaround": hang,
         "summary": summarise(fixed, solved, setup),
         "total_seconds": time.perf_counter() - start,
     }
     return problem, blocks, results
 
 
+def single_threaded_jax_lapack() -> str | None:
+    """Sets scipy's bundled OpenBLAS, which jaxlib's LAPACK kernels call, to 1 thread.
+
+    jaxlib 0.10 already runs a batch of ``eigh`` in parallel over its pool; an
+    OpenBLAS thread team inside each piece oversubscribes the cores and made
+    batched ``eigh`` 10 to 500× slower here. numpy's own OpenBLAS (the scipy
+    loop's matmuls) is a different library and keeps its threads.
+    """
+    with open("/proc/self/maps") as maps:
+        paths = {
+            line.split()[-1]
+            for line in maps
+            if "scipy.libs" in line and "libscipy_openblas" in line
+        }
+    for path in paths:
+        ctypes.CDLL(path).scipy_openblas_set_num_threads(1)
+    return ", ".join(sorted(Path(p).name for p in paths)) or None
+
+
+def apply_workaround() -> dict[str, Any]:
+    # NPROC is read when XLA's CPU client starts, which nothing has done yet.
+    os.environ.setdefault("NPROC", str(DEADLOCK_POOL_THREADS))
+    return {"NPROC": os.environ["NPROC"], "one_thread": single_threaded_jax_lapack()}
+
+
 def main() -> None:
     args = parse_args()
-    if not args.no_workaround:
-        # Read when XLA's CPU client starts, which nothing above has done yet.
-        os.environ.setdefault("NPROC", str(DEADLOCK_POOL_THREADS))
+    workaround = None if args.no_workaround else apply_workaround()
     cfg = QUICK if args.quick else Config()
     if args.reps:
         cfg = dataclasses.replace(cfg, reps=args.reps)
     out = args.out or RESULTS / ("solver_kfac_quick" if args.quick else "solver_kfac")
     problem, blocks, results = run(cfg)
+    results["workaround"] = workaround
     report = markdown(cfg, problem, blocks, results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(report)

@@ -562,8 +562,13 @@ def _group_leaves(
             continue
         blocked = stat.blocked(tuple(leaves[i].shape))
         shapes = tuple(x.shape[1:] for x in jax.tree.leaves(blocked))
+        # The blocks' own shape too: a Gram fixes only the input size, and
+        # kernels (256, 256) and (256, 1024) cannot share one batch.
+        block = jax.eval_shape(stat.to_blocks, leaves[i]).shape[1:]
         key = (
-            (type(stat), shapes, compute_dtype(leaves[i].dtype)) if group_blocks else i
+            (type(stat), shapes, block, compute_dtype(leaves[i].dtype))
+            if group_blocks
+            else i
         )
         groups.setdefault(key, _Group([], type(stat))).indices.append(i)
     return list(groups.values())

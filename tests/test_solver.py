@@ -610,26 +610,28 @@ def test_float64_precision_in_a_subprocess():
 
 
 def test_preconditioned_solve_of_several_groups_does_not_hang():
-    # jaxlib 0.10's CPU eigh waits on the intra-op pool; run concurrently with
-    # another eigh or a CG loop it hung this 2-core machine for good. The solver
-    # orders them (EighSequence); a hang fails here by the timeout, not CI's.
+    # jaxlib 0.10's batched CPU eigh waits on the intra-op pool; two at once hung
+    # this 2-core machine for good (this script, 3 runs out of 3, before the
+    # fix). The solver decomposes one matrix at a time, in order (EighSequence);
+    # a hang fails here by the timeout, not CI's.
     script = textwrap.dedent(
         """
         import jax, mats_jax
-        key = jax.random.PRNGKey(0)
-        def spd(k, n):
-            q = jax.random.normal(k, (n, 2 * n))
-            return q @ q.T / n
-        shapes = {"a": (64, 256), "b": (256, 64), "c": (64, 64), "d": (64, 64)}
-        models = [{n: jax.random.normal(jax.random.fold_in(key, 10 * t + i), s)
-                   for i, (n, s) in enumerate(shapes.items())} for t in range(4)]
-        stats = [{n: mats_jax.KFAC(spd(jax.random.fold_in(key, 100 + 10 * t + i), s[0]),
-                                   spd(jax.random.fold_in(key, 200 + 10 * t + i), s[1]))
-                  for i, (n, s) in enumerate(shapes.items())} for t in range(4)]
+        def spd(key, n):
+            x = jax.random.normal(key, (2 * n, n))
+            return x.T @ x / (2 * n)
+        shapes = [(64, 64)] * 8 + [(64, 256), (256, 64)] * 2
+        ks = iter(jax.random.split(jax.random.PRNGKey(0), 200))
+        models = [{f"w{i}": jax.random.normal(next(ks), s) for i, s in enumerate(shapes)}
+                  for _ in range(4)]
+        stats = [{f"w{i}": mats_jax.KFAC(spd(next(ks), s[0]), spd(next(ks), s[1]))
+                  for i, s in enumerate(shapes)} for _ in range(4)]
+        grams = [{k: mats_jax.Gram(v.a) for k, v in s.items()} for s in stats]
         for grouped in (True, False, True):
-            out = mats_jax.mats(models, stats, maxiter=30, tol=1e-6, preconditioner=True,
+            out = mats_jax.mats(models, stats, maxiter=1, tol=0.0, preconditioner=True,
                                 group_blocks=grouped)
             jax.block_until_ready(out.params)
+            jax.block_until_ready(mats_jax.regmean(models, grams).params)
         print("ok")
         """
     )
@@ -638,3 +640,14 @@ def test_preconditioned_solve_of_several_groups_does_not_hang():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_grams_with_one_input_size_and_different_output_sizes():
+    models = [
+        {"q": jnp.ones((4, 4)), "wi": jnp.ones((4, 8))},
+        {"q": jnp.zeros((4, 4)), "wi": jnp.zeros((4, 8))},
+    ]
+    grams = [{"q": Gram(jnp.eye(4)), "wi": Gram(jnp.eye(4))} for _ in models]
+    merged = regmean(models, grams, alpha=1.0).params
+    np.testing.assert_allclose(merged["wi"], 0.5 * jnp.ones((4, 8)), rtol=1e-6)
+    np.testing.assert_allclose(merged["q"], 0.5 * jnp.ones((4, 4)), rtol=1e-6)

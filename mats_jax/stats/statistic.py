@@ -93,9 +93,10 @@ class EighSequence:
     has threads (one per core), every thread waits and the process hangs
     (seen on 2 cores with ``mats(..., preconditioner=True)``: see
     ``benchmarks/results/solver_kfac.md``). Tying each call's input to the
-    previous call's output with an optimisation barrier makes XLA run them in
-    sequence; the solver also holds every CG loop back until the last one is
-    done (:meth:`after_all`), since a loop waiting on the pool blocks a thread
+    previous call's output with an optimisation barrier orders the calls, and
+    each call decomposes one matrix at a time (``lax.map``), since the batched
+    kernel is what splits over the pool; the solver also holds every CG
+    loop back until the last one is done (:meth:`after_all`), since a loop waiting on the pool blocks a thread
     too. One instance per traced solve.
     """
 
@@ -104,7 +105,11 @@ class EighSequence:
 
     def __call__(self, matrix: Array) -> tuple[Array, Array]:
         (matrix,) = self.after_all(matrix)
-        values, vectors = jnp.linalg.eigh(matrix)
+        # One matrix per call: a batched eigh is what splits over the pool.
+        batch = matrix.reshape(-1, *matrix.shape[-2:])
+        values, vectors = jax.lax.map(jnp.linalg.eigh, batch)
+        values = values.reshape(*matrix.shape[:-1])
+        vectors = vectors.reshape(matrix.shape)
         self._last = values
         return values, vectors
 
