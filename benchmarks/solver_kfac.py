@@ -733,13 +733,28 @@ def machine() -> dict[str, Any]:
         "scipy": scipy.__version__,
         "mats_jax": mats_jax.__version__,
         "jax_backend": jax.default_backend(),
+        "accelerator": accelerator(),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "nproc_env": os.environ.get("NPROC"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average_1_5_15min": list(os.getloadavg()),
     }
 
 
+def accelerator() -> str | None:
+    """The accelerator JAX computes on (``device_kind``), or None on a CPU."""
+    device = jax.devices()[0]
+    return (
+        None
+        if device.platform == "cpu"
+        else f"{device.device_kind} ({device.platform})"
+    )
+
+
 def git_revision() -> str:
+    # A copy of the tree without .git (the device machine) passes it in.
+    if "MATS_JAX_GIT_REV" in os.environ:
+        return os.environ["MATS_JAX_GIT_REV"]
     out = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
@@ -1131,13 +1146,15 @@ def markdown(
         f"- Command: `{results['command']}` (from the repository root)",
         f"- Date: {results['date']}; mats_jax {info['mats_jax']} at git {results['git']}",
         f"- Machine: {info['cpu_count']}-core CPU, `lscpu` model name "
-        f"“{info['cpu_model']}”, no accelerator (JAX backend `{info['jax_backend']}`); "
+        f"“{info['cpu_model']}”, {info['accelerator'] or 'no accelerator'} "
+        f"(JAX backend `{info['jax_backend']}`); "
         f"{info['platform']}",
         f"- Versions: Python {info['python']}, JAX {info['jax']}, jaxlib "
-        f"{info['jaxlib']}, numpy {info['numpy']}, scipy {info['scipy']}",
+        f"{info['jaxlib']}, numpy {info['numpy']}, scipy {info['scipy']}; "
+        f"`jax_default_matmul_precision` {info['matmul_precision']}",
         f"- Workaround (see Notes): {_workaround(results['workaround'])}",
         f"- Load average (1/5/15 min) at start {_loads(results['load_average_at_start'])}, "
-        f"at end {_loads(info['load_average_1_5_15min'])}, on 2 cores: other jobs ran too.",
+        f"at end {_loads(info['load_average_1_5_15min'])}, on {info['cpu_count']} cores.",
         f"- Total wall time: {_f(results['total_seconds'])} s",
         "",
     ]
@@ -1189,6 +1206,9 @@ def parse_args() -> argparse.Namespace:
         "--no-workaround",
         action="store_true",
         help="leave NPROC unset (the preconditioned solve hangs on jaxlib 0.10)",
+    )
+    parser.add_argument(
+        "--no-probe", action="store_true", help="skip the hang probe (jaxlib 0.10 CPU)"
     )
     return parser.parse_args()
 
@@ -1259,6 +1279,8 @@ def main() -> None:
     cfg = QUICK if args.quick else Config()
     if args.reps:
         cfg = dataclasses.replace(cfg, reps=args.reps)
+    if args.no_probe:
+        cfg = dataclasses.replace(cfg, probe_timeout_s=0.0)
     out = args.out or RESULTS / ("solver_kfac_quick" if args.quick else "solver_kfac")
     problem, blocks, results = run(cfg)
     results["workaround"] = workaround

@@ -143,6 +143,23 @@ QUICK = Config(
 )
 
 
+# On an accelerator: the same measurements with more examples per window (the
+# GPU finishes the CPU's windows in milliseconds); no RSS children (host memory
+# says nothing about device memory) and no YNNPACK diagnostic (XLA:CPU only).
+DEVICE = dataclasses.replace(
+    Config(),
+    examples=(262144, 65536),
+    exact_examples=4096,
+    batch_size=1024,
+    micro_sizes=(32, 128, 512),
+    kron_micro_sizes=(128, 512),
+    loop_examples=1024,
+    memory_models=(),
+    memory_control=False,
+    diagnostic=False,
+)
+
+
 # --------------------------------------------------------------------------
 # Models and data
 # --------------------------------------------------------------------------
@@ -1319,6 +1336,8 @@ def compile_section(results: dict[str, Any], cfg: Config) -> str:
 def memory_section(
     results: dict[str, Any], summary: dict[str, Any], cfg: Config
 ) -> str:
+    if not results["memory"]:
+        return ""
     rows = [
         [
             r["model"].upper(),
@@ -1703,12 +1722,16 @@ def conclusions(summary: dict[str, Any], results: dict[str, Any]) -> str:
             "reuses the executable (no compilation in the second round's calls)."
         )
     mem = summary["memory"]["models"]
+    if not mem:
+        lines.append("- **(5) Memory.** Not measured in this run (`--device`).")
     first = results["config"]["memory_examples"][0]
     last = results["config"]["memory_examples"][-1]
     flat = all(v["flat"] for v in mem.values())
-    path = _rss_path(results)
+    path = _rss_path(results) if mem else {}
     lines.append(
-        "- **(5) Memory.** "
+        ""
+        if not mem
+        else "- **(5) Memory.** "
         + ("The" if flat else "Not every")
         + f" peak of diagonal_fisher over the data stays flat from {first:,} to "
         f"{last:,} examples: "
@@ -1793,12 +1816,28 @@ def machine() -> dict[str, Any]:
         "numpy": np.__version__,
         "mats_jax": mats_jax.__version__,
         "jax_backend": jax.default_backend(),
+        "accelerator": accelerator(),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": os.getloadavg(),
     }
 
 
+def accelerator() -> str | None:
+    """The accelerator JAX computes on (``device_kind``), or None on a CPU."""
+    device = jax.devices()[0]
+    return (
+        None
+        if device.platform == "cpu"
+        else f"{device.device_kind} ({device.platform})"
+    )
+
+
 def git_revision() -> str:
+    # A copy of the tree without .git (the device machine) passes it in.
+    if "MATS_JAX_GIT_REV" in os.environ:
+        return os.environ["MATS_JAX_GIT_REV"]
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args],
@@ -1818,15 +1857,23 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
     info = results["machine"]
     load = ", ".join(f"{x:.1f}" for x in info["load_average"])
     header = [
-        "# Benchmark: statistics estimators on a CPU (`benchmarks/statistics.py`)",
+        "# Benchmark: statistics estimators on "
+        + ("a CPU" if info["accelerator"] is None else info["accelerator"])
+        + " (`benchmarks/statistics.py`)",
         "",
         f"- Command: `{results['command']}`",
         f"- Date: {results['date']}; mats_jax {info['mats_jax']} at git {results['git']}",
         f"- Machine: {info['cpu_count']}-core CPU, `lscpu` model name “{info['cpu_model']}”, "
-        f"no accelerator (JAX backend `{info['jax_backend']}`); {info['platform']}. Shared: "
-        f"load average {load} at the start, hence only ratios measured in this run.",
+        f"{info['accelerator'] or 'no accelerator'} (JAX backend `{info['jax_backend']}`); "
+        f"{info['platform']}. Load average {load} at the start"
+        + (
+            " on a shared CPU, hence only ratios measured in this run."
+            if info["accelerator"] is None
+            else "."
+        ),
         f"- Versions: Python {info['python']}, JAX {info['jax']}, jaxlib {info['jaxlib']}, "
-        f"flax {info['flax']}, numpy {info['numpy']}; XLA_FLAGS "
+        f"flax {info['flax']}, numpy {info['numpy']}; "
+        f"`jax_default_matmul_precision` {info['matmul_precision']}; XLA_FLAGS "
         f"`{info['xla_flags'] or '(unset)'}`",
         f"- Models: MLP 784→256→256→10 ({results['models']['mlp']['parameters']:,} "
         "parameters); ViT: 16 tokens of 7×7 patches (Dense embedding), width 64, 2 heads "
@@ -1873,6 +1920,11 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (< 1 min)")
+    parser.add_argument(
+        "--device",
+        action="store_true",
+        help="on an accelerator: larger windows, no host-memory or XLA:CPU parts",
+    )
     parser.add_argument("--reps", type=int, help="round-robin repetitions")
     parser.add_argument("--out", type=Path, help="output prefix, without suffix")
     parser.add_argument(
@@ -1887,7 +1939,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg = QUICK if args.quick else Config()
+    cfg = QUICK if args.quick else DEVICE if args.device else Config()
+    if args.device and args.quick:
+        cfg = dataclasses.replace(cfg, memory_models=(), memory_control=False)
     if args.reps:
         cfg = dataclasses.replace(cfg, reps=args.reps)
     if args.child_memory:

@@ -290,8 +290,7 @@ class _Interpreter:
         self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
     ) -> tuple[list[Any], list[_Tag | None]]:
         p = eqn.params
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
-        body = p["jaxpr"]
+        n_consts, n_carry, body_jaxpr, body_consts = _scan_signature(p)
         length = p["length"]
         consts, carry, xs = (
             invals[:n_consts],
@@ -325,8 +324,8 @@ class _Interpreter:
                 None if discovering else eps_slice, self.scan_tap_counts, inner_loop
             )
             outs, _ = inner.run(
-                body.jaxpr,
-                body.consts,
+                body_jaxpr,
+                body_consts,
                 [*consts, *carry_in, *x_slice],
                 [*const_tags, *([None] * n_carry), *x_inner_tags],
             )
@@ -350,6 +349,20 @@ class _Interpreter:
         self.cursor = start + (len(inner.taps) if discovering else count)
         self.xs.extend(inner_xs)
         return [*final_carry, *ys], [None] * (n_carry + len(ys))
+
+
+def _scan_signature(params: dict[str, Any]) -> tuple[int, int, Any, list[Any]]:
+    """(number of consts, number of carries, body jaxpr, body consts) of a scan.
+
+    jax ≤ 0.10 names the counts and closes the body over its constants; jax
+    0.11 describes the operands as flat trees (``ft_in``: consts, carry, xs)
+    and passes an open body whose constants are operands.
+    """
+    if "num_consts" in params:
+        body = params["jaxpr"]
+        return params["num_consts"], params["num_carry"], body.jaxpr, body.consts
+    consts, carry, _ = params["ft_in"].elts
+    return len(consts), len(carry), params["jaxpr"], []
 
 
 def _root_tags(num_leaves: int, num_args: int) -> list[_Tag | None]:
