@@ -29,8 +29,8 @@ step() {
 }
 step "${SOLVER_LIMIT:-170}" python3 benchmarks/solver_kfac.py --no-workaround --no-probe \
   --out "$OUT/solver_kfac_gpu"
-step "${STATS_LIMIT:-200}" python3 benchmarks/statistics.py --device --reps 2 \
-  --out "$OUT/statistics_gpu"
+step "${STATS_LIMIT:-200}" python3 benchmarks/estimators.py --device --reps 2 \
+  --out "$OUT/estimators_gpu"
 JAX_DEFAULT_MATMUL_PRECISION=highest step "${SOLVER_LIMIT:-170}" \
   python3 benchmarks/solver_kfac.py --no-workaround --no-probe --reps 2 \
   --out "$OUT/solver_kfac_gpu_highest"

@@ -51,10 +51,10 @@ fastest micro-batch size is re-measured in a second round for the headline.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/statistics.py            # full, 7-10 min on 2 cores
-    .venv/bin/python benchmarks/statistics.py --quick    # smoke run, < 1 min
+    .venv/bin/python benchmarks/estimators.py            # full, 7-10 min on 2 cores
+    .venv/bin/python benchmarks/estimators.py --quick    # smoke run, < 1 min
 
-The full run writes ``benchmarks/results/statistics.{md,json}``; ``--quick``
+The full run writes ``benchmarks/results/estimators.{md,json}``; ``--quick``
 writes to the temporary directory unless ``--out`` is given.
 """
 
@@ -1859,7 +1859,7 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
     header = [
         "# Benchmark: statistics estimators on "
         + ("a CPU" if info["accelerator"] is None else info["accelerator"])
-        + " (`benchmarks/statistics.py`)",
+        + " (`benchmarks/estimators.py`)",
         "",
         f"- Command: `{results['command']}`",
         f"- Date: {results['date']}; mats_jax {info['mats_jax']} at git {results['git']}",
@@ -1952,14 +1952,14 @@ def main() -> None:
         print(json.dumps(diagnostic_child(cfg)))
         return
     out = args.out or (
-        Path(tempfile.gettempdir()) / "statistics_quick"
+        Path(tempfile.gettempdir()) / "estimators_quick"
         if args.quick
-        else RESULTS / "statistics"
+        else RESULTS / "estimators"
     )
     start = time.perf_counter()
     results: dict[str, Any] = {
         "command": " ".join(
-            [".venv/bin/python", "benchmarks/statistics.py", *sys.argv[1:]]
+            [".venv/bin/python", "benchmarks/estimators.py", *sys.argv[1:]]
         ),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
