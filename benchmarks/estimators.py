@@ -66,7 +66,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -80,8 +79,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
+from provenance import git_revision, machine
 
 import mats_jax
 from mats_jax.stats import accumulate as accumulate_module
@@ -1793,69 +1792,9 @@ def conclusions(summary: dict[str, Any], results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict[str, Any]:
-    lscpu = subprocess.run(
-        ["lscpu"], capture_output=True, text=True, check=False
-    ).stdout
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in lscpu.splitlines()
-            if line.startswith("Model name")
-        ),
-        "unknown",
-    )
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "numpy": np.__version__,
-        "mats_jax": mats_jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "accelerator": accelerator(),
-        "matmul_precision": str(jax.config.jax_default_matmul_precision),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average": os.getloadavg(),
-    }
-
-
-def accelerator() -> str | None:
-    """The accelerator JAX computes on (``device_kind``), or None on a CPU."""
-    device = jax.devices()[0]
-    return (
-        None
-        if device.platform == "cpu"
-        else f"{device.device_kind} ({device.platform})"
-    )
-
-
-def git_revision() -> str:
-    # A copy of the tree without .git (the device machine) passes it in.
-    if "MATS_JAX_GIT_REV" in os.environ:
-        return os.environ["MATS_JAX_GIT_REV"]
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "mats_jax")
-    return git("rev-parse", "--short", "HEAD") + (
-        " (mats_jax has uncommitted changes)" if dirty else ""
-    )
-
-
 def markdown(results: dict[str, Any], cfg: Config) -> str:
     info = results["machine"]
-    load = ", ".join(f"{x:.1f}" for x in info["load_average"])
+    load = ", ".join(f"{x:.1f}" for x in info["load_average_1_5_15min"])
     header = [
         "# Benchmark: statistics estimators on "
         + ("a CPU" if info["accelerator"] is None else info["accelerator"])
@@ -1965,7 +1904,7 @@ def main() -> None:
             "%Y-%m-%d %H:%M UTC"
         ),
         "git": git_revision(),
-        "machine": machine(),
+        "machine": machine(flax=flax.__version__),
         "config": dataclasses.asdict(cfg),
         "quick": args.quick,
         "models": {name: measure_model(name, cfg) for name in MODELS},

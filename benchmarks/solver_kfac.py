@@ -57,7 +57,6 @@ import functools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -68,11 +67,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import scipy
 import scipy.linalg  # loads the OpenBLAS whose LAPACK jaxlib's CPU kernels call
 import scipy.sparse.linalg as spla
+from provenance import git_revision, machine
 
 import mats_jax
 from mats_jax import KFAC, format_report, mats, task_arithmetic
@@ -707,71 +706,6 @@ def finish_hang_probe(probe: subprocess.Popen | None, deadline: float) -> str:
 # --------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    try:
-        lscpu = subprocess.run(
-            ["lscpu"], capture_output=True, text=True, check=False
-        ).stdout
-        model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in lscpu.splitlines()
-                if line.startswith("Model name")
-            ),
-            "unknown",
-        )
-    except OSError:
-        model = "unknown"
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "mats_jax": mats_jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "accelerator": accelerator(),
-        "matmul_precision": str(jax.config.jax_default_matmul_precision),
-        "nproc_env": os.environ.get("NPROC"),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average_1_5_15min": list(os.getloadavg()),
-    }
-
-
-def accelerator() -> str | None:
-    """The accelerator JAX computes on (``device_kind``), or None on a CPU."""
-    device = jax.devices()[0]
-    return (
-        None
-        if device.platform == "cpu"
-        else f"{device.device_kind} ({device.platform})"
-    )
-
-
-def git_revision() -> str:
-    # A copy of the tree without .git (the device machine) passes it in.
-    if "MATS_JAX_GIT_REV" in os.environ:
-        return os.environ["MATS_JAX_GIT_REV"]
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).parent,
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "mats_jax"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).parent,
-    )
-    return out.stdout.strip() + (" (mats_jax modified)" if dirty.stdout.strip() else "")
-
-
 def solve_summary(name: str, run: dict[str, Any], scipy_s: float) -> dict[str, Any]:
     iters = run["report"]["iterations"] if "report" in run else run["iterations"]
     residuals = run["report"]["final_residual"] if "report" in run else None
@@ -1233,7 +1167,7 @@ def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
             "%Y-%m-%d %H:%M UTC"
         ),
         "git": git_revision(),
-        "machine": machine(),
+        "machine": machine(scipy=scipy.__version__),
         "load_average_at_start": load_at_start,
         "config": dataclasses.asdict(cfg),
         "spectra": problem.spectra,

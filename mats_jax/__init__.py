@@ -7,6 +7,15 @@ statistics C_m (MaTS, Tam, Bansal and Raffel, 2024); the data-free methods
 
 from mats_jax import tree
 from mats_jax.checks import MergeInputError
+from mats_jax.io import (
+    CheckpointError,
+    Layout,
+    load_checkpoint,
+    load_orbax,
+    open_checkpoint,
+    save_checkpoint,
+    save_orbax,
+)
 from mats_jax.merge import (
     average,
     dare,
@@ -17,6 +26,8 @@ from mats_jax.merge import (
     task_arithmetic,
     ties,
 )
+from mats_jax.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from mats_jax.sharding import shard_statistics
 from mats_jax.solver import (
     STATUS_NAMES,
     CGInfo,
@@ -24,6 +35,7 @@ from mats_jax.solver import (
     LeafReport,
     MergeResult,
     format_report,
+    lower_solve,
     per_block_cg,
     solve,
 )
@@ -42,6 +54,7 @@ from mats_jax.stats import (
     statistic_scales,
     statistics_table,
 )
+from mats_jax.stream import merge_recipe
 from mats_jax.tree import task_vectors
 
 __version__ = "0.1.0"
@@ -50,13 +63,17 @@ __all__ = [
     "KFAC",
     "STATUS_NAMES",
     "CGInfo",
+    "CheckpointError",
     "ConvergenceWarning",
     "Dense",
     "Diagonal",
     "Gram",
+    "Layout",
     "LeafReport",
     "MergeInputError",
     "MergeResult",
+    "Recipe",
+    "RecipeError",
     "Statistic",
     "StatisticsInputError",
     "average",
@@ -66,12 +83,22 @@ __all__ = [
     "format_report",
     "gram",
     "kfac",
+    "load_checkpoint",
+    "load_orbax",
+    "load_recipe",
     "load_statistics",
+    "lower_solve",
     "magnitude_threshold",
     "mats",
+    "merge_recipe",
+    "open_checkpoint",
+    "parse_recipe",
     "per_block_cg",
     "regmean",
+    "save_checkpoint",
+    "save_orbax",
     "save_statistics",
+    "shard_statistics",
     "solve",
     "statistic_scales",
     "statistics_table",

@@ -25,6 +25,14 @@ rule. The whole solve is one jitted function: it compiles once per shape
 signature, and sweeping the initialisation, iterations, tolerance, damping or
 weights reuses the compiled code.
 
+On a device mesh (inputs sharded with ``NamedSharding``), each group of
+same-shaped blocks is padded to a multiple of the device count and split over
+the devices along its block axis; every device runs CG on its own blocks
+under :func:`jax.shard_map`, with no communication in the loop, and each
+merged leaf gets its model leaf's sharding back (:mod:`mats_jax.sharding`).
+:func:`lower_solve` returns the compiled program's plan, e.g. to read the
+memory per device before a merge.
+
 Why not ``jax.scipy.sparse.linalg.cg`` itself: it reports neither iterations
 nor residuals and cannot stop a block whose residual grows; :func:`per_block_cg`
 is the same iteration (the tests check it against ``jax.scipy``'s, step for
@@ -44,8 +52,16 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax import checks
+from mats_jax.sharding import (
+    block_sharding,
+    input_mesh,
+    keep_shardings,
+    leaf_shardings,
+    replicated,
+)
 from mats_jax.stats.statistic import EighSequence, Statistic
 from mats_jax.tree import compute_dtype, leaf_paths, path_str
 from mats_jax.tree import total as sum_of
@@ -58,6 +74,7 @@ __all__ = [
     "LeafReport",
     "MergeResult",
     "format_report",
+    "lower_solve",
     "per_block_cg",
     "relative_residual",
     "solve",
@@ -81,6 +98,17 @@ class CGInfo(NamedTuple):
         the recursive estimate CG steers by).
       iterations: CG steps taken by the block.
       status: index into :data:`STATUS_NAMES`.
+
+    Examples:
+      Two blocks of a diagonal system, one of them already solved at x₀:
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import STATUS_NAMES, per_block_cg
+      >>> a = jnp.array([[1.0, 2.0], [1.0, 1.0]])
+      >>> b = jnp.array([[1.0, 1.0], [1.0, 1.0]])
+      >>> x, info = per_block_cg(lambda v: a * v, b, jnp.array([[0.0, 0.0], [1.0, 1.0]]))
+      >>> info.iterations, [STATUS_NAMES[int(s)] for s in info.status]
+      (Array([2, 0], dtype=int32), ['converged', 'converged'])
     """
 
     initial_residual: Array
@@ -263,6 +291,17 @@ class LeafReport:
       initial_residual, final_residual, iterations, status: per block, shape
         (B,) (one entry per layer for ``nn.scan``-stacked kernels); None for
         fallback leaves. See :class:`CGInfo`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, mats
+      >>> models = [{"k": jnp.ones((2, 2)), "b": jnp.zeros(2)},
+      ...           {"k": jnp.zeros((2, 2)), "b": jnp.ones(2)}]
+      >>> stats = [{"k": KFAC(jnp.eye(2), jnp.eye(2)), "b": None},
+      ...          {"k": KFAC(3 * jnp.eye(2), jnp.eye(2)), "b": None}]
+      >>> report = mats(models, stats).report
+      >>> report["k"].solver, report["k"].iterations, report["b"].solver
+      ('cg', Array([1], dtype=int32), 'fallback:average')
     """
 
     solver: str
@@ -280,7 +319,17 @@ jax.tree_util.register_dataclass(
 
 
 class MergeResult(NamedTuple):
-    """The merged parameters and, per leaf, a :class:`LeafReport`."""
+    """The merged parameters and, per leaf, a :class:`LeafReport`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Diagonal, fisher_merge
+      >>> result = fisher_merge([{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}],
+      ...                       [{"w": Diagonal(jnp.ones(2))}] * 2)
+      >>> result.params["w"], result.report["w"].solver
+      (Array([0.5, 0.5], dtype=float32), 'closed_form')
+      >>> params, report = result   # a NamedTuple unpacks
+    """
 
     params: Params
     report: Any
@@ -344,6 +393,21 @@ def solve(
 
     Raises:
       MergeInputError: on inputs that do not fit, before any work.
+
+    Examples:
+      Diagonal statistics (Fisher merging) solved in closed form and by CG from
+      a given start; both give (3·1 + 1·0)/4 and (1·0 + 1·1)/2.
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import STATUS_NAMES, Diagonal, solve
+      >>> models = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}]
+      >>> stats = [{"w": Diagonal(jnp.array([3.0, 1.0]))},
+      ...          {"w": Diagonal(jnp.array([1.0, 1.0]))}]
+      >>> solve(models, stats, method="closed_form").params["w"]
+      Array([0.75, 0.5 ], dtype=float32)
+      >>> merged, report = solve(models, stats, init={"w": jnp.zeros(2)}, maxiter=5)
+      >>> merged["w"], report["w"].iterations, STATUS_NAMES[int(report["w"].status[0])]
+      (Array([0.75, 0.5 ], dtype=float32), Array([2], dtype=int32), 'converged')
     """
     checked = check_inputs(
         models,
@@ -408,6 +472,7 @@ def check_inputs(
     RegMean's shrinkage) validate the raw ones here, transform the checked
     ``per_task`` lists, and hand them to :func:`execute`.
     """
+    input_mesh(models, statistics, init, fallback)  # one mesh, or a clear error
     checks.check_models(models)
     checked_weights = checks.check_weights(weights, len(models))
     per_task = checks.check_statistics(statistics, models, allowed=allowed, name=name)
@@ -461,8 +526,117 @@ def execute(
     divergence_factor: Any = 10.0,
     group_blocks: bool = True,
 ) -> MergeResult:
-    """Runs the jitted solve on inputs :func:`check_inputs` validated."""
-    params, report = _solve_jit(
+    """Runs the jitted solve on inputs :func:`check_inputs` validated.
+
+    Inputs sharded on a mesh (see :mod:`mats_jax.sharding`) are solved there,
+    each device its own blocks, and every merged leaf keeps its model leaf's
+    sharding.
+    """
+    args, options = _jit_arguments(
+        models,
+        checked,
+        init=init,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        preconditioner=preconditioner,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        group_blocks=group_blocks,
+    )
+    params, report = _solve_jit(*args, **options)
+    if isinstance(tol, jax.core.Tracer) or tol > 0:
+        # tol = 0 asks for exactly maxiter steps (as the paper runs): no warning.
+        _warn_unconverged(report, checked.paths)
+    return MergeResult(params, report)
+
+
+def lower_solve(
+    models: Sequence[Params],
+    statistics: Sequence[StatTree],
+    *,
+    init: Params | None = None,
+    weights: Any = None,
+    fallback: Fallback | Params = "average",
+    method: Literal["cg", "closed_form"] = "cg",
+    maxiter: int = 100,
+    tol: float = 1e-5,
+    damping: float = 0.0,
+    preconditioner: bool = False,
+    precision: Literal["float32", "float64"] | None = None,
+    check_every: int = 20,
+    divergence_factor: float = 10.0,
+    group_blocks: bool = True,
+) -> jax.stages.Lowered:
+    """The solve :func:`solve` would run, lowered for these inputs, without running it.
+
+    Compile it to see what a merge needs before starting it, e.g. the memory
+    per device of a sharded merge::
+
+        memory = lower_solve(models, statistics).compile().memory_analysis()
+
+    Takes exactly :func:`solve`'s arguments and validates them the same way.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, lower_solve
+      >>> models = [{"k": jnp.ones((4, 3))}, {"k": jnp.zeros((4, 3))}]
+      >>> stats = [{"k": KFAC(jnp.eye(4), jnp.eye(3))}, {"k": KFAC(2 * jnp.eye(4), jnp.eye(3))}]
+      >>> compiled = lower_solve(models, stats, maxiter=50).compile()
+      >>> compiled.memory_analysis().argument_size_in_bytes > 0
+      True
+    """
+    checked = check_inputs(
+        models,
+        statistics,
+        weights=weights,
+        init=init,
+        fallback=fallback,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+    )
+    args, options = _jit_arguments(
+        models,
+        checked,
+        init=init,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        preconditioner=preconditioner,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        group_blocks=group_blocks,
+    )
+    lowered: jax.stages.Lowered = _solve_jit.lower(*args, **options)
+    return lowered
+
+
+def _jit_arguments(
+    models: Sequence[Params],
+    checked: CheckedInputs,
+    *,
+    init: Params | None,
+    method: str,
+    maxiter: Any,
+    tol: Any,
+    damping: Any,
+    preconditioner: bool,
+    precision: str | None,
+    check_every: int,
+    divergence_factor: Any,
+    group_blocks: bool,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of ``_solve_jit`` for checked inputs."""
+    args = (
         models,
         checked.per_task,
         init,
@@ -472,17 +646,27 @@ def execute(
         tol,
         damping,
         divergence_factor,
+    )
+    options = dict(
         method=method,
         preconditioner=preconditioner,
         fallback=checked.fallback,
         precision=precision,
         check_every=int(check_every),
         group_blocks=group_blocks,
+        **_placement(models, checked, init),
     )
-    if isinstance(tol, jax.core.Tracer) or tol > 0:
-        # tol = 0 asks for exactly maxiter steps (as the paper runs): no warning.
-        _warn_unconverged(report, checked.paths)
-    return MergeResult(params, report)
+    return args, options
+
+
+def _placement(
+    models: Sequence[Params], checked: CheckedInputs, init: Params | None
+) -> dict[str, Any]:
+    """The mesh the inputs live on and the shardings the merged leaves keep."""
+    mesh = input_mesh(models, checked.per_task, init, checked.fallback_tree)
+    if mesh is None:
+        return {}
+    return {"mesh": mesh, "out_shardings": leaf_shardings(models[0])}
 
 
 def _check_solver_numbers(
@@ -583,6 +767,8 @@ def _group_leaves(
         "precision",
         "check_every",
         "group_blocks",
+        "mesh",
+        "out_shardings",
     ),
 )
 def _solve_jit(
@@ -602,6 +788,54 @@ def _solve_jit(
     precision: str | None,
     check_every: int,
     group_blocks: bool,
+    mesh: Mesh | None = None,
+    out_shardings: tuple[NamedSharding | None, ...] | None = None,
+) -> tuple[Params, Any]:
+    # The attainable residual of CG is set by the accuracy of its products:
+    # "float32" must mean float32 matmuls, not the TF32 or bf16 passes that
+    # GPUs and TPUs use for float32 by default (an H200 ran this solver's
+    # matmuls at TF32 unless told otherwise: benchmarks/results/device_h200.md).
+    with jax.default_matmul_precision("highest"):
+        return _solve_traced(
+            models,
+            per_task,
+            init,
+            fallback_tree,
+            weights,
+            maxiter,
+            tol,
+            damping,
+            divergence_factor,
+            method=method,
+            preconditioner=preconditioner,
+            fallback=fallback,
+            precision=precision,
+            check_every=check_every,
+            group_blocks=group_blocks,
+            mesh=mesh,
+            out_shardings=out_shardings,
+        )
+
+
+def _solve_traced(
+    models: Sequence[Params],
+    per_task: list[list[Statistic | None]],
+    init: Params | None,
+    fallback_tree: Params | None,
+    weights: Array,
+    maxiter: Any,
+    tol: Any,
+    damping: Any,
+    divergence_factor: Any,
+    *,
+    method: str,
+    preconditioner: bool,
+    fallback: str,
+    precision: str | None,
+    check_every: int,
+    group_blocks: bool,
+    mesh: Mesh | None,
+    out_shardings: tuple[NamedSharding | None, ...] | None,
 ) -> tuple[Params, Any]:
     model_leaves = [jax.tree.leaves(model) for model in models]
     treedef = jax.tree.structure(models[0])
@@ -640,15 +874,19 @@ def _solve_jit(
         out[i] = value.astype(reference[i].dtype)
         reports[i] = LeafReport(solver=f"fallback:{fallback}")
 
-    eigh = EighSequence()  # every eigendecomposition of this solve, one at a time
-    prepared: list[Any] = []
-    for group in _group_leaves(per_task, reference, group_blocks):
+    # Every group as blocked arrays: statistics (weighted), the models and the
+    # initialisation, each with a leading block axis.
+    groups = _group_leaves(per_task, reference, group_blocks)
+    blocked: list[_Blocked] = []
+    layouts_of: list[list[Any]] = []
+    for group in groups:
         idx = group.indices
         shapes = [tuple(reference[i].shape) for i in idx]
         dtype = (
             np.dtype(precision) if precision else compute_dtype(reference[idx[0]].dtype)
         )
         layouts = [_present(per_task[0][i]) for i in idx]
+        layouts_of.append(layouts)
 
         def gather(
             arrays: list[Array], dtype: Any = dtype, layouts: list[Any] = layouts
@@ -666,9 +904,137 @@ def _solve_jit(
                 _present(task[i]).blocked(s).astype(dtype)
                 for i, s in zip(idx, shapes, strict=True)
             ]
-            stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+            # Blocked statistics of one group differ at most in their layout
+            # metadata (a stacked kernel's axes are not a plain kernel's),
+            # which blocked arithmetic never reads: concatenate the arrays.
+            stacked = jax.tree.unflatten(
+                jax.tree.structure(parts[0]),
+                [
+                    jnp.concatenate(xs)
+                    for xs in zip(*(jax.tree.leaves(p) for p in parts), strict=True)
+                ],
+            )
             stats.append(stacked.scaled(weights[m].astype(dtype)))
-        x0 = gather([init_leaf(i) for i in idx])
+        blocked.append(
+            _Blocked(
+                stats,
+                [gather([leaves[i] for i in idx]) for leaves in model_leaves],
+                gather([init_leaf(i) for i in idx]),
+            )
+        )
+
+    def solve_blocks(
+        blocked: list[_Blocked], numbers: tuple[Any, ...]
+    ) -> list[tuple[Array, CGInfo]]:
+        return _solve_groups(
+            blocked,
+            [g.stat_type for g in groups],
+            numbers,
+            method=method,
+            preconditioner=preconditioner,
+            check_every=check_every,
+        )
+
+    numbers = (maxiter, tol, damping, divergence_factor)
+    if mesh is None:
+        solved = solve_blocks(blocked, numbers)
+    else:
+        # Each device solves its own blocks: no communication in the CG loop.
+        n_devices = mesh.size
+        spread = block_sharding(mesh)
+        sizes = [g.x0.shape[0] for g in blocked]
+        padded = [
+            jax.lax.with_sharding_constraint(
+                _pad_blocks(g, -(-n // n_devices) * n_devices), spread
+            )
+            for g, n in zip(blocked, sizes, strict=True)
+        ]
+        solved = jax.shard_map(
+            solve_blocks,
+            mesh=mesh,
+            in_specs=(spread.spec, PartitionSpec()),
+            out_specs=spread.spec,
+            check_vma=False,
+        )(padded, numbers)
+        solved = [
+            (x[:n], jax.tree.map(lambda v, n=n: v[:n], info))
+            for (x, info), n in zip(solved, sizes, strict=True)
+        ]
+
+    solver_name = "closed_form" if method == "closed_form" else "cg"
+    for group, layouts, (x, info) in zip(groups, layouts_of, solved, strict=True):
+        if mesh is not None:
+            # The report is small: every process gets all of it.
+            info = jax.lax.with_sharding_constraint(info, replicated(mesh))
+        start = 0
+        for i, lay in zip(group.indices, layouts, strict=True):
+            shape = tuple(reference[i].shape)
+            n_blocks = lay.to_blocks(jnp.zeros(shape, jnp.bool_)).shape[0]
+            piece = slice(start, start + n_blocks)
+            blocks = x[piece]
+            if mesh is not None and blocks.shape[-1] % mesh.size == 0:
+                # Whole blocks per device to split last axes (an all-to-all),
+                # from which XLA reaches the leaf's own layout without
+                # gathering a block onto every device.
+                blocks = jax.lax.with_sharding_constraint(
+                    blocks,
+                    NamedSharding(
+                        mesh,
+                        PartitionSpec(
+                            *([None] * (blocks.ndim - 1)), tuple(mesh.axis_names)
+                        ),
+                    ),
+                )
+            out[i] = lay.from_blocks(blocks, shape).astype(reference[i].dtype)
+            reports[i] = LeafReport(
+                solver_name,
+                info.initial_residual[piece],
+                info.final_residual[piece],
+                info.iterations[piece],
+                info.status[piece],
+            )
+            start += n_blocks
+    out = keep_shardings(out, out_shardings)
+    return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, reports)
+
+
+class _Blocked(NamedTuple):
+    """One group's arrays, each with a leading block axis B."""
+
+    stats: list[Statistic]  # per task, weighted
+    models: list[Array]  # per task
+    x0: Array
+
+
+def _pad_blocks(blocked: _Blocked, size: int) -> _Blocked:
+    """Appends empty blocks (zero statistics, models and start) up to ``size`` blocks.
+
+    An empty block's right side is zero and so is its start: CG finds it
+    converged before the first step.
+    """
+
+    def pad(x: Array) -> Array:
+        return jnp.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+    return jax.tree.map(pad, blocked)
+
+
+def _solve_groups(
+    blocked: list[_Blocked],
+    stat_types: list[type[Statistic]],
+    numbers: tuple[Any, ...],
+    *,
+    method: str,
+    preconditioner: bool,
+    check_every: int,
+) -> list[tuple[Array, CGInfo]]:
+    """Solves every group's blocks; blocks are independent, so any split of them works."""
+    maxiter, tol, damping, divergence_factor = numbers
+    eigh = EighSequence()  # every eigendecomposition of this solve, one at a time
+    prepared: list[Any] = []
+    for group, stat_type in zip(blocked, stat_types, strict=True):
+        stats, x0 = group.stats, group.x0
+        dtype = x0.dtype
         delta = jnp.asarray(damping, dtype) * sum_of(s.diagonal_mean() for s in stats)
 
         def matvec(
@@ -676,20 +1042,18 @@ def _solve_jit(
         ) -> Array:
             return sum_of(s.matvec(x) for s in stats) + _per_block(delta, x) * x
 
-        b = sum_of(
-            s.matvec(gather([leaves[i] for i in idx]))
-            for s, leaves in zip(stats, model_leaves, strict=True)
-        )
+        b = sum_of(s.matvec(v) for s, v in zip(stats, group.models, strict=True))
         rhs = b + _per_block(delta, x0) * x0
         if method == "closed_form":
-            inverse = group.stat_type.sum_pinv(stats, delta, eigh)
+            inverse = stat_type.sum_pinv(stats, delta, eigh)
         elif preconditioner:
-            inverse = group.stat_type.sum_preconditioner(stats, delta, eigh)
+            inverse = stat_type.sum_preconditioner(stats, delta, eigh)
         else:
             inverse = None
-        prepared.append((idx, shapes, layouts, matvec, x0, rhs, inverse))
+        prepared.append((matvec, x0, rhs, inverse))
 
-    for idx, shapes, layouts, matvec, x0, rhs, inverse in prepared:
+    solved = []
+    for matvec, x0, rhs, inverse in prepared:
         # No loop may start before the last eigendecomposition is done (see
         # EighSequence: a CG loop and an eigh waiting at once hang jaxlib 0.10).
         x0, rhs = eigh.after_all(x0, rhs)
@@ -703,7 +1067,6 @@ def _solve_jit(
                 iterations=no_steps,
                 status=no_steps + CONVERGED,
             )
-            solver_name = "closed_form"
         else:
             x, info = per_block_cg(
                 matvec,
@@ -715,21 +1078,8 @@ def _solve_jit(
                 check_every=check_every,
                 divergence_factor=divergence_factor,
             )
-            solver_name = "cg"
-        start = 0
-        for i, shape, lay in zip(idx, shapes, layouts, strict=True):
-            n_blocks = lay.to_blocks(jnp.zeros(shape, jnp.bool_)).shape[0]
-            piece = slice(start, start + n_blocks)
-            out[i] = lay.from_blocks(x[piece], shape).astype(reference[i].dtype)
-            reports[i] = LeafReport(
-                solver_name,
-                info.initial_residual[piece],
-                info.final_residual[piece],
-                info.iterations[piece],
-                info.status[piece],
-            )
-            start += n_blocks
-    return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, reports)
+        solved.append((x, info))
+    return solved
 
 
 def format_report(report: Any) -> str:
@@ -737,6 +1087,18 @@ def format_report(report: Any) -> str:
 
     Columns: path, solver, blocks, iterations (max over blocks), initial and
     final relative residuals (max over blocks), and the statuses seen.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Gram, format_report, regmean
+      >>> models = [{"k": jnp.array([[1.0], [0.0]]), "b": jnp.zeros(1)},
+      ...           {"k": jnp.array([[0.0], [1.0]]), "b": jnp.ones(1)}]
+      >>> grams = [{"k": Gram(jnp.diag(jnp.array([1.0, 0.0]))), "b": None},
+      ...          {"k": Gram(jnp.diag(jnp.array([0.0, 1.0]))), "b": None}]
+      >>> print(format_report(regmean(models, grams, alpha=1.0).report))
+      leaf  solver            blocks  iters  initial   final     status
+      b     fallback:average  -       -      -         -         -
+      k     closed_form       1       0      5.00e-01  0.00e+00  converged
     """
     rows = [("leaf", "solver", "blocks", "iters", "initial", "final", "status")]
     with_path = jax.tree_util.tree_flatten_with_path(

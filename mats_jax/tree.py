@@ -201,6 +201,13 @@ def task_vectors(base: Params, models: Sequence[Params]) -> list[Params]:
     Returns:
       A list of M pytrees. Low-precision leaves are promoted to float32 so the
       difference is exact enough to sum.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import task_vectors
+      >>> base = {"w": jnp.ones(2, dtype=jnp.bfloat16)}
+      >>> task_vectors(base, [{"w": jnp.array([2.0, 3.0], dtype=jnp.bfloat16)}])
+      [{'w': Array([1., 2.], dtype=float32)}]
     """
 
     def diff(b: jax.Array, m: jax.Array) -> jax.Array:

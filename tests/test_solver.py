@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -651,3 +653,26 @@ def test_grams_with_one_input_size_and_different_output_sizes():
     merged = regmean(models, grams, alpha=1.0).params
     np.testing.assert_allclose(merged["wi"], 0.5 * jnp.ones((4, 8)), rtol=1e-6)
     np.testing.assert_allclose(merged["q"], 0.5 * jnp.ones((4, 4)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("stat", "options"),
+    [
+        (lambda t: mats_jax.KFAC(t * jnp.eye(4), jnp.eye(3)), {"preconditioner": True}),
+        (lambda t: mats_jax.Gram(t * jnp.eye(4)), {"method": "closed_form"}),
+        (lambda t: mats_jax.Dense(t * jnp.eye(12)), {}),
+    ],
+    ids=["kfac-preconditioned", "gram-closed-form", "dense-cg"],
+)
+def test_every_product_of_the_solve_runs_at_full_float32_precision(
+    stat: Any, options: dict[str, Any]
+) -> None:
+    # On GPUs and TPUs a float32 matmul at default precision is TF32 or bf16
+    # passes, which caps CG's attainable residual near 1e-3. The CPU computes
+    # in float32 either way, so the lowered program is what can be checked here.
+    models = [{"k": jnp.full((4, 3), float(t))} for t in (1, 2)]
+    stats = [{"k": stat(float(t))} for t in (1, 2)]
+    text = mats_jax.lower_solve(models, stats, **options).as_text()
+    dots = re.findall(r"stablehlo\.(?:dot_general|dot)\b[^\n]*", text)
+    assert dots
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots

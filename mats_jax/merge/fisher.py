@@ -73,6 +73,19 @@ def fisher_merge(
 
     Returns:
       A :class:`~mats_jax.MergeResult` (parameters and per-leaf report).
+
+    Examples:
+      Each entry is averaged with its tasks' Fisher values as weights:
+      (3·1 + 1·0) / 4 = 0.75 and (1·0 + 1·1) / 2 = 0.5.
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Diagonal, fisher_merge
+      >>> models = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}]
+      >>> fishers = [{"w": Diagonal(jnp.array([3.0, 1.0]))},
+      ...            {"w": Diagonal(jnp.array([1.0, 1.0]))}]
+      >>> merged, report = fisher_merge(models, fishers)
+      >>> merged["w"]
+      Array([0.75, 0.5 ], dtype=float32)
     """
     if isinstance(fishers, dict) or not isinstance(fishers, Sequence):
         raise checks.MergeInputError(

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mats_jax import checks
+from mats_jax.sharding import input_mesh
 from mats_jax.tree import compute_dtype, task_vectors, weighted_sum
 from mats_jax.typing import Params
 
@@ -46,6 +47,7 @@ def average(models: Sequence[Params], *, weights: Any = None) -> Params:
       >>> average([{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}], weights=[3.0, 1.0])["w"]
       Array([0.75, 0.75], dtype=float32)
     """
+    input_mesh(models)  # one mesh, or a clear error
     checks.check_models(models)
     return _average(list(models), checks.check_weights(weights, len(models)))
 
@@ -84,6 +86,7 @@ def task_arithmetic(
       >>> task_arithmetic(base, [{"w": jnp.ones(2)}] * 2, scale=0.3)["w"]
       Array([0.6, 0.6], dtype=float32)
     """
+    input_mesh(base, models)  # one mesh, or a clear error
     checks.check_models(models, base)
     return _task_arithmetic(
         base, list(models), scale, checks.check_weights(weights, len(models))

@@ -62,15 +62,35 @@ def mats(
       init: CG's starting point: ``task_arithmetic(...)`` (the paper's
         choice), ``ties(...)``, ``average(...)``, the base model, or any
         pytree. Default: the weighted average.
-      weights, maxiter, tol, damping, preconditioner, fallback, precision,
-        check_every, divergence_factor, group_blocks: see :func:`~mats_jax.solve`.
-        The paper runs 100 iterations (10 for IA³ blocks) with no damping and
-        no preconditioner, the defaults here but for ``tol``, which stops
-        blocks that converge sooner.
+      weights, maxiter, tol, damping: see :func:`~mats_jax.solve`. The paper
+        runs 100 iterations (10 for IA³ blocks) with no damping and no
+        preconditioner, the defaults here but for ``tol``, which stops blocks
+        that converge sooner.
+      preconditioner, fallback, precision: see :func:`~mats_jax.solve`.
+      check_every, divergence_factor, group_blocks: see :func:`~mats_jax.solve`.
 
     Returns:
       A :class:`~mats_jax.MergeResult`: the merged parameters and a per-leaf
       report of residuals and iterations.
+
+    Examples:
+      K-FAC statistics A_m ⊗ G_m: the second task's A is three times the
+      first's, so it pulls the kernel three times as hard.
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, format_report, mats
+      >>> models = [{"k": jnp.array([[1.0], [0.0]]), "b": jnp.zeros(1)},
+      ...           {"k": jnp.array([[0.0], [1.0]]), "b": jnp.ones(1)}]
+      >>> stats = [{"k": KFAC(jnp.eye(2), jnp.eye(1)), "b": None},
+      ...          {"k": KFAC(3 * jnp.eye(2), jnp.eye(1)), "b": None}]
+      >>> merged, report = mats(models, stats, maxiter=10)
+      >>> merged["k"]
+      Array([[0.25],
+             [0.75]], dtype=float32)
+      >>> print(format_report(report))
+      leaf  solver            blocks  iters  initial   final     status
+      b     fallback:average  -       -      -         -         -
+      k     cg                1       1      4.47e-01  0.00e+00  converged
     """
     return solve(
         models,

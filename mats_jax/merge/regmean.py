@@ -71,6 +71,25 @@ def regmean(
       A :class:`~mats_jax.MergeResult`. Where ``Σ Ã_m`` is singular (inputs no
       task ever activates) the solution keeps the weighted average in the
       null space.
+
+    Examples:
+      Two tasks whose inputs use disjoint features: each task keeps the rows of
+      the kernel its inputs reach. The bias has no Gram and takes the fallback.
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Gram, format_report, regmean
+      >>> models = [{"k": jnp.array([[1.0], [0.0]]), "b": jnp.zeros(1)},
+      ...           {"k": jnp.array([[0.0], [1.0]]), "b": jnp.ones(1)}]
+      >>> grams = [{"k": Gram(jnp.diag(jnp.array([1.0, 0.0]))), "b": None},
+      ...          {"k": Gram(jnp.diag(jnp.array([0.0, 1.0]))), "b": None}]
+      >>> merged, report = regmean(models, grams, alpha=1.0)
+      >>> merged["k"], merged["b"]
+      (Array([[1.],
+             [1.]], dtype=float32), Array([0.5], dtype=float32))
+      >>> print(format_report(report))
+      leaf  solver            blocks  iters  initial   final     status
+      b     fallback:average  -       -      -         -         -
+      k     closed_form       1       0      5.00e-01  0.00e+00  converged
     """
     checks.check_fraction("alpha", alpha, include_zero=True, include_one=True)
     checked = check_inputs(

@@ -29,13 +29,16 @@ Examples:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax import checks
+from mats_jax.sharding import input_mesh, keep_shardings, leaf_shardings
 from mats_jax.tree import compute_dtype, task_vectors
 from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array, Params
@@ -45,7 +48,9 @@ __all__ = ["dare", "magnitude_threshold", "ties"]
 Trim = Literal["global", "per_leaf"]
 
 
-def magnitude_threshold(arrays: Sequence[Array], k: Any) -> Array:
+def magnitude_threshold(
+    arrays: Sequence[Array], k: Any, *, mesh: Mesh | None = None
+) -> Array:
     """The k-th largest magnitude over several arrays, without concatenating them.
 
     A radix select on the float32 bit patterns of ``|x|`` (which order like the
@@ -54,9 +59,15 @@ def magnitude_threshold(arrays: Sequence[Array], k: Any) -> Array:
     arrays, so TIES can trim over a whole model. Exact: the result is one of
     the magnitudes.
 
+    With a ``mesh``, each array is split evenly over all its devices and every
+    device counts its own entries; the histograms are summed across devices
+    (one ``psum`` of 256 counts per pass), so no device ever holds a whole
+    array.
+
     Args:
       arrays: arrays of any shapes, all finite; magnitudes are taken in float32.
       k: 1 ≤ k ≤ total number of entries (may be traced).
+      mesh: the device mesh the arrays are sharded on, or None.
 
     Returns:
       A float32 scalar t such that at least k entries have ``|x| ≥ t`` and
@@ -71,19 +82,14 @@ def magnitude_threshold(arrays: Sequence[Array], k: Any) -> Array:
         jax.lax.bitcast_convert_type(jnp.abs(a.astype(jnp.float32)).ravel(), jnp.uint32)
         for a in arrays
     ]
+    count: Callable[[Array, Array, int], Array] = _digit_histogram
+    if mesh is not None and mesh.size > 1:
+        bits = [_spread(u, mesh) for u in bits]
+        count = _sharded_digit_histogram(mesh)
     remaining = jnp.asarray(k, jnp.int32)
     prefix = jnp.zeros((), jnp.uint32)
     for shift in (24, 16, 8, 0):
-        hist = jnp.zeros((256,), jnp.int32)
-        for u in bits:
-            digit = ((u >> shift) & 0xFF).astype(jnp.int32)
-            if shift == 24:
-                in_bucket = jnp.ones(u.shape, jnp.int32)
-            else:
-                in_bucket = ((u >> (shift + 8)) == (prefix >> (shift + 8))).astype(
-                    jnp.int32
-                )
-            hist = hist + jnp.zeros((256,), jnp.int32).at[digit].add(in_bucket)
+        hist = sum_of(count(u, prefix, shift) for u in bits)
         at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d]: entries with digit >= d
         digit = jnp.max(jnp.where(at_least >= remaining, jnp.arange(256), -1))
         above = at_least[digit] - hist[digit]
@@ -92,12 +98,59 @@ def magnitude_threshold(arrays: Sequence[Array], k: Any) -> Array:
     return jax.lax.bitcast_convert_type(prefix, jnp.float32)
 
 
+_PADDING = np.uint32(0xFFFFFFFF)  # a NaN bit pattern: no finite magnitude has it
+
+
+def _digit_histogram(
+    u: Array, prefix: Array, shift: int, padded: bool = False
+) -> Array:
+    """Counts of the byte at ``shift`` among the entries whose higher bytes match ``prefix``."""
+    digit = ((u >> shift) & 0xFF).astype(jnp.int32)
+    if shift == 24:
+        in_bucket = u != _PADDING if padded else jnp.ones(u.shape, jnp.bool_)
+    else:
+        in_bucket = (u >> (shift + 8)) == (prefix >> (shift + 8))
+    return jnp.zeros((256,), jnp.int32).at[digit].add(in_bucket.astype(jnp.int32))
+
+
+def _spread(u: Array, mesh: Mesh) -> Array:
+    """A flat array padded to a multiple of the device count and split over all devices.
+
+    The padding is a NaN bit pattern that no pass counts (finite magnitudes
+    never have it, so it matches no prefix after the first pass either).
+    """
+    n = mesh.size
+    padded = jnp.pad(u, (0, -u.size % n), constant_values=_PADDING)
+    return jax.lax.with_sharding_constraint(
+        padded, NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+    )
+
+
+def _sharded_digit_histogram(mesh: Mesh) -> Callable[[Array, Array, int], Array]:
+    axes = tuple(mesh.axis_names)
+
+    def count(u: Array, prefix: Array, shift: int) -> Array:
+        # XLA's partitioner gathers a scattered-into histogram's whole operand;
+        # counting per device and summing keeps every array split.
+        local = functools.partial(_digit_histogram, shift=shift, padded=True)
+        return jax.shard_map(
+            lambda v, p: jax.lax.psum(local(v, p), axes),
+            mesh=mesh,
+            in_specs=(PartitionSpec(axes), PartitionSpec()),
+            out_specs=PartitionSpec(),
+        )(u, prefix)
+
+    return count
+
+
 def _keep_count(density: Any, size: int) -> Array:
     k = jnp.ceil(jnp.asarray(density, jnp.float32) * size).astype(jnp.int32)
     return jnp.clip(k, 1, size)
 
 
-def _trim(vectors: list[Array], density: Any, trim: Trim) -> list[Array]:
+def _trim(
+    vectors: list[Array], density: Any, trim: Trim, mesh: Mesh | None = None
+) -> list[Array]:
     """Keeps the entries of one task's vectors whose magnitude is in the top-k."""
     if trim == "global":
         size = sum(v.size for v in vectors)
@@ -106,12 +159,13 @@ def _trim(vectors: list[Array], density: Any, trim: Trim) -> list[Array]:
                 f"trim='global' over {size} entries exceeds the in-memory limit of 2^31; "
                 "use trim='per_leaf'"
             )
-        thresholds = [magnitude_threshold(vectors, _keep_count(density, size))] * len(
-            vectors
-        )
+        thresholds = [
+            magnitude_threshold(vectors, _keep_count(density, size), mesh=mesh)
+        ] * len(vectors)
     else:
         thresholds = [
-            magnitude_threshold([v], _keep_count(density, v.size)) for v in vectors
+            magnitude_threshold([v], _keep_count(density, v.size), mesh=mesh)
+            for v in vectors
         ]
     return [
         jnp.where(jnp.abs(v.astype(jnp.float32)) >= t, v, 0)
@@ -182,6 +236,7 @@ def ties(
       >>> ties(base, [{"w": jnp.array([1.0, -2.0])}], density=0.5)["w"]
       Array([ 0., -2.], dtype=float32)
     """
+    mesh = input_mesh(base, models)  # one mesh, or a clear error
     checks.check_models(models, base)
     checks.check_fraction("density", density, include_zero=False, include_one=True)
     if trim not in ("global", "per_leaf"):
@@ -189,10 +244,19 @@ def ties(
             f"trim must be 'global' or 'per_leaf', got {trim!r}"
         )
     w = checks.check_weights(weights, len(models))
-    return _ties(base, list(models), density, scale, w, trim=trim)
+    return _ties(
+        base,
+        list(models),
+        density,
+        scale,
+        w,
+        trim=trim,
+        mesh=mesh,
+        out_shardings=None if mesh is None else leaf_shardings(base),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("trim",))
+@functools.partial(jax.jit, static_argnames=("trim", "mesh", "out_shardings"))
 def _ties(
     base: Params,
     models: list[Params],
@@ -201,13 +265,19 @@ def _ties(
     weights: Array,
     *,
     trim: Trim,
+    mesh: Mesh | None = None,
+    out_shardings: tuple[NamedSharding | None, ...] | None = None,
 ) -> Params:
     trimmed = [
-        _trim(jax.tree.leaves(t), density, trim) for t in task_vectors(base, models)
+        _trim(jax.tree.leaves(t), density, trim, mesh)
+        for t in task_vectors(base, models)
     ]
     merged = [
         _combine(list(leaves), weights, True) for leaves in zip(*trimmed, strict=True)
     ]
+    # The threshold's split of every vector over the mesh must not leak into
+    # the merged leaves' layout.
+    merged = keep_shardings(merged, out_shardings)
     return _apply(base, merged, scale)
 
 
@@ -249,6 +319,7 @@ def dare(
       >>> sorted(set(out["w"].tolist())) in ([0.0, 2.0], [2.0], [0.0])
       True
     """
+    input_mesh(base, models)  # one mesh, or a clear error
     checks.check_models(models, base)
     checks.check_fraction("drop_rate", drop_rate, include_zero=True, include_one=False)
     _check_key(key)

@@ -12,10 +12,22 @@ records the first batch whose sums stopped being finite), so the loop never
 waits for the device between batches.
 
 Memory is bounded by the micro-batch, whatever the number of examples.
+
+Model parallel: parameters already sharded on the mesh keep their sharding
+(the others are replicated), and the accumulator takes the shardings it is
+given (statistics sharded like their kernels, :mod:`mats_jax.sharding`), so
+no device holds a whole large layer or its statistic.
+
+Several processes (``jax.distributed``): when the mesh spans processes, every
+process iterates over its own batches, its own share of the data; each step's
+micro-batch is the concatenation, in process order, of every process's local
+micro-batch, and the example count is summed over processes. Every process
+must yield the same number of micro-batches.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -23,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax.stats.likelihood import StatisticsInputError, check_batch
@@ -72,6 +85,7 @@ def accumulate(
     micro_batch_size: int,
     needs_labels: bool,
     mesh: Mesh | None = None,
+    state_shardings: Any = None,
     progress: bool = True,
     description: str = "statistics",
 ) -> tuple[Any, int]:
@@ -89,6 +103,11 @@ def accumulate(
         mesh's device count.
       needs_labels: whether every batch must carry labels.
       mesh: a device mesh whose first axis shards the examples, or None.
+        With a mesh over several processes, ``micro_batch_size`` counts the
+        examples of all processes together and each process cuts its own
+        batches into its share of it.
+      state_shardings: shardings of the accumulator's arrays on ``mesh``
+        (a pytree of ``init``'s structure), or None to replicate them.
       progress: show a progress bar (rich) with examples and their rate.
       description: the progress bar's label.
 
@@ -107,13 +126,20 @@ def accumulate(
     size = int(micro_batch_size)
     sharding = None
     state = {"sums": init, "first_bad": jnp.array(-1, jnp.int32)}
+    local_size = size
     if mesh is not None:
         devices = mesh.shape[mesh.axis_names[0]]
         size = -(-size // devices) * devices
+        local_size = size * _local_data_shards(mesh) // devices
         sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
         replicated = NamedSharding(mesh, PartitionSpec())
-        state = jax.device_put(state, replicated)
-        params = jax.device_put(params, replicated)
+        if state_shardings is None:
+            state_shardings = jax.tree.map(lambda _: replicated, init)
+        state = {
+            "sums": _zeros_like(init, state_shardings),
+            "first_bad": _zeros_like(jnp.array(-1, jnp.int32), replicated) - 1,
+        }
+        params = jax.tree.map(lambda x: _on_mesh(x, mesh, replicated), params)
 
     jitted_step = _jitted(step)
     seen = 0
@@ -121,9 +147,9 @@ def accumulate(
     with _progress(progress, description) as advance:
         for index, batch in enumerate(batches):
             batch_size = check_batch(batch, index, needs_labels=needs_labels)
-            for micro in _micro_batches(batch, size, batch_size):
+            for micro in _micro_batches(batch, local_size, batch_size):
                 if sharding is not None:
-                    micro = jax.device_put(micro, sharding)
+                    micro = _put_examples(micro, sharding)
                 state["sums"] = jitted_step(
                     state["sums"], params, micro, jax.random.fold_in(key, steps)
                 )
@@ -134,6 +160,8 @@ def accumulate(
             )
             seen += _real_examples(batch, batch_size)
             advance(batch_size)
+    if mesh is not None and not _addressable(mesh):
+        seen = int(np.sum(multihost_utils.process_allgather(np.int64(seen))))
     if steps == 0:
         raise StatisticsInputError(
             "the data iterator yielded no batches: statistics need at least one example"
@@ -144,6 +172,59 @@ def accumulate(
         )
     _check_finite(state["sums"], int(state["first_bad"]))
     return state["sums"], seen
+
+
+def _addressable(mesh: Mesh) -> bool:
+    """Whether this process holds every device of ``mesh``."""
+    return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def _local_data_shards(mesh: Mesh) -> int:
+    """How many positions along the mesh's first (data) axis this process holds."""
+    here = np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices)
+    return int(np.sum(here.reshape(here.shape[0], -1).any(axis=1)))
+
+
+def _zeros_like(tree: Any, shardings: Any) -> Any:
+    """Zeros of ``tree``'s shapes created directly in ``shardings`` (no whole copy on one device)."""
+    leaves = jax.tree.leaves(tree)
+    treedef: Any = jax.tree.structure(tree)  # its stubs lack flatten_up_to
+    signature = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    return _zeros_maker(treedef, signature, tuple(treedef.flatten_up_to(shardings)))()
+
+
+@functools.lru_cache(maxsize=32)
+def _zeros_maker(
+    treedef: Any, signature: tuple[Any, ...], shardings: tuple[NamedSharding, ...]
+) -> Callable[[], Any]:
+    """One jitted zeros factory per accumulator layout, so repeated calls compile once."""
+
+    def make() -> Any:
+        return jax.tree.unflatten(treedef, [jnp.zeros(s, d) for s, d in signature])
+
+    return jax.jit(make, out_shardings=jax.tree.unflatten(treedef, list(shardings)))
+
+
+def _on_mesh(x: Any, mesh: Mesh, replicated: NamedSharding) -> Any:
+    """``x`` as it is if already sharded on ``mesh``, else replicated on it."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return x
+    if not _addressable(mesh):
+        # Every process holds the same value: each keeps its own devices' copies.
+        x = np.asarray(x)
+    return jax.device_put(x, replicated)
+
+
+def _put_examples(micro: dict[str, Any], sharding: NamedSharding) -> Any:
+    """A micro-batch split over the data axis; across processes, each gives its own part."""
+    mesh = sharding.mesh
+    if isinstance(mesh, Mesh) and _addressable(mesh):
+        return jax.device_put(micro, sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+        micro,
+    )
 
 
 _JITTED: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (

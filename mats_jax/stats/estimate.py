@@ -29,8 +29,10 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# A module import: mats_jax.sharding imports this package's statistic types.
+from mats_jax import sharding as placement
 from mats_jax.stats.accumulate import accumulate
 from mats_jax.stats.capture import Layers, Tap, find_layers, tapped
 from mats_jax.stats.likelihood import (
@@ -41,7 +43,14 @@ from mats_jax.stats.likelihood import (
     check_logits,
     logit_cotangents,
 )
-from mats_jax.stats.statistic import KFAC, Diagonal, Gram, Statistic, kernel_from_blocks
+from mats_jax.stats.statistic import (
+    KFAC,
+    Diagonal,
+    Gram,
+    Statistic,
+    kernel_axes,
+    kernel_from_blocks,
+)
 from mats_jax.tree import leaf_paths
 from mats_jax.typing import Array, Params, StatTree
 
@@ -473,6 +482,11 @@ def estimate(
         micro_batch_size=size,
         needs_labels=needs_fisher_labels,
         mesh=mesh,
+        state_shardings=(
+            None
+            if mesh is None
+            else _accumulator_shardings(plan, flat_params, paths, mesh)
+        ),
         progress=progress,
         description={
             "gram": "Gram",
@@ -498,7 +512,62 @@ def estimate(
     for i, chosen in enumerate(per_example):
         if chosen:
             out[i] = Diagonal(acc[paths[i]]["f"] / n)
+    if mesh is not None:
+        out = [
+            stat if stat is None else _placed(stat, leaf, mesh)
+            for stat, leaf in zip(out, flat_params, strict=True)
+        ]
     return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def _leaf_sharding(leaf: Any, mesh: Mesh) -> NamedSharding:
+    """The leaf's sharding if it is sharded on ``mesh``; else replicated there."""
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return sharding
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _placed(stat: Statistic, leaf: Any, mesh: Mesh) -> Statistic:
+    """``stat`` sharded like its kernel (:mod:`mats_jax.sharding`)."""
+    placed: Statistic = jax.device_put(
+        stat, placement.statistic_sharding(stat, _leaf_sharding(leaf, mesh))
+    )
+    return placed
+
+
+def _accumulator_shardings(
+    plan: _Plan, flat_params: list[Any], paths: list[str], mesh: Mesh
+) -> dict[str, Any]:
+    """Shardings of the accumulator: each sum sharded like its kernel."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out: dict[str, Any] = {}
+    for kern in plan.kernels:
+        leaf = flat_params[kern.leaf]
+        leaf_spec = _leaf_sharding(leaf, mesh).spec
+        ndim = np.ndim(leaf)
+        spec = tuple(leaf_spec) + (None,) * (ndim - len(leaf_spec))
+        blocks, ins, outs = kernel_axes(ndim, kern.in_axes, kern.out_axes)
+        entry = out[paths[kern.leaf]] = {}
+        a_spec = placement.factor_spec(mesh, spec, ins, outs, blocks, kern.n_in)
+        g_spec = placement.factor_spec(mesh, spec, outs, ins, blocks, kern.n_out)
+        for name in plan.init_shapes[paths[kern.leaf]]:
+            if name == "rows":
+                entry[name] = replicated
+            elif name == "f":  # a kernel's diagonal Fisher, (blocks…, I, O)
+                ins_rows = placement.factor_spec(mesh, spec, ins, (), blocks, kern.n_in)
+                outs_rows = placement.factor_spec(
+                    mesh, spec, outs, (), blocks, kern.n_out
+                )
+                entry[name] = NamedSharding(
+                    mesh, PartitionSpec(*ins_rows[:-1], outs_rows[-2])
+                )
+            else:
+                entry[name] = NamedSharding(mesh, a_spec if name == "a" else g_spec)
+    for i, chosen in enumerate(plan.per_example):
+        if chosen:
+            out[paths[i]] = {"f": _leaf_sharding(flat_params[i], mesh)}
+    return out
 
 
 def _selection(params: Params, leaves: Any) -> list[bool]:

@@ -46,6 +46,16 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
     Raises:
       FileExistsError: if ``path`` exists (nothing is overwritten).
       TypeError: if a leaf is neither a statistic nor None.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, load_statistics, save_statistics
+      >>> stats = {"dense": {"kernel": KFAC(jnp.eye(2), jnp.eye(3)), "bias": None}}
+      >>> path = os.path.join(tempfile.mkdtemp(), "stats")
+      >>> save_statistics(path, stats)
+      >>> load_statistics(path)["dense"]["kernel"].g.shape
+      (3, 3)
     """
     path = os.fspath(os.path.abspath(path))
     if os.path.exists(path):
@@ -99,6 +109,16 @@ def load_statistics(
       FileNotFoundError: if ``path`` does not exist.
       ValueError: if it is not a statistics checkpoint, or ``like`` has other
         leaves than the ones saved.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Diagonal, load_statistics, save_statistics
+      >>> path = os.path.join(tempfile.mkdtemp(), "fisher")
+      >>> save_statistics(path, {"w": Diagonal(jnp.arange(3.0)), "b": None})
+      >>> loaded = load_statistics(path)
+      >>> loaded["w"].f, loaded["b"]
+      (Array([0., 1., 2.], dtype=float32), None)
     """
     path = os.fspath(os.path.abspath(path))
     if not os.path.isdir(path):

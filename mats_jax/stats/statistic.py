@@ -138,7 +138,23 @@ def _sym_pinv_apply(
 
 @dataclasses.dataclass(frozen=True)
 class Statistic:
-    """Base class of the statistic types; see the module docstring."""
+    """Base class of the statistic types; see the module docstring.
+
+    A statistic is a frozen dataclass registered as a pytree (its arrays are
+    leaves), so statistics pass through ``jax.jit``, ``jax.tree.map`` and
+    orbax like parameters. The solver reaches ``C`` only through these methods.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, Statistic
+      >>> stat = KFAC(jnp.eye(2), 3 * jnp.eye(2))   # C = A ⊗ G for a (2, 2) kernel
+      >>> isinstance(stat, Statistic), stat.has_closed_form
+      (True, False)
+      >>> blocked = stat.blocked((2, 2))            # one block: the whole kernel
+      >>> blocked.matvec(blocked.to_blocks(jnp.ones((2, 2))))   # A V G
+      Array([[[3., 3.],
+              [3., 3.]]], dtype=float32)
+    """
 
     kind: ClassVar[str] = "statistic"
     has_closed_form: ClassVar[bool] = True

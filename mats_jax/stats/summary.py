@@ -35,7 +35,16 @@ def _is_stat(x: object) -> bool:
 
 
 def statistic_scales(statistics: StatTree) -> dict[str, float | None]:
-    """The scale (mean diagonal) of each leaf's statistic, keyed by leaf path."""
+    """The scale (mean diagonal) of each leaf's statistic, keyed by leaf path.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, Diagonal, statistic_scales
+      >>> statistic_scales({"k": KFAC(jnp.eye(2), 3 * jnp.eye(2)), "b": None})
+      {'b': None, 'k': 3.0}
+      >>> statistic_scales({"w": Diagonal(jnp.array([1.0, 3.0]))})
+      {'w': 2.0}
+    """
     flat = jax.tree_util.tree_flatten_with_path(statistics, is_leaf=_is_stat)[0]
     out: dict[str, float | None] = {}
     for path, stat in flat:
@@ -50,7 +59,17 @@ def statistic_scales(statistics: StatTree) -> dict[str, float | None]:
 def statistics_table(
     statistics: Sequence[StatTree], names: Sequence[str] | None = None
 ) -> str:
-    """A plain-text table: per leaf, the statistic type and each task's scale."""
+    """A plain-text table: per leaf, the statistic type and each task's scale.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Diagonal, statistics_table
+      >>> task_a = {"w": Diagonal(jnp.ones(2))}
+      >>> task_b = {"w": Diagonal(100 * jnp.ones(2))}
+      >>> print(statistics_table([task_a, task_b], names=["a", "b"]))
+      leaf  statistic  a         b
+      w     Diagonal   1.00e+00  1.00e+02
+    """
     names = (
         list(names)
         if names is not None

@@ -1,0 +1,195 @@
+"""The ``mats-jax`` command line: ``merge``, ``inspect`` and ``demo``.
+
+``mats-jax merge RECIPE -o OUT [--overwrite]`` runs a YAML recipe
+(:mod:`mats_jax.recipe`) as a streaming merge (:mod:`mats_jax.stream`) with
+progress bars for reading, merging and writing; ``mats-jax inspect CHECKPOINT``
+prints a checkpoint's leaves, shapes, dtypes and size; ``mats-jax demo`` runs
+:func:`mats_jax.demo.main`. Bad input exits with status 2 and a one-paragraph
+message naming the file, the leaf or the recipe line, and what to do.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from mats_jax.checks import MergeInputError
+from mats_jax.stream import Progress as MergeProgress
+
+__all__ = ["main"]
+
+_STAGES = {
+    "threshold": "TIES threshold",
+    "read": "read",
+    "merge": "merge",
+    "write": "write",
+}
+
+
+class RichProgress(MergeProgress):
+    """The merge engine's progress hooks drawn as rich bars with sizes and rates."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def start(self, stage: str, total: int) -> None:
+        self._tasks[stage] = self._progress.add_task(
+            _STAGES.get(stage, stage), total=total
+        )
+
+    def advance(self, stage: str, nbytes: int) -> None:
+        if stage in self._tasks:
+            self._progress.advance(self._tasks[stage], nbytes)
+
+    def finish(self, stage: str) -> None:
+        if stage in self._tasks:
+            task = self._tasks[stage]
+            self._progress.update(task, completed=self._progress.tasks[task].total)
+
+
+def _bars(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:>15}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _fail(error: BaseException) -> None:
+    click.echo(f"mats-jax: error: {error}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mats_jax")
+def main() -> None:
+    """Merge fine-tuned JAX/Flax and Hugging Face checkpoints (mats_jax)."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Output directory (default: the recipe's output.path).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--no-checksums",
+    is_flag=True,
+    help="Do not record the inputs' sha256 in the model card (saves hashing them).",
+)
+def merge(
+    recipe: str, output: str | None, overwrite: bool, quiet: bool, no_checksums: bool
+) -> None:
+    """Merge the checkpoints a YAML RECIPE names, one leaf at a time."""
+    from mats_jax.recipe import load_recipe
+    from mats_jax.stream import merge_recipe
+
+    console = Console(stderr=True, quiet=quiet)
+    # A terminated merge unwinds like an interrupted one, so the temporary
+    # output directory is removed (Python's default SIGTERM skips cleanup).
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        parsed = load_recipe(recipe)
+        with _bars(console) as bars:
+            summary = merge_recipe(
+                parsed,
+                output,
+                overwrite=overwrite,
+                progress=RichProgress(bars),
+                checksums=not no_checksums,
+            )
+    except (MergeInputError, FileExistsError, FileNotFoundError) as e:
+        _fail(e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print(
+        f"wrote {summary.output}: {summary.leaves} leaves, "
+        f"{summary.bytes_written / 2**20:.1f} MiB, model card README.md"
+    )
+
+
+@main.command("inspect")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--layout", default=None, help="A layout preset (hf_linear, nnx_state).")
+def inspect_checkpoint(checkpoint: str, layout: str | None) -> None:
+    """Print a CHECKPOINT's leaves: path, shape, dtype and size."""
+    from mats_jax.io import open_checkpoint
+
+    try:
+        ckpt = open_checkpoint(checkpoint, layout=layout)
+    except MergeInputError as e:
+        _fail(e)
+    table = Table(title=f"{ckpt.path} ({ckpt.format})")
+    for column in ("leaf", "shape", "dtype", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for path, info in ckpt.leaves.items():
+        n = int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize
+        table.add_row(path, str(list(info.shape)), str(info.dtype), _size(n))
+    console = Console()
+    console.print(table)
+    n_params = sum(int(np.prod(i.shape, dtype=np.int64)) for i in ckpt.leaves.values())
+    console.print(
+        f"{len(ckpt.leaves)} leaves, {n_params:,} parameters, {_size(ckpt.nbytes)} "
+        f"in {len(ckpt.files)} file(s)"
+    )
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units.
+
+    Examples:
+      >>> _size(3 * 2**20)
+      '3.0 MiB'
+    """
+    value: float = n
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,  # --help goes to the demo's own parser
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def demo(args: tuple[str, ...]) -> None:
+    """Run the demo (mats_jax.demo); ARGS (and --help) are passed to it."""
+    # Imported here: the demo's data and plotting libraries are an extra.
+    from mats_jax import demo as demo_module
+    from mats_jax.experiment.pipeline import ExperimentError
+
+    try:
+        demo_module.main(list(args))
+    except ExperimentError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    main()

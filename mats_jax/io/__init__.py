@@ -1,0 +1,43 @@
+"""Checkpoint input and output: orbax, Flax msgpack and safetensors, and layouts between them."""
+
+from mats_jax.io.checkpoint import (
+    FORMATS,
+    Checkpoint,
+    LeafInfo,
+    atomic_output,
+    detect_format,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+)
+from mats_jax.io.errors import CheckpointError
+from mats_jax.io.layout import HF_LINEAR, IDENTITY, NNX_STATE, Layout, LayoutError, Rule
+from mats_jax.io.msgpack import read_msgpack, write_msgpack
+from mats_jax.io.orbax import load_orbax, save_orbax
+from mats_jax.io.safetensors import SafetensorsReader, SafetensorsWriter
+from mats_jax.io.statistics import StatisticsReader
+
+__all__ = [
+    "FORMATS",
+    "HF_LINEAR",
+    "IDENTITY",
+    "NNX_STATE",
+    "Checkpoint",
+    "CheckpointError",
+    "Layout",
+    "LayoutError",
+    "LeafInfo",
+    "Rule",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "StatisticsReader",
+    "atomic_output",
+    "detect_format",
+    "load_checkpoint",
+    "load_orbax",
+    "open_checkpoint",
+    "read_msgpack",
+    "save_checkpoint",
+    "save_orbax",
+    "write_msgpack",
+]

@@ -1,0 +1,399 @@
+"""One view of every checkpoint format: leaf paths, shapes, dtypes and lazy reads.
+
+:func:`open_checkpoint` detects the format (orbax directory, Flax msgpack file,
+safetensors file or sharded directory), applies a :class:`~mats_jax.io.layout.Layout`
+and returns a :class:`Checkpoint` whose leaves are named by parameter-tree path
+(``h/0/fc/kernel``) whatever the format. :func:`load_checkpoint` and
+:func:`save_checkpoint` read and write whole pytrees; :func:`atomic_output`
+makes any output appear completely or not at all.
+
+Examples:
+  >>> import os, tempfile, numpy as np
+  >>> out = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+  >>> save_checkpoint(out, {"fc": {"kernel": np.ones((2, 3), np.float32)}})
+  >>> ckpt = open_checkpoint(out)
+  >>> ckpt.format, ckpt.leaves
+  ('safetensors', {'fc/kernel': LeafInfo(shape=(2, 3), dtype=dtype('float32'))})
+  >>> load_checkpoint(out)["fc"]["kernel"].shape
+  (2, 3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, Protocol
+
+import jax
+import numpy as np
+
+from mats_jax.io import msgpack as msgpack_io
+from mats_jax.io import orbax as orbax_io
+from mats_jax.io import safetensors as st_io
+from mats_jax.io.errors import CheckpointError
+from mats_jax.io.layout import IDENTITY, PRESETS, Layout, inverse_permutation
+from mats_jax.tree import path_str
+
+__all__ = [
+    "FORMATS",
+    "Checkpoint",
+    "LeafInfo",
+    "atomic_output",
+    "detect_format",
+    "file_sha256",
+    "load_checkpoint",
+    "nest",
+    "open_checkpoint",
+    "resolve_layout",
+    "save_checkpoint",
+]
+
+Format = Literal["safetensors", "msgpack", "orbax"]
+FORMATS: tuple[str, ...] = ("safetensors", "msgpack", "orbax")
+MSGPACK_NAME = "params.msgpack"
+
+
+class _Reader(Protocol):
+    format: str
+    separator: str
+    path: str
+    files: list[str]
+    metadata: dict[str, str]
+    specs: dict[str, tuple[tuple[int, ...], np.dtype, str]]
+
+    def read(self, name: str) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """A leaf's shape and dtype as the parameter tree sees it (after the layout)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def detect_format(path: str | os.PathLike[str]) -> Format:
+    """The format of the checkpoint at ``path``.
+
+    Raises:
+      CheckpointError: if nothing is there or the format is not recognised.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        if orbax_io.is_orbax(path):
+            return "orbax"
+        names = os.listdir(path)
+        if st_io.INDEX_NAME in names or any(n.endswith(".safetensors") for n in names):
+            return "safetensors"
+        if any(n.endswith(".msgpack") for n in names):
+            return "msgpack"
+        raise CheckpointError(
+            f"{path}: a directory with no orbax checkpoint, .safetensors or .msgpack file; "
+            "point at the checkpoint itself"
+        )
+    if path.endswith((".safetensors", ".json")):
+        return "safetensors"
+    if path.endswith((".msgpack", ".flax")):
+        return "msgpack"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "msgpack"
+
+
+def _msgpack_file(path: str) -> str:
+    if not os.path.isdir(path):
+        return path
+    found = sorted(n for n in os.listdir(path) if n.endswith(".msgpack"))
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{path}: expected exactly one .msgpack file, found {found}"
+        )
+    return os.path.join(path, found[0])
+
+
+def resolve_layout(layout: Layout | str | Any) -> Layout:
+    """A :class:`Layout` from a layout, a preset name or a list of rule dicts."""
+    if isinstance(layout, str):
+        if layout not in PRESETS:
+            raise CheckpointError(
+                f"unknown layout {layout!r}; the presets are {sorted(PRESETS)}"
+            )
+        return PRESETS[layout]
+    return Layout.from_data(layout)
+
+
+class Checkpoint:
+    """A checkpoint opened for lazy, leaf-by-leaf reading.
+
+    Attributes:
+      path: the checkpoint's path.
+      format: ``"safetensors"``, ``"msgpack"`` or ``"orbax"``.
+      files: the files it is made of (for checksums).
+      leaves: tree path -> :class:`LeafInfo`, in the checkpoint's order.
+      names: tree path -> the checkpoint's own name for the leaf.
+    """
+
+    def __init__(self, reader: _Reader, layout: Layout = IDENTITY) -> None:
+        self._reader = reader
+        self.path = reader.path
+        self.format = reader.format
+        self.files = list(reader.files)
+        self.layout = layout
+        self.leaves: dict[str, LeafInfo] = {}
+        self.names: dict[str, str] = {}
+        self._transpose: dict[str, tuple[int, ...] | None] = {}
+        for name, (shape, dtype, _) in reader.specs.items():
+            path, perm = layout.to_tree(
+                name, ndim=len(shape), separator=reader.separator
+            )
+            if path in self.leaves:
+                raise CheckpointError(
+                    f"{self.path}: the layout maps both {self.names[path]!r} and {name!r} "
+                    f"to leaf {path!r}; fix the layout rules"
+                )
+            if perm is not None:
+                shape = tuple(shape[i] for i in perm)
+            self.leaves[path] = LeafInfo(tuple(shape), np.dtype(dtype))
+            self.names[path] = name
+            self._transpose[path] = perm
+
+    def file_of(self, path: str) -> str:
+        """The file holding leaf ``path``."""
+        return self._reader.specs[self.names[path]][2]
+
+    def read(self, path: str) -> np.ndarray:
+        """The leaf at tree path ``path``, transposed as the layout says."""
+        if path not in self.leaves:
+            raise CheckpointError(f"{self.path}: no leaf {path!r}")
+        array = self._reader.read(self.names[path])
+        perm = self._transpose[path]
+        if perm is not None:
+            array = np.ascontiguousarray(np.transpose(array, perm))
+        return array
+
+    @property
+    def nbytes(self) -> int:
+        """The total size of the leaves in bytes."""
+        return sum(
+            int(np.prod(i.shape, dtype=np.int64)) * i.dtype.itemsize
+            for i in self.leaves.values()
+        )
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    format: Format | None = None,
+    layout: Layout | str | Any = None,
+) -> Checkpoint:
+    """Opens a checkpoint for lazy reading (only its metadata is read here).
+
+    Args:
+      path: an orbax directory, a msgpack file, a safetensors file, index or
+        sharded directory.
+      format: the format, detected when None.
+      layout: a :class:`Layout`, a preset name (``"hf_linear"``,
+        ``"nnx_state"``) or a list of rule dicts.
+
+    Raises:
+      CheckpointError: naming the file if it is missing, truncated or unreadable.
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "hf.safetensors")
+      >>> save_checkpoint(path, {"fc": {"weight": np.zeros((3, 2), np.float32)}})
+      >>> ckpt = open_checkpoint(path, layout="hf_linear")  # (out, in) -> (in, out)
+      >>> ckpt.leaves["fc/kernel"].shape, ckpt.names["fc/kernel"]
+      ((2, 3), 'fc.weight')
+    """
+    path = os.path.abspath(os.fspath(path))
+    fmt = format or detect_format(path)
+    reader: _Reader
+    if fmt == "safetensors":
+        reader = st_io.SafetensorsReader(path)
+    elif fmt == "msgpack":
+        reader = msgpack_io.MsgpackReader(_msgpack_file(path))
+    elif fmt == "orbax":
+        reader = orbax_io.OrbaxReader(path)
+    else:
+        raise CheckpointError(
+            f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}"
+        )
+    return Checkpoint(reader, resolve_layout(layout))
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts from ``{"a/b": x}`` leaf paths.
+
+    Examples:
+      >>> nest({"a/b": 1, "a/c": 2, "d": 3})
+      {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, last = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    format: Format | None = None,
+    layout: Layout | str | Any = None,
+) -> dict[str, Any]:
+    """The whole checkpoint as nested dicts of numpy arrays (see :func:`open_checkpoint`).
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "params.msgpack")
+      >>> save_checkpoint(path, {"dense": {"bias": np.arange(2.0)}})
+      >>> load_checkpoint(path)
+      {'dense': {'bias': array([0., 1.])}}
+    """
+    ckpt = open_checkpoint(path, format=format, layout=layout)
+    return nest({p: ckpt.read(p) for p in ckpt.leaves})
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """``{path: leaf}`` for a parameter pytree, in flattening order."""
+    return {
+        path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    tree: Any,
+    *,
+    format: Format | None = None,
+    layout: Layout | str | Any = None,
+    max_shard_size: int | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes a parameter pytree, completely or not at all.
+
+    Args:
+      path: the output: a ``.safetensors`` file or a directory (safetensors,
+        sharded when ``max_shard_size`` is given), a ``.msgpack`` file, or an
+        orbax directory.
+      tree: the parameters (numpy or jax arrays).
+      format: the format; by default from the path's suffix (``.safetensors``,
+        ``.msgpack``), else orbax.
+      layout: the layout to write names and orientations with (safetensors).
+      max_shard_size: bytes per safetensors shard at most.
+      overwrite: replace an existing output.
+
+    Raises:
+      FileExistsError: if ``path`` exists and ``overwrite`` is False.
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> out = os.path.join(tempfile.mkdtemp(), "sharded")
+      >>> tree = {"a": np.zeros(4, np.float32), "b": np.ones(4, np.float32)}
+      >>> save_checkpoint(out, tree, format="safetensors", max_shard_size=16)
+      >>> sorted(os.listdir(out))  # doctest: +NORMALIZE_WHITESPACE
+      ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors',
+       'model.safetensors.index.json']
+    """
+    path = os.path.abspath(os.fspath(path))
+    if format is None:
+        format = (
+            "safetensors"
+            if path.endswith(".safetensors")
+            else "msgpack"
+            if path.endswith(".msgpack")
+            else "orbax"
+        )
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        write_tree(
+            tmp, tree, format=format, layout=layout, max_shard_size=max_shard_size
+        )
+
+
+def write_tree(
+    path: str,
+    tree: Any,
+    *,
+    format: str,
+    layout: Layout | str | Any = None,
+    max_shard_size: int | None = None,
+) -> None:
+    """Writes a pytree at ``path`` in ``format`` without the atomic wrapper."""
+    flat = {p: np.asarray(x) for p, x in flatten(tree).items()}
+    if format == "safetensors":
+        lay = resolve_layout(layout)
+        named = []
+        for p, x in flat.items():
+            name, perm = lay.to_checkpoint(p, ndim=x.ndim)
+            if perm is not None:
+                x = np.ascontiguousarray(np.transpose(x, inverse_permutation(perm)))
+            named.append((name, x))
+        st_io.write_safetensors(path, named, max_shard_size=max_shard_size)
+    elif format == "msgpack":
+        target = path if path.endswith(".msgpack") else os.path.join(path, MSGPACK_NAME)
+        if target != path:
+            os.makedirs(path, exist_ok=True)
+        msgpack_io.write_msgpack(target, nest(flat))
+    elif format == "orbax":
+        orbax_io.save_orbax(path, nest(flat))
+    else:
+        raise CheckpointError(
+            f"unknown checkpoint format {format!r}; expected one of {FORMATS}"
+        )
+
+
+@contextlib.contextmanager
+def atomic_output(
+    path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Iterator[str]:
+    """Yields a temporary path next to ``path``; renames it into place on success.
+
+    The temporary path is in a hidden directory beside ``path`` (same file
+    system, so the final rename is atomic). On an exception it is removed and
+    nothing appears at ``path``; an existing ``path`` is replaced only with
+    ``overwrite``, and only once the new output is complete.
+
+    Raises:
+      FileExistsError: if ``path`` exists and ``overwrite`` is False (before
+        anything is written).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(
+            f"{path} exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        tmp = os.path.join(scratch, os.path.basename(path))
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise CheckpointError(f"{path}: the writer produced nothing")
+        if os.path.lexists(path):
+            os.replace(path, os.path.join(scratch, ".replaced"))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    """The sha256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

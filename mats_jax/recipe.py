@@ -1,0 +1,702 @@
+"""A YAML merge recipe, validated before any tensor is read.
+
+A recipe names the checkpoints, the method and its hyperparameters, per-leaf
+overrides and the output, as mergekit's do::
+
+    base: pretrained/                    # or {path: ..., layout: hf_linear}
+    models:
+      - path: finetuned_a/model.safetensors
+        weight: 1.0
+        statistics: stats_a/             # mats_jax.save_statistics output
+      - {path: finetuned_b/, weight: 0.5, statistics: stats_b/}
+    method: ties                         # see METHODS
+    parameters: {density: 0.2, scale: 1.0, trim: global}
+    overrides:                           # first matching pattern wins
+      - {pattern: "*/embedding", skip: true}        # keep the base's leaf
+      - {pattern: "re:norm", method: average}       # its own parameters only
+      - {pattern: "head/*", parameters: {density: 0.5}}  # over the recipe's
+    tied: {lm_head/weight: embed/weight} # a leaf some models store under another name
+    vocab: refuse                        # or shared_rows (see below)
+    seed: 0                              # DARE's random masks
+    layouts:                             # named layouts (rules as in mats_jax.io.layout)
+      hf: [{checkpoint: "{p*}.weight", tree: "{p*}/kernel", transpose: [1, 0], ndim: 2}]
+    output: {path: merged/, format: safetensors, max_shard_size: 2GB, layout: hf}
+
+Patterns are globs on the whole leaf path (``/``-separated, after the input's
+layout), or regular expressions searched in it with a ``re:`` prefix; a pattern
+that matches no leaf is an error. An override that keeps the recipe's method
+adds its parameters over the recipe's; one with another method takes only its
+own. ``skip`` copies the leaf from the base (from the first model without a
+base) unmerged.
+
+Every error names the recipe file and line (from PyYAML's node marks) and what
+is expected; misspelt keys get a suggestion. Method parameters are checked by
+calling the method itself on a tiny pytree, so the recipe accepts exactly what
+the library accepts.
+
+``vocab`` is the policy for leaves whose shapes differ along one axis between
+models (embedding matrices and output heads of models with different
+vocabulary sizes): ``refuse`` (default) stops with a message naming the leaf;
+``shared_rows`` merges the rows all models have (the first ``min`` rows along
+that axis, which assumes the shared token ids mean the same tokens) and writes
+a leaf of that size.
+
+Examples:
+  >>> recipe = parse_recipe('''
+  ... base: base.safetensors
+  ... models: [a.safetensors, {path: b.safetensors, weight: 2}]
+  ... method: task_arithmetic
+  ... parameters: {scale: 0.5}
+  ... ''', source="r.yaml")
+  >>> recipe.method, recipe.parameters, [m.weight for m in recipe.models]
+  ('task_arithmetic', {'scale': 0.5}, [1.0, 2.0])
+  >>> parse_recipe("method: average\\nmodels: [a]\\nparamters: {}", source="r.yaml")
+  Traceback (most recent call last):
+  ...
+  mats_jax.recipe.RecipeError: r.yaml:3: unknown key 'paramters' in the recipe; did you mean 'parameters'? Allowed: base, layouts, method, models, output, overrides, parameters, seed, tied, vocab
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+from mats_jax.checks import MergeInputError
+from mats_jax.io.checkpoint import FORMATS, resolve_layout
+from mats_jax.io.layout import Layout, LayoutError
+
+__all__ = [
+    "METHODS",
+    "MethodInfo",
+    "ModelSpec",
+    "OutputSpec",
+    "Override",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "parse_recipe",
+]
+
+
+class RecipeError(MergeInputError):
+    """A recipe that cannot be run; the message starts with ``file:line:``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    """What the recipe needs to know about a merge method.
+
+    Attributes:
+      name: the recipe's name for it (the library function's name).
+      needs_base: it takes the pretrained parameters.
+      needs_statistics: it takes per-model statistics.
+      reserved: keyword arguments the recipe fills itself (weights, key …).
+    """
+
+    name: str
+    needs_base: bool
+    needs_statistics: bool
+    reserved: tuple[str, ...] = ("weights",)
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        """The library function."""
+        import mats_jax
+
+        return getattr(mats_jax, self.name)
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The keyword parameters a recipe may set, from the function's signature."""
+        sig = inspect.signature(self.function)
+        return tuple(
+            p.name
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in self.reserved
+        )
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("average", needs_base=False, needs_statistics=False),
+        MethodInfo("task_arithmetic", needs_base=True, needs_statistics=False),
+        MethodInfo("ties", needs_base=True, needs_statistics=False),
+        MethodInfo(
+            "dare", needs_base=True, needs_statistics=False, reserved=("weights", "key")
+        ),
+        MethodInfo("fisher_merge", needs_base=False, needs_statistics=True),
+        MethodInfo("regmean", needs_base=False, needs_statistics=True),
+        MethodInfo("mats", needs_base=False, needs_statistics=True),
+    )
+}
+DATA_FREE = ("average", "task_arithmetic", "ties", "dare")
+VOCAB_POLICIES = ("refuse", "shared_rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One input checkpoint: its path, merge weight, statistics and layout."""
+
+    path: str
+    weight: float = 1.0
+    statistics: str | None = None
+    layout: Layout = dataclasses.field(default_factory=Layout)
+    format: str | None = None
+    line: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A per-leaf rule: leaves whose path matches ``pattern`` use another method,
+    other parameters, or are skipped (copied from the base, else from the first model)."""
+
+    pattern: str
+    method: str | None = None
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    skip: bool = False
+    line: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """Where and how the merged checkpoint is written."""
+
+    path: str | None = None
+    format: str = "safetensors"
+    layout: Layout = dataclasses.field(default_factory=Layout)
+    max_shard_size: int | None = None
+    line: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``source`` is its file, ``text`` its YAML (for the model card).
+
+    Examples:
+      >>> recipe = parse_recipe(
+      ...     "models: [a, b]\\nmethod: average\\noverrides: [{pattern: 'emb/*', skip: true}]",
+      ...     directory="/ckpts",
+      ... )
+      >>> recipe.leaf_rule("emb/table")[0] is None, recipe.leaf_rule("fc/kernel")[0]
+      (True, 'average')
+      >>> recipe.models[1].path
+      '/ckpts/b'
+    """
+
+    models: tuple[ModelSpec, ...]
+    method: str
+    base: ModelSpec | None = None
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: tuple[Override, ...] = ()
+    output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
+    tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    vocab: str = "refuse"
+    seed: int = 0
+    source: str = "<recipe>"
+    text: str = ""
+    method_line: int = 0
+    tied_line: int = 0
+
+    def where(self, line: int) -> str:
+        """``file:line`` for messages."""
+        return f"{self.source}:{line}"
+
+    def leaf_rule(
+        self, path: str
+    ) -> tuple[str | None, dict[str, Any], Override | None]:
+        """The method (None: skip), parameters and override that apply to leaf ``path``."""
+        from mats_jax.tree import _pattern_matches
+
+        for rule in self.overrides:
+            if _pattern_matches(rule.pattern, path):
+                if rule.skip:
+                    return None, {}, rule
+                method = rule.method or self.method
+                params = dict(self.parameters) if method == self.method else {}
+                params.update(rule.parameters)
+                return method, params, rule
+        return self.method, dict(self.parameters), None
+
+
+_TOP = (
+    "base",
+    "layouts",
+    "method",
+    "models",
+    "output",
+    "overrides",
+    "parameters",
+    "seed",
+    "tied",
+    "vocab",
+)
+_MODEL = ("format", "layout", "path", "statistics", "weight")
+_BASE = ("format", "layout", "path")
+_OVERRIDE = ("method", "parameters", "pattern", "skip")
+_OUTPUT = ("format", "layout", "max_shard_size", "path")
+
+
+class _Parser:
+    def __init__(self, source: str, directory: str) -> None:
+        self.source = source
+        self.directory = directory
+        self.layouts: dict[str, Layout] = {}
+
+    def fail(self, node: yaml.Node | None, message: str) -> RecipeError:
+        line = node.start_mark.line + 1 if node is not None else 1
+        return RecipeError(f"{self.source}:{line}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        constructor = yaml.constructor.SafeConstructor()
+        return constructor.construct_object(node, deep=True)
+
+    def mapping(
+        self,
+        node: yaml.Node,
+        what: str,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...] = (),
+    ) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(
+                node, f"{what} must be a mapping with keys {', '.join(allowed)}"
+            )
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ";"
+                raise self.fail(
+                    key_node,
+                    f"unknown key {key!r} in {what}{hint} Allowed: {', '.join(allowed)}",
+                )
+            if key in out:
+                raise self.fail(key_node, f"key {key!r} appears twice in {what}")
+            out[key] = value_node
+        for key in required:
+            if key not in out:
+                raise self.fail(node, f"{what} needs the key {key!r}")
+        return out
+
+    def typed(self, node: yaml.Node, kind: type | tuple[type, ...], what: str) -> Any:
+        value = self.value(node)
+        if isinstance(value, bool) and bool not in (
+            kind if isinstance(kind, tuple) else (kind,)
+        ):
+            raise self.fail(node, f"{what} must be {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.fail(node, f"{what} must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def path(self, node: yaml.Node, what: str) -> str:
+        value = self.typed(node, str, what)
+        return os.path.normpath(os.path.join(self.directory, os.path.expanduser(value)))
+
+    def layout(self, node: yaml.Node, what: str) -> Layout:
+        value = self.value(node)
+        if isinstance(value, str) and value in self.layouts:
+            return self.layouts[value]
+        try:
+            return resolve_layout(value)
+        except (LayoutError, MergeInputError, TypeError) as e:
+            names = sorted(self.layouts)
+            raise self.fail(
+                node,
+                f"{what}: {e}"
+                + (f" (the recipe's layouts are {names})" if names else ""),
+            ) from None
+
+    def model(self, node: yaml.Node, what: str, allowed: tuple[str, ...]) -> ModelSpec:
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode):
+            return ModelSpec(path=self.path(node, what), line=line)
+        keys = self.mapping(node, what, allowed, required=("path",))
+        weight = 1.0
+        if "weight" in keys:
+            weight = float(self.typed(keys["weight"], (int, float), f"{what} weight"))
+            if not weight >= 0 or weight == float("inf"):
+                raise self.fail(
+                    keys["weight"],
+                    f"{what} weight must be finite and >= 0, got {weight}",
+                )
+        fmt = None
+        if "format" in keys:
+            fmt = self.typed(keys["format"], str, f"{what} format")
+            if fmt not in FORMATS:
+                raise self.fail(
+                    keys["format"],
+                    f"{what} format must be one of {FORMATS}, got {fmt!r}",
+                )
+        return ModelSpec(
+            path=self.path(keys["path"], f"{what} path"),
+            weight=weight,
+            statistics=self.path(keys["statistics"], f"{what} statistics")
+            if "statistics" in keys
+            else None,
+            layout=self.layout(keys["layout"], f"{what} layout")
+            if "layout" in keys
+            else Layout(),
+            format=fmt,
+            line=line,
+        )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a mapping",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``2GB``, ``500MiB`` or an integer.
+
+    Examples:
+      >>> parse_size("2GB"), parse_size("1.5KiB"), parse_size(10)
+      (2000000000, 1536, 10)
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (expected e.g. 2GB, 500MiB or bytes)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def check_method_parameters(method: str, parameters: Mapping[str, Any]) -> None:
+    """Calls ``method`` on a one-leaf pytree with ``parameters`` so the library
+    validates names, types and ranges exactly as it would on the real models.
+
+    Raises:
+      ValueError: with the library's message.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mats_jax import Diagonal, Gram
+
+    info = METHODS[method]
+    unknown = sorted(set(parameters) - set(info.parameters))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], info.parameters, n=1)
+        raise ValueError(
+            f"{method} has no parameter {unknown[0]!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" Its parameters: {', '.join(info.parameters)}"
+        )
+    params = dict(parameters)
+    if "init" in params:
+        params["init"] = _check_init(params["init"])
+    if params.get("fallback") == "base":
+        params["fallback"] = {"w": jnp.zeros((2, 2))}
+    leaf = {"w": jnp.eye(2)}
+    models = [leaf, {"w": 2 * jnp.eye(2)}]
+    args: list[Any] = []
+    if info.needs_base:
+        args.append(leaf)
+    args.append(models)
+    if info.needs_statistics:
+        stat = Gram(jnp.eye(2)) if method == "regmean" else Diagonal(jnp.ones((2, 2)))
+        args.append([{"w": stat}, {"w": stat}])
+    if method == "dare":
+        params["key"] = jax.random.key(0)
+    if method == "mats":
+        params.setdefault("maxiter", 2)
+    info.function(*args, **params)
+
+
+def _check_init(value: Any) -> Any:
+    """``init`` for mats in a recipe: ``average``, ``base``, or a data-free
+    method as ``{method: task_arithmetic, scale: 0.3}``. Returns a dummy init."""
+    import jax.numpy as jnp
+
+    if value in ("average", "base"):
+        return {"w": jnp.eye(2)}
+    if isinstance(value, Mapping) and value.get("method") in DATA_FREE:
+        rest = {k: v for k, v in value.items() if k != "method"}
+        check_method_parameters(value["method"], rest)
+        return {"w": jnp.eye(2)}
+    raise ValueError(
+        f"init must be 'average', 'base' or {{method: <one of {', '.join(DATA_FREE)}>, ...parameters}}, "
+        f"got {value!r}"
+    )
+
+
+def parse_recipe(
+    text: str, *, source: str = "<recipe>", directory: str | None = None
+) -> Recipe:
+    """Parses and validates recipe text (paths resolve against ``directory``).
+
+    Raises:
+      RecipeError: ``file:line: what is wrong and what to do``.
+
+    Examples:
+      >>> parse_recipe("models: [a]\\nmethod: ties\\nparameters: {density: 0.2}", source="r.yaml")
+      Traceback (most recent call last):
+      ...
+      mats_jax.recipe.RecipeError: r.yaml:3: ties needs a base model: add `base: <path>` to the recipe
+    """
+    parser = _Parser(source, directory if directory is not None else os.getcwd())
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        raise RecipeError(f"{source}:{line}: not valid YAML: {e}") from None
+    if root is None:
+        raise RecipeError(
+            f"{source}:1: the recipe is empty; it needs at least models and method"
+        )
+    keys = parser.mapping(root, "the recipe", _TOP, required=("models", "method"))
+
+    if "layouts" in keys:
+        node = keys["layouts"]
+        if not isinstance(node, yaml.MappingNode):
+            raise parser.fail(node, "layouts must map names to lists of layout rules")
+        for key_node, value_node in node.value:
+            name = str(parser.value(key_node))
+            parser.layouts[name] = parser.layout(value_node, f"layout {name!r}")
+
+    method_node = keys["method"]
+    method = parser.typed(method_node, str, "method")
+    if method not in METHODS:
+        close = difflib.get_close_matches(method, METHODS, n=1)
+        raise parser.fail(
+            method_node,
+            f"unknown method {method!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" Methods: {', '.join(METHODS)}",
+        )
+
+    models_node = keys["models"]
+    if not isinstance(models_node, yaml.SequenceNode) or not models_node.value:
+        raise parser.fail(
+            models_node,
+            "models must be a non-empty list of paths or {path, weight, statistics} mappings",
+        )
+    models = tuple(
+        parser.model(n, f"models[{i}]", _MODEL) for i, n in enumerate(models_node.value)
+    )
+    base = parser.model(keys["base"], "base", _BASE) if "base" in keys else None
+
+    parameters: dict[str, Any] = {}
+    if "parameters" in keys:
+        parameters = parser.typed(keys["parameters"], dict, "parameters")
+
+    overrides = []
+    if "overrides" in keys:
+        node = keys["overrides"]
+        if not isinstance(node, yaml.SequenceNode):
+            raise parser.fail(
+                node, "overrides must be a list of {pattern, method, parameters, skip}"
+            )
+        for i, item in enumerate(node.value):
+            what = f"overrides[{i}]"
+            o = parser.mapping(item, what, _OVERRIDE, required=("pattern",))
+            rule = Override(
+                pattern=parser.typed(o["pattern"], str, f"{what} pattern"),
+                method=parser.typed(o["method"], str, f"{what} method")
+                if "method" in o
+                else None,
+                parameters=parser.typed(o["parameters"], dict, f"{what} parameters")
+                if "parameters" in o
+                else {},
+                skip=parser.typed(o["skip"], bool, f"{what} skip")
+                if "skip" in o
+                else False,
+                line=item.start_mark.line + 1,
+            )
+            if rule.skip and (rule.method or rule.parameters):
+                raise parser.fail(
+                    item,
+                    f"{what}: skip: true leaves the leaf unmerged; drop method/parameters",
+                )
+            if rule.method is not None and rule.method not in METHODS:
+                raise parser.fail(
+                    o["method"],
+                    f"{what}: unknown method {rule.method!r}; methods: {', '.join(METHODS)}",
+                )
+            if rule.pattern.startswith("re:"):
+                try:
+                    re.compile(rule.pattern[3:])
+                except re.error as e:
+                    raise parser.fail(
+                        o["pattern"], f"{what}: bad regular expression: {e}"
+                    ) from None
+            overrides.append(rule)
+
+    output = OutputSpec()
+    if "output" in keys:
+        node = keys["output"]
+        if isinstance(node, yaml.ScalarNode):
+            output = OutputSpec(
+                path=parser.path(node, "output"), line=node.start_mark.line + 1
+            )
+        else:
+            o = parser.mapping(node, "output", _OUTPUT)
+            fmt = (
+                parser.typed(o["format"], str, "output format")
+                if "format" in o
+                else "safetensors"
+            )
+            if fmt not in FORMATS:
+                raise parser.fail(
+                    o["format"], f"output format must be one of {FORMATS}, got {fmt!r}"
+                )
+            size = None
+            if "max_shard_size" in o:
+                try:
+                    size = parse_size(parser.value(o["max_shard_size"]))
+                except ValueError as e:
+                    raise parser.fail(o["max_shard_size"], str(e)) from None
+                if fmt != "safetensors":
+                    raise parser.fail(
+                        o["max_shard_size"],
+                        "max_shard_size applies to safetensors output only",
+                    )
+            output = OutputSpec(
+                path=parser.path(o["path"], "output path") if "path" in o else None,
+                format=fmt,
+                layout=parser.layout(o["layout"], "output layout")
+                if "layout" in o
+                else Layout(),
+                max_shard_size=size,
+                line=node.start_mark.line + 1,
+            )
+
+    tied: dict[str, str] = {}
+    if "tied" in keys:
+        tied = parser.typed(keys["tied"], dict, "tied")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+            raise parser.fail(
+                keys["tied"],
+                "tied maps leaf paths to leaf paths: {lm_head/kernel: embed/embedding}",
+            )
+    vocab = "refuse"
+    if "vocab" in keys:
+        vocab = parser.typed(keys["vocab"], str, "vocab")
+        if vocab not in VOCAB_POLICIES:
+            raise parser.fail(
+                keys["vocab"], f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}"
+            )
+    seed = parser.typed(keys["seed"], int, "seed") if "seed" in keys else 0
+
+    recipe = Recipe(
+        models=models,
+        method=method,
+        base=base,
+        parameters=parameters,
+        overrides=tuple(overrides),
+        output=output,
+        tied=tied,
+        vocab=vocab,
+        seed=seed,
+        source=source,
+        text=text,
+        method_line=method_node.start_mark.line + 1,
+        tied_line=keys["tied"].start_mark.line + 1 if "tied" in keys else 0,
+    )
+    _check_semantics(recipe, parser, keys)
+    return recipe
+
+
+def _check_semantics(
+    recipe: Recipe, parser: _Parser, keys: dict[str, yaml.Node]
+) -> None:
+    """Checks what needs the whole recipe: methods' needs and parameters."""
+    uses = [
+        (recipe.method, dict(recipe.parameters), keys.get("parameters", keys["method"]))
+    ]
+    for rule, item in zip(
+        recipe.overrides, getattr(keys.get("overrides"), "value", []), strict=False
+    ):
+        if rule.skip:
+            continue
+        method = rule.method or recipe.method
+        params = dict(recipe.parameters) if method == recipe.method else {}
+        params.update(rule.parameters)
+        uses.append((method, params, item))
+    for method, params, node in uses:
+        info = METHODS[method]
+        if info.needs_base and recipe.base is None:
+            raise parser.fail(
+                node, f"{method} needs a base model: add `base: <path>` to the recipe"
+            )
+        needs_base_param = (
+            params.get("fallback") == "base" or params.get("init") == "base"
+        )
+        if needs_base_param and recipe.base is None:
+            raise parser.fail(
+                node,
+                f"{method}: 'base' as fallback/init needs `base: <path>` in the recipe",
+            )
+        if info.needs_statistics:
+            for i, m in enumerate(recipe.models):
+                if m.statistics is None:
+                    raise parser.fail(
+                        keys["models"].value[i],
+                        f"{method} needs statistics for every model: add `statistics: <dir>` "
+                        f"(saved with mats_jax.save_statistics) to models[{i}]",
+                    )
+        try:
+            check_method_parameters(method, params)
+        except (ValueError, TypeError) as e:
+            raise parser.fail(node, f"{method} parameters: {e}") from None
+    if all(m.weight == 0 for m in recipe.models):
+        raise parser.fail(
+            keys["models"],
+            "every model has weight 0; at least one weight must be positive",
+        )
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Reads and validates a recipe file; relative paths in it are relative to its directory.
+
+    Raises:
+      FileNotFoundError: if the file does not exist.
+      RecipeError: ``file:line: message`` for anything wrong in it.
+
+    Examples:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "recipe.yaml")
+      >>> _ = open(path, "w").write("base: base/\\nmodels: [ft/]\\nmethod: task_arithmetic\\n")
+      >>> recipe = load_recipe(path)
+      >>> recipe.base.path == os.path.join(os.path.dirname(path), "base")
+      True
+    """
+    path = os.fspath(path)
+    with open(path) as f:
+        text = f.read()
+    return parse_recipe(
+        text, source=path, directory=os.path.dirname(os.path.abspath(path))
+    )

@@ -1,0 +1,238 @@
+"""Where parameters, statistics and the solver's blocks live on a device mesh.
+
+JAX's own SPMD machinery does the distribution: inputs carry a
+:class:`~jax.sharding.NamedSharding` on a :class:`~jax.sharding.Mesh`, the
+merge functions are jitted, and XLA partitions them. This module holds the
+few decisions the library makes on top of that.
+
+**Statistics are sharded like their kernels.** For a leaf whose sharding has
+the partition spec ``spec`` (one entry per leaf axis):
+
+================  ============================================================
+statistic         sharding of its arrays
+================  ============================================================
+``Diagonal(f)``   the leaf's own (``f`` has the leaf's shape)
+``Gram(a)``       ``a`` (blocks…, I, I): block axes as the leaf's block axes,
+                  rows as the leaf's input axis, columns unsharded
+``KFAC(a, g)``    ``a`` as Gram's; ``g`` (blocks…, O, O): rows as the leaf's
+                  output axis, columns unsharded
+(both)            a factor whose kernel axis is not split borrows the split
+                  of the kernel's other axis (when it divides the factor), so
+                  a column-parallel kernel has A split too, not replicated
+``Dense(f)``      replicated (Dense is for small leaves)
+================  ============================================================
+
+A kernel with several input (or output) axes shards its flattened I (or O)
+rows only through its first input (output) axis when the others are
+unsharded; otherwise that factor's rows are replicated. Statistics estimated
+with a mesh (:func:`~mats_jax.kfac` and friends) come out sharded this way,
+and :func:`shard_statistics` places statistics loaded from elsewhere.
+
+**The solver shards blocks.** Its unit of work is a block (one kernel, or one
+layer of a stacked kernel), and blocks of one shape are solved together
+(:func:`~mats_jax.solve`). On a mesh of n devices each such group is padded
+with empty blocks to a multiple of n and split along its block axis over all
+the mesh's axes, and the solve runs under :func:`jax.shard_map`: every device
+solves its own blocks with no communication inside the CG loop, and the
+result is resharded to each input leaf's sharding. Per-device memory is then
+about 1/n of the model for models with many blocks of each shape (every
+transformer); a group with fewer blocks than devices (one huge embedding or
+output head) is not split inside a block, so a device holds at least one
+whole block of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from mats_jax import checks
+from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.typing import Params, StatTree
+
+__all__ = [
+    "input_mesh",
+    "shard_statistics",
+    "statistic_sharding",
+]
+
+
+def _is_stat(x: Any) -> bool:
+    return x is None or isinstance(x, Statistic)
+
+
+def input_mesh(*trees: Any) -> Mesh | None:
+    """The one mesh of more than one device that the arrays of ``trees`` are sharded on.
+
+    None when every array is on a single device (or not a JAX array).
+
+    Raises:
+      MergeInputError: when arrays sit on different meshes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> input_mesh({"w": jnp.ones(3)}) is None
+      True
+    """
+    meshes: dict[Any, Mesh] = {}
+    for leaf in jax.tree.leaves(trees):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            mesh = sharding.mesh
+            assert isinstance(mesh, Mesh), "concrete arrays have concrete meshes"
+            meshes.setdefault((mesh.axis_names, mesh.devices.tobytes()), mesh)
+    if len(meshes) > 1:
+        described = "; ".join(
+            f"axes {m.axis_names} over {m.size} devices" for m in meshes.values()
+        )
+        raise checks.MergeInputError(
+            f"inputs are sharded over different meshes ({described}): put every "
+            "model and statistic on one mesh"
+        )
+    return next(iter(meshes.values()), None)
+
+
+def _full_spec(sharding: NamedSharding, ndim: int) -> tuple[Any, ...]:
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _rows_entry(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
+    """The mesh axes sharding a factor's rows: its kernel's first axis of ``axes``."""
+    if not axes:
+        return None
+    first, *rest = axes
+    if any(spec[a] is not None for a in rest):
+        return None
+    return spec[first]
+
+
+def _entry_size(mesh: Mesh | AbstractMesh, entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([mesh.shape[name] for name in names]))
+
+
+def factor_spec(
+    mesh: Mesh | AbstractMesh,
+    leaf_spec: tuple[Any, ...],
+    axes: Sequence[int],
+    other_axes: Sequence[int],
+    block_axes: Sequence[int],
+    n: int,
+) -> PartitionSpec:
+    """The spec of a ``blocks… + (n, n)`` factor whose rows run over ``axes`` of the leaf.
+
+    The rows follow the kernel's ``axes``; where those are not split, they
+    borrow the split of the kernel's ``other_axes`` (when it divides n), so
+    that a kernel split on one axis has both factors split rather than one
+    replicated on every device.
+    """
+    rows = _rows_entry(leaf_spec, axes)
+    if rows is None:
+        borrowed = _rows_entry(leaf_spec, other_axes)
+        if borrowed is not None and n % _entry_size(mesh, borrowed) == 0:
+            rows = borrowed
+    return PartitionSpec(*(leaf_spec[a] for a in block_axes), rows, None)
+
+
+def statistic_sharding(stat: Statistic, leaf_sharding: NamedSharding) -> Any:
+    """The shardings of ``stat``'s arrays for a leaf sharded as ``leaf_sharding``.
+
+    Returns a pytree of ``stat``'s structure holding one
+    :class:`~jax.sharding.NamedSharding` per array (see the module docstring).
+    """
+    mesh = leaf_sharding.mesh
+
+    def named(*entries: Any) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*entries))
+
+    if isinstance(stat, Diagonal):
+        return Diagonal(leaf_sharding)  # type: ignore[arg-type]
+    if isinstance(stat, Dense):
+        return Dense(named())  # type: ignore[arg-type]
+    if isinstance(stat, Gram | KFAC):
+        ndim = stat.a.ndim - 2 + len(stat.in_axes) + len(stat.out_axes)
+        spec = _full_spec(leaf_sharding, ndim)
+        blocks, ins, outs = stat._axes(ndim)
+        a = NamedSharding(
+            mesh, factor_spec(mesh, spec, ins, outs, blocks, stat.a.shape[-1])
+        )
+        if isinstance(stat, Gram):
+            return Gram(a, stat.in_axes, stat.out_axes)  # type: ignore[arg-type]
+        g = NamedSharding(
+            mesh, factor_spec(mesh, spec, outs, ins, blocks, stat.g.shape[-1])
+        )
+        return KFAC(a, g, stat.in_axes, stat.out_axes)  # type: ignore[arg-type]
+    raise TypeError(f"no sharding rule for {type(stat).__name__}")
+
+
+def shard_statistics(statistics: StatTree, params: Params) -> StatTree:
+    """Places one task's statistics on the devices of ``params``, sharded like their kernels.
+
+    Leaves of ``params`` that are not sharded with a
+    :class:`~jax.sharding.NamedSharding` leave their statistic where it is.
+
+    Args:
+      statistics: a pytree of ``params``' structure holding statistics or None.
+      params: the parameters, already sharded (e.g. restored from orbax with
+        target shardings).
+
+    Returns:
+      The statistics, each array put on the mesh by :func:`statistic_sharding`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> from mats_jax import KFAC
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> params = {"k": jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P(None, "model")))}
+      >>> stats = shard_statistics({"k": KFAC(jnp.eye(4), jnp.eye(2))}, params)
+      >>> stats["k"].g.sharding.spec, stats["k"].a.sharding.spec
+      (P('model', None), P('model', None))
+    """
+    checks.check_statistics([statistics], [params], name="statistics")
+
+    def place(stat: Statistic | None, leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if stat is None or not isinstance(sharding, NamedSharding):
+            return stat
+        return jax.device_put(stat, statistic_sharding(stat, sharding))
+
+    return jax.tree.map(place, statistics, params, is_leaf=_is_stat)
+
+
+def leaf_shardings(tree: Any) -> tuple[NamedSharding | None, ...]:
+    """Each leaf's :class:`~jax.sharding.NamedSharding` (None for other leaves), in order.
+
+    Hashable, so a jitted merge can take it as a static argument and give its
+    outputs the inputs' shardings (:func:`keep_shardings`).
+    """
+    return tuple(
+        sharding if isinstance(sharding, NamedSharding) else None
+        for sharding in (getattr(x, "sharding", None) for x in jax.tree.leaves(tree))
+    )
+
+
+def keep_shardings(
+    leaves: Sequence[Any], shardings: tuple[NamedSharding | None, ...] | None
+) -> list[Any]:
+    """Inside jit: constrains each leaf to its sharding (None: left to XLA)."""
+    if shardings is None:
+        return list(leaves)
+    return [
+        x if s is None else jax.lax.with_sharding_constraint(x, s)
+        for x, s in zip(leaves, shardings, strict=True)
+    ]
+
+
+def block_sharding(mesh: Mesh) -> NamedSharding:
+    """Arrays with a leading block axis split over every axis of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

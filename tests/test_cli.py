@@ -1,0 +1,170 @@
+"""The mats-jax command line: merge, inspect, demo, and its errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mats_jax
+from mats_jax.cli import main
+from mats_jax.io import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = {
+        "fc": {
+            "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+            "bias": np.zeros(4, np.float32),
+        }
+    }
+    for name in ("base", "a", "b"):
+        save_checkpoint(
+            tmp_path / f"{name}.safetensors",
+            {
+                "fc": {
+                    k: v + rng.normal(size=v.shape).astype(np.float32)
+                    for k, v in tree["fc"].items()
+                }
+            },
+        )
+    (tmp_path / "recipe.yaml").write_text(
+        "base: base.safetensors\nmodels: [a.safetensors, b.safetensors]\n"
+        "method: task_arithmetic\nparameters: {scale: 0.5}\n"
+    )
+    return tmp_path
+
+
+def test_merge_writes_checkpoint_and_card(workdir):
+    result = CliRunner().invoke(
+        main, ["merge", str(workdir / "recipe.yaml"), "-o", str(workdir / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    got = load_checkpoint(workdir / "out")
+    base, a, b = (
+        load_checkpoint(workdir / f"{n}.safetensors") for n in ("base", "a", "b")
+    )
+    want = mats_jax.task_arithmetic(base, [a, b], scale=0.5)
+    np.testing.assert_array_equal(got["fc"]["kernel"], want["fc"]["kernel"])
+    assert (workdir / "out" / "README.md").exists()
+
+
+def test_merge_refuses_existing_output_unless_overwrite(workdir):
+    (workdir / "out").mkdir()
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["merge", str(workdir / "recipe.yaml"), "-o", str(workdir / "out")]
+    )
+    assert result.exit_code == 2
+    assert "exists; pass --overwrite" in result.output
+    result = runner.invoke(
+        main,
+        [
+            "merge",
+            str(workdir / "recipe.yaml"),
+            "-o",
+            str(workdir / "out"),
+            "--overwrite",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (workdir / "out" / "model.safetensors").exists()
+
+
+def test_bad_recipe_exits_2_with_line(workdir):
+    (workdir / "bad.yaml").write_text(
+        "models: [a.safetensors]\nmethod: average\nsclae: 1\n"
+    )
+    result = CliRunner().invoke(
+        main, ["merge", str(workdir / "bad.yaml"), "-o", str(workdir / "out")]
+    )
+    assert result.exit_code == 2
+    assert "bad.yaml:3: unknown key 'sclae'" in result.output
+    assert not (workdir / "out").exists()
+
+
+def test_merge_without_output_says_what_to_do(workdir):
+    result = CliRunner().invoke(main, ["merge", str(workdir / "recipe.yaml")])
+    assert result.exit_code == 2
+    assert "-o OUT" in result.output
+
+
+def test_inspect_lists_leaves(workdir):
+    result = CliRunner().invoke(main, ["inspect", str(workdir / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert (
+        "fc/kernel" in result.output
+        and "[3, 4]" in result.output
+        and "float32" in result.output
+    )
+    assert "2 leaves, 16 parameters" in result.output
+
+
+def test_inspect_missing_file(workdir):
+    result = CliRunner().invoke(main, ["inspect", str(workdir / "nope.msgpack")])
+    assert result.exit_code == 2
+    assert "nope.msgpack: no such file" in result.output
+
+
+def test_demo_subcommand_calls_the_demo(monkeypatch):
+    from mats_jax import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "main", lambda argv=None: seen.append(argv))
+    result = CliRunner().invoke(main, ["demo", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert seen == [["--quick"]]
+
+
+def test_demo_bad_input_exits_2_with_the_message():
+    # Validated before any data is read or anything trained.
+    result = CliRunner().invoke(main, ["demo", "--methods", "no_such_method"])
+    assert result.exit_code == 2, result.output
+    assert "no_such_method" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_console_script_is_installed(workdir):
+    # The entry point from pyproject.toml, run as a user would.
+    exe = os.path.join(os.path.dirname(sys.executable), "mats-jax")
+    if not os.path.exists(exe):
+        pytest.skip("package not installed with its console script")
+    out = subprocess.run(
+        [exe, "inspect", str(workdir / "b.safetensors")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "fc/bias" in out.stdout
+
+
+def test_terminated_merge_leaves_no_output(workdir, monkeypatch):
+    import signal
+
+    from mats_jax.io import safetensors as st
+
+    def terminated(self, name, array):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, mid-write
+
+    monkeypatch.setattr(st.SafetensorsWriter, "write", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(
+        main, ["merge", str(workdir / "recipe.yaml"), "-o", str(workdir / "out"), "-q"]
+    )
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(workdir)) == [
+        "a.safetensors",
+        "b.safetensors",
+        "base.safetensors",
+        "recipe.yaml",
+    ]
+    assert signal.getsignal(signal.SIGTERM) is previous
