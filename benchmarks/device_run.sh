@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# One prepared run on an accelerator machine (the device tool): the solver and
+# Prepared runs on an accelerator machine (the device tool): the solver and
 # statistics benchmarks, each with its baselines in the same process, on the
 # card JAX finds. Results land in $OUT (copied back) with the card's name.
 #
-#   MATS_JAX_GIT_REV=$(git rev-parse --short HEAD) bash benchmarks/device_run.sh
+#   MATS_JAX_GIT_REV=$(git rev-parse --short HEAD) bash benchmarks/device_run.sh STEP...
 #
-# Each step has its own time limit so that a slow step still leaves the others'
-# results. The solver runs twice: with JAX's default float32 matmul precision
-# (TF32 on NVIDIA tensor cores) and with `highest` (true float32), since CG's
-# attainable residual depends on it.
+# STEP: solver, estimators. Since c74f544 the solver computes every product at
+# `highest` precision (true float32) whatever JAX's default, so the solver step
+# sets JAX_DEFAULT_MATMUL_PRECISION=highest for its matmul floor too (at the
+# default an NVIDIA card runs float32 matmuls as TF32). The 2026-11-27 H200 run
+# (benchmarks/results/device_h200.md) ran all three in one call with 170-200 s
+# each and every step ran out of time: the scipy baseline on the host CPU alone
+# takes ~2 min. Give each step its own call, with a limit near the per-call
+# maximum (LIMIT, seconds), so that each writes its result files.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export MATS_JAX_GIT_REV=${MATS_JAX_GIT_REV:-unknown}
 OUT=${OUT:-/tmp/mats_device_run}
+LIMIT=${LIMIT:-540}
 mkdir -p "$OUT"
 log=$OUT/device_run.log
 {
@@ -21,17 +26,18 @@ log=$OUT/device_run.log
   python3 -c "import jax, jaxlib, flax; print(jax.__version__, jaxlib.__version__, flax.__version__, jax.devices())"
 } >>"$log" 2>&1
 step() {
-  local limit=$1
-  shift
-  echo "=== $* (limit ${limit}s) $(date -u +%T)" >>"$log"
-  timeout "$limit" "$@" >>"$log" 2>&1
+  echo "=== $* (limit ${LIMIT}s) $(date -u +%T)" >>"$log"
+  timeout "$LIMIT" "$@" >>"$log" 2>&1
   echo "=== rc=$? $(date -u +%T)" >>"$log"
 }
-step "${SOLVER_LIMIT:-170}" python3 benchmarks/solver_kfac.py --no-workaround --no-probe \
-  --out "$OUT/solver_kfac_gpu"
-step "${STATS_LIMIT:-200}" python3 benchmarks/estimators.py --device --reps 2 \
-  --out "$OUT/estimators_gpu"
-JAX_DEFAULT_MATMUL_PRECISION=highest step "${SOLVER_LIMIT:-170}" \
-  python3 benchmarks/solver_kfac.py --no-workaround --no-probe --reps 2 \
-  --out "$OUT/solver_kfac_gpu_highest"
+for name in "${@:-solver}"; do
+  case $name in
+  solver)
+    JAX_DEFAULT_MATMUL_PRECISION=highest step python3 benchmarks/solver_kfac.py \
+      --no-probe --out "$OUT/solver_kfac_gpu" ;;
+  estimators)
+    step python3 benchmarks/estimators.py --device --reps 2 --out "$OUT/estimators_gpu" ;;
+  *) echo "unknown step $name" >>"$log" ;;
+  esac
+done
 tail -c 3000 "$log"

@@ -32,10 +32,10 @@ synthetic but K-FAC-like factors, and measures, in one run:
    and scipy solutions. The preconditioner's setup cost is the difference of
    ``maxiter=0`` calls with and without it.
 
-jaxlib 0.10 hangs in the preconditioned solve on a 2-core machine (see the
-notes in the results); the script sets ``NPROC=64`` to avoid it, and gives
-jaxlib's LAPACK calls one OpenBLAS thread (``--no-workaround``: neither). A
-full run also checks, in a separate process, whether the hang still happens.
+jaxlib 0.10 hung in the preconditioned solve on a 2-core machine before
+d3f338e (see the notes in the results); ``--workaround`` applies what earlier
+runs needed (``NPROC=64``, one OpenBLAS thread for jaxlib's LAPACK calls). A
+full run also checks, in a separate process, whether the hang happens.
 
 Run from the repository root:
 
@@ -795,7 +795,7 @@ def _runs(times: list[float]) -> str:
 
 def _workaround(applied: dict[str, Any] | None) -> str:
     if applied is None:
-        return "none (`--no-workaround`)"
+        return "none"
     return (
         f"NPROC={applied['NPROC']} (XLA:CPU pool size), 1 OpenBLAS thread in "
         f"jaxlib's LAPACK calls ({applied['one_thread']})"
@@ -1039,21 +1039,19 @@ def conclusions(summary: dict[str, Any]) -> str:
 
 NOTES = """## Notes
 
-- **Hang in the preconditioned solve (jaxlib 0.10.2).** jaxlib 0.10's CPU LAPACK kernels
-  (here `eigh`) split a batch over XLA:CPU's intra-op thread pool and block until the pieces
-  are done. The pool has one thread per core (2 here); when as many batched `eigh` calls wait
-  at once as the pool has threads, every thread waits and the process hangs for good, idle.
-  `KFAC.sum_preconditioner` runs two batched `eigh` per group of blocks, so
-  `mats(..., preconditioner=True)` can hang on this machine; the probe below (`HANG_PROBE` in
-  the script: 12 small kernels, 4 tasks, run in a fresh process without the workaround while
-  the problem is built, given 90 s) checks it at the revision measured. This script sets `NPROC=64` before JAX starts, which
-  sizes the pool to 64 threads (more than the 2 × 24 `eigh` calls of `group_blocks=False`).
-  It also sets scipy's bundled OpenBLAS, which jaxlib's LAPACK calls, to one thread: jaxlib
-  already splits a batch of `eigh` over its pool, and an OpenBLAS thread team inside each piece
-  made batched `eigh` 10 to 500× slower and erratic here (16 × 256² took 1 to 20 s instead of
-  0.03 s). numpy's OpenBLAS, which does the scipy loop's matmuls, is a separate library and
-  keeps its threads. `--no-workaround` changes neither. Every JAX number here ran with the
-  64-thread pool; its cost on the matmul loops was a few per cent in a side test.
+- **Hang in the preconditioned solve (jaxlib 0.10.2), fixed in d3f338e.** jaxlib 0.10's CPU
+  LAPACK kernels (here `eigh`) split a batch over XLA:CPU's intra-op thread pool and block
+  until the pieces are done. The pool has one thread per core (2 here); when as many batched
+  `eigh` calls wait at once as the pool has threads, every thread waits and the process hangs
+  for good, idle. `KFAC.sum_preconditioner` runs two `eigh` per group of blocks, so
+  `mats(..., preconditioner=True)` hung on this machine up to 9d832c2 (ordering the calls with
+  optimisation barriers was not enough). Since d3f338e the solver decomposes one matrix at a
+  time (`lax.map` over the batch), which gives the pool nothing to split. The probe below
+  (`HANG_PROBE` in the script: 12 small kernels, 4 tasks, run in a fresh process without any
+  workaround while the problem is built, given 90 s) checks it at the revision measured.
+  `--workaround` restores what earlier runs needed: `NPROC=64` before JAX starts (a 64-thread
+  pool) and one thread for scipy's bundled OpenBLAS, which jaxlib's LAPACK calls (an OpenBLAS
+  thread team inside each piece of a batched `eigh` made it 10 to 500× slower here).
 - Synthetic factors: the spectra are milder than many real K-FAC factors (whose condition
   numbers often reach 1e6 and more per factor), so that unpreconditioned CG reaches 1e-5 in a
   few hundred steps and the run stays near ten minutes. The Kronecker preconditioner is exact
@@ -1137,9 +1135,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions of the fixed-step runs")
     parser.add_argument("--out", type=Path, help="output path prefix")
     parser.add_argument(
-        "--no-workaround",
+        "--workaround",
         action="store_true",
-        help="leave NPROC unset (the preconditioned solve hangs on jaxlib 0.10)",
+        help="NPROC=64 and one OpenBLAS thread for jaxlib's LAPACK (needed before d3f338e)",
     )
     parser.add_argument(
         "--no-probe", action="store_true", help="skip the hang probe (jaxlib 0.10 CPU)"
@@ -1209,7 +1207,7 @@ def apply_workaround() -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    workaround = None if args.no_workaround else apply_workaround()
+    workaround = apply_workaround() if args.workaround else None
     cfg = QUICK if args.quick else Config()
     if args.reps:
         cfg = dataclasses.replace(cfg, reps=args.reps)
