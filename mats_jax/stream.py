@@ -41,7 +41,6 @@ from mats_jax.io.checkpoint import (
     Checkpoint,
     atomic_output,
     file_sha256,
-    nest,
     open_checkpoint,
 )
 from mats_jax.io.errors import CheckpointError
@@ -52,7 +51,7 @@ from mats_jax.io.safetensors import SafetensorsWriter
 from mats_jax.io.statistics import StatisticsReader
 from mats_jax.merge import sparse
 from mats_jax.recipe import METHODS, Recipe, load_recipe
-from mats_jax.tree import _pattern_matches, compute_dtype
+from mats_jax.tree import _pattern_matches, compute_dtype, nest_paths
 
 __all__ = [
     "LeafPlan",
@@ -797,9 +796,9 @@ def run_merge(
                 writer.close()
             elif fmt == "msgpack":
                 os.makedirs(tmp)
-                write_msgpack(os.path.join(tmp, MSGPACK_NAME), nest(collected))
+                write_msgpack(os.path.join(tmp, MSGPACK_NAME), nest_paths(collected))
             else:
-                save_orbax(tmp, nest(collected))
+                save_orbax(tmp, nest_paths(collected))
         finally:
             writes.shutdown(wait=True)
             if writer is not None:

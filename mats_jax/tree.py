@@ -40,6 +40,7 @@ __all__ = [
     "labels_by_pattern",
     "leaf_paths",
     "map_with_path",
+    "nest_paths",
     "path_str",
     "scale",
     "select",
@@ -79,6 +80,24 @@ def path_str(path: Sequence[Any]) -> str:
         else:
             parts.append(str(key))
     return "/".join(parts) if parts else "<root>"
+
+
+def nest_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts from ``/``-joined leaf paths: the inverse of :func:`path_str`
+    for trees of dicts.
+
+    Examples:
+      >>> nest_paths({"a/b": 1, "a/c": 2, "d": 3})
+      {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = out
+        *parents, last = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def map_with_path(fn: Callable[..., Any], tree: Params, *rest: Any) -> Any:

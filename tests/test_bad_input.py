@@ -21,21 +21,10 @@ import pytest
 import mats_jax as mj
 from mats_jax import solver
 from mats_jax.merge import linear, sparse
+from mats_jax.tree import nest_paths
 
 SHAPES = {"dense/kernel": (3, 4), "dense/bias": (4,), "nested/inner/scale": (2,)}
 NAN_INF = (math.nan, math.inf, -math.inf)
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 def flat_model(seed: int) -> dict[str, jax.Array]:
@@ -52,7 +41,7 @@ def model(seed: int, **replace: Any) -> dict[str, Any]:
             del flat[path]
         else:
             flat[path] = value
-    return nest(flat)
+    return nest_paths(flat)
 
 
 def with_value(path: str, value: float, seed: int = 0) -> dict[str, Any]:
@@ -70,7 +59,7 @@ def kfac_stats(**replace: Any) -> dict[str, Any]:
         "nested/inner/scale": mj.Dense(jnp.eye(2)),
     }
     flat.update({k.replace("__", "/"): v for k, v in replace.items()})
-    return nest(flat)
+    return nest_paths(flat)
 
 
 def gram_stats(**replace: Any) -> dict[str, Any]:
@@ -81,7 +70,7 @@ def gram_stats(**replace: Any) -> dict[str, Any]:
         "nested/inner/scale": None,
     }
     flat.update({k.replace("__", "/"): v for k, v in replace.items()})
-    return nest(flat)
+    return nest_paths(flat)
 
 
 def fishers(**replace: Any) -> dict[str, Any]:
@@ -92,7 +81,7 @@ def fishers(**replace: Any) -> dict[str, Any]:
         "nested/inner/scale": None,
     }
     flat.update({k.replace("__", "/"): v for k, v in replace.items()})
-    return nest(flat)
+    return nest_paths(flat)
 
 
 # --------------------------------------------------------------------------

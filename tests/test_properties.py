@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mats_jax as mj
+from mats_jax.tree import nest_paths
 
 # Leaf path -> shape. The second configuration stacks two (3, 2) kernels, as
 # nn.scan does: its KFAC and Gram statistics have a leading block axis.
@@ -60,18 +61,6 @@ EXACT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 # --------------------------------------------------------------------------
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
 def leaves_by_path(tree: Any) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {mj.tree.path_str(p): x for p, x in flat}
@@ -102,7 +91,7 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
 
 @st.composite
 def params(draw: Any, config: int, values: Any = FLOATS) -> dict[str, Any]:
-    return nest(
+    return nest_paths(
         {
             path: jnp.asarray(draw(hnp.arrays(np.float32, shape, elements=values)))
             for path, shape in SHAPES[config].items()
@@ -164,7 +153,7 @@ def statistics(
         return [None] * num_models
     kinds = LAYOUTS[layout]
     return [
-        nest({p: statistic(draw, kinds[p], s) for p, s in SHAPES[config].items()})
+        nest_paths({p: statistic(draw, kinds[p], s) for p, s in SHAPES[config].items()})
         for _ in range(num_models)
     ]
 

@@ -26,7 +26,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Literal, Protocol
 
 import jax
@@ -37,7 +37,7 @@ from mats_jax.io import orbax as orbax_io
 from mats_jax.io import safetensors as st_io
 from mats_jax.io.errors import CheckpointError
 from mats_jax.io.layout import IDENTITY, PRESETS, Layout, inverse_permutation
-from mats_jax.tree import path_str
+from mats_jax.tree import nest_paths, path_str
 
 __all__ = [
     "FORMATS",
@@ -47,7 +47,6 @@ __all__ = [
     "detect_format",
     "file_sha256",
     "load_checkpoint",
-    "nest",
     "open_checkpoint",
     "resolve_layout",
     "save_checkpoint",
@@ -231,23 +230,6 @@ def open_checkpoint(
     return Checkpoint(reader, resolve_layout(layout))
 
 
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dicts from ``{"a/b": x}`` leaf paths.
-
-    Examples:
-      >>> nest({"a/b": 1, "a/c": 2, "d": 3})
-      {'a': {'b': 1, 'c': 2}, 'd': 3}
-    """
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = out
-        *parents, last = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -264,7 +246,7 @@ def load_checkpoint(
       {'dense': {'bias': array([0., 1.])}}
     """
     ckpt = open_checkpoint(path, format=format, layout=layout)
-    return nest({p: ckpt.read(p) for p in ckpt.leaves})
+    return nest_paths({p: ckpt.read(p) for p in ckpt.leaves})
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -346,9 +328,9 @@ def write_tree(
         target = path if path.endswith(".msgpack") else os.path.join(path, MSGPACK_NAME)
         if target != path:
             os.makedirs(path, exist_ok=True)
-        msgpack_io.write_msgpack(target, nest(flat))
+        msgpack_io.write_msgpack(target, nest_paths(flat))
     elif format == "orbax":
-        orbax_io.save_orbax(path, nest(flat))
+        orbax_io.save_orbax(path, nest_paths(flat))
     else:
         raise CheckpointError(
             f"unknown checkpoint format {format!r}; expected one of {FORMATS}"

@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
-from mats_jax.tree import path_str
+from mats_jax.tree import nest_paths, path_str
 from mats_jax.typing import StatTree
 
 __all__ = ["load_statistics", "save_statistics"]
@@ -158,13 +158,6 @@ def load_statistics(
 
 
 def _nest(flat: dict[str, Any]) -> Any:
-    if list(flat) == ["<root>"]:
+    if list(flat) == ["<root>"]:  # a bare statistic, saved under path_str(())
         return flat["<root>"]
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = out
-        *parents, last = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
+    return nest_paths(flat)
