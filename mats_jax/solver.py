@@ -758,20 +758,7 @@ def _group_leaves(
     return list(groups.values())
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "method",
-        "preconditioner",
-        "fallback",
-        "precision",
-        "check_every",
-        "group_blocks",
-        "mesh",
-        "out_shardings",
-    ),
-)
-def _solve_jit(
+def _solve_traced(
     models: Sequence[Params],
     per_task: list[list[Statistic | None]],
     init: Params | None,
@@ -790,52 +777,6 @@ def _solve_jit(
     group_blocks: bool,
     mesh: Mesh | None = None,
     out_shardings: tuple[NamedSharding | None, ...] | None = None,
-) -> tuple[Params, Any]:
-    # The attainable residual of CG is set by the accuracy of its products:
-    # "float32" must mean float32 matmuls, not the TF32 or bf16 passes that
-    # GPUs and TPUs use for float32 by default (an H200 ran this solver's
-    # matmuls at TF32 unless told otherwise: benchmarks/results/device_h200.md).
-    with jax.default_matmul_precision("highest"):
-        return _solve_traced(
-            models,
-            per_task,
-            init,
-            fallback_tree,
-            weights,
-            maxiter,
-            tol,
-            damping,
-            divergence_factor,
-            method=method,
-            preconditioner=preconditioner,
-            fallback=fallback,
-            precision=precision,
-            check_every=check_every,
-            group_blocks=group_blocks,
-            mesh=mesh,
-            out_shardings=out_shardings,
-        )
-
-
-def _solve_traced(
-    models: Sequence[Params],
-    per_task: list[list[Statistic | None]],
-    init: Params | None,
-    fallback_tree: Params | None,
-    weights: Array,
-    maxiter: Any,
-    tol: Any,
-    damping: Any,
-    divergence_factor: Any,
-    *,
-    method: str,
-    preconditioner: bool,
-    fallback: str,
-    precision: str | None,
-    check_every: int,
-    group_blocks: bool,
-    mesh: Mesh | None,
-    out_shardings: tuple[NamedSharding | None, ...] | None,
 ) -> tuple[Params, Any]:
     model_leaves = [jax.tree.leaves(model) for model in models]
     treedef = jax.tree.structure(models[0])
@@ -996,6 +937,38 @@ def _solve_traced(
             start += n_blocks
     out = keep_shardings(out, out_shardings)
     return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, reports)
+
+
+def _at_highest_matmul_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` traced with every matmul at ``"highest"`` precision.
+
+    The attainable residual of CG is set by the accuracy of its products:
+    "float32" must mean float32 matmuls, not the TF32 or bf16 passes that GPUs
+    and TPUs use for float32 by default (an H200 ran this solver's matmuls at
+    TF32 unless told otherwise: benchmarks/results/device_h200.md).
+    """
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+_solve_jit = jax.jit(
+    _at_highest_matmul_precision(_solve_traced),
+    static_argnames=(
+        "method",
+        "preconditioner",
+        "fallback",
+        "precision",
+        "check_every",
+        "group_blocks",
+        "mesh",
+        "out_shardings",
+    ),
+)
 
 
 class _Blocked(NamedTuple):
