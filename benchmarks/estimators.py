@@ -1661,6 +1661,47 @@ def _kron_conclusion(s: dict[str, Any], results: dict[str, Any]) -> str:
     )
 
 
+def _memory_conclusion(results: dict[str, Any], mem: dict[str, Any]) -> str:
+    """The conclusion on diagonal_fisher's peak memory over the data."""
+    first = results["config"]["memory_examples"][0]
+    last = results["config"]["memory_examples"][-1]
+    flat = all(v["flat"] for v in mem.values())
+    path = _rss_path(results)
+    return (
+        "- **(5) Memory.** "
+        + ("The" if flat else "Not every")
+        + f" peak of diagonal_fisher over the data stays flat from {first:,} to "
+        f"{last:,} examples: "
+        + ", ".join(
+            f"{n.upper()} peak RSS largest/smallest ×{_f(v['ratio'], 4)} "
+            f"({_f(v['growth_mb'])} MB, identical runs differ by up to "
+            f"{_f(v['noise_mb'])} MB), live JAX arrays "
+            + " → ".join(f"{_f(p)}" for p in v["live_mb"].values())
+            + " MB"
+            for n, v in mem.items()
+        )
+        + (
+            ": no trend beyond the run-to-run spread."
+            if flat
+            else ": see the table for the growth."
+        )
+        + " RSS of the largest runs at batch 1 → ¼ → last: "
+        + "; ".join(
+            f"{n.upper()} {_f(a)} → {_f(b)} → {_f(c)} MB"
+            for n, (a, b, c) in path.items()
+        )
+        + (
+            ": it rises over the first batches and then stays level, so the smallest "
+            "runs, which end early in that rise, peak lowest."
+            if flat and all(b - a >= abs(c - b) for a, b, c in path.values())
+            else " (the RSS of one run moves by tens of MB with the allocator and the "
+            "load; the live arrays do not)."
+            if flat
+            else "."
+        )
+    )
+
+
 def _rss_path(results: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
     """Mean RSS at batch 1, a quarter through and the last batch, largest runs."""
     out = {}
@@ -1721,46 +1762,10 @@ def conclusions(summary: dict[str, Any], results: dict[str, Any]) -> str:
             "reuses the executable (no compilation in the second round's calls)."
         )
     mem = summary["memory"]["models"]
-    if not mem:
-        lines.append("- **(5) Memory.** Not measured in this run (`--device`).")
-    first = results["config"]["memory_examples"][0]
-    last = results["config"]["memory_examples"][-1]
-    flat = all(v["flat"] for v in mem.values())
-    path = _rss_path(results) if mem else {}
     lines.append(
-        ""
-        if not mem
-        else "- **(5) Memory.** "
-        + ("The" if flat else "Not every")
-        + f" peak of diagonal_fisher over the data stays flat from {first:,} to "
-        f"{last:,} examples: "
-        + ", ".join(
-            f"{n.upper()} peak RSS largest/smallest ×{_f(v['ratio'], 4)} "
-            f"({_f(v['growth_mb'])} MB, identical runs differ by up to "
-            f"{_f(v['noise_mb'])} MB), live JAX arrays "
-            + " → ".join(f"{_f(p)}" for p in v["live_mb"].values())
-            + " MB"
-            for n, v in mem.items()
-        )
-        + (
-            ": no trend beyond the run-to-run spread."
-            if flat
-            else ": see the table for the growth."
-        )
-        + " RSS of the largest runs at batch 1 → ¼ → last: "
-        + "; ".join(
-            f"{n.upper()} {_f(a)} → {_f(b)} → {_f(c)} MB"
-            for n, (a, b, c) in path.items()
-        )
-        + (
-            ": it rises over the first batches and then stays level, so the smallest "
-            "runs, which end early in that rise, peak lowest."
-            if flat and all(b - a >= abs(c - b) for a, b, c in path.values())
-            else " (the RSS of one run moves by tens of MB with the allocator and the "
-            "load; the live arrays do not)."
-            if flat
-            else "."
-        )
+        _memory_conclusion(results, mem)
+        if mem
+        else "- **(5) Memory.** Not measured in this run (`--device`)."
     )
     check_gain = max(
         (v["gain"] for n in MODELS for v in s[n]["no_check"].values()), default=1.0
