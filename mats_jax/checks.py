@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mats_jax.stats.statistic import Statistic
+from mats_jax.stats.statistic import NONNEGATIVE, NONNEGATIVE_DIAGONAL, Statistic
 from mats_jax.tree import path_str
 from mats_jax.typing import Array, Params, StatTree
 
@@ -57,17 +57,12 @@ def _structure_difference(reference: Params, other: Params) -> str:
     return "; ".join(parts) or "the same leaf paths but a different container structure"
 
 
-# What, besides being finite, an array must satisfy: nothing, non-negative
-# entries (a diagonal statistic), or a non-negative diagonal (a PSD matrix).
-ANY, NONNEGATIVE, NONNEGATIVE_DIAGONAL = 0, 1, 2
-
-
 def _check_finite(entries: Sequence[tuple[str, str, Array]]) -> None:
     """Raises on the first NaN/Inf among ``(owner, path, array)`` entries."""
-    _check_values([(*e, ANY) for e in entries])
+    _check_values([(*e, None) for e in entries])
 
 
-def _check_values(entries: Sequence[tuple[str, str, Array, int]]) -> None:
+def _check_values(entries: Sequence[tuple[str, str, Array, str | None]]) -> None:
     """Raises on the first array that is not finite or breaks its sign rule.
 
     One fused device pass over every array; traced arrays are skipped.
@@ -94,7 +89,7 @@ def _check_values(entries: Sequence[tuple[str, str, Array, int]]) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _value_flags(leaves: list[Array], rules: tuple[int, ...]) -> Array:
+def _value_flags(leaves: list[Array], rules: tuple[str | None, ...]) -> Array:
     finite, signed = [], []
     for leaf, rule in zip(leaves, rules, strict=True):
         finite.append(jnp.all(jnp.isfinite(leaf)))
@@ -292,24 +287,14 @@ def check_statistics(
                     raise MergeInputError(f"{name}[{m}] at {path!r}: {misfit}")
     _check_values(
         [
-            (
-                f"{name}[{m}]",
-                f"{path}/{field}",
-                array,
-                NONNEGATIVE if stat.kind == "Diagonal" else NONNEGATIVE_DIAGONAL,
-            )
+            (f"{name}[{m}]", f"{path}/{field}", array, rule)
             for m, task in enumerate(per_task)
             for (path, _), stat in zip(leaves, task, strict=True)
             if stat is not None
-            for field, array in _fields(stat)
+            for field, array, rule in stat.value_checks()
         ]
     )
     return per_task
-
-
-def _fields(stat: Statistic) -> list[tuple[str, Array]]:
-    with_path = jax.tree_util.tree_flatten_with_path(stat)[0]
-    return [(path_str(p), x) for p, x in with_path]
 
 
 def _same_structure(a: Any, b: Any) -> bool:

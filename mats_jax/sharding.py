@@ -47,11 +47,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
-from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax import checks
-from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.stats.statistic import Statistic
 from mats_jax.typing import Params, StatTree
 
 __all__ = [
@@ -96,78 +95,14 @@ def input_mesh(*trees: Any) -> Mesh | None:
     return next(iter(meshes.values()), None)
 
 
-def _full_spec(sharding: NamedSharding, ndim: int) -> tuple[Any, ...]:
-    spec = tuple(sharding.spec)
-    return spec + (None,) * (ndim - len(spec))
-
-
-def _rows_entry(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
-    """The mesh axes sharding a factor's rows: its kernel's first axis of ``axes``."""
-    if not axes:
-        return None
-    first, *rest = axes
-    if any(spec[a] is not None for a in rest):
-        return None
-    return spec[first]
-
-
-def _entry_size(mesh: Mesh | AbstractMesh, entry: Any) -> int:
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return int(np.prod([mesh.shape[name] for name in names]))
-
-
-def factor_spec(
-    mesh: Mesh | AbstractMesh,
-    leaf_spec: tuple[Any, ...],
-    axes: Sequence[int],
-    other_axes: Sequence[int],
-    block_axes: Sequence[int],
-    n: int,
-) -> PartitionSpec:
-    """The spec of a ``blocks… + (n, n)`` factor whose rows run over ``axes`` of the leaf.
-
-    The rows follow the kernel's ``axes``; where those are not split, they
-    borrow the split of the kernel's ``other_axes`` (when it divides n), so
-    that a kernel split on one axis has both factors split rather than one
-    replicated on every device.
-    """
-    rows = _rows_entry(leaf_spec, axes)
-    if rows is None:
-        borrowed = _rows_entry(leaf_spec, other_axes)
-        if borrowed is not None and n % _entry_size(mesh, borrowed) == 0:
-            rows = borrowed
-    return PartitionSpec(*(leaf_spec[a] for a in block_axes), rows, None)
-
-
 def statistic_sharding(stat: Statistic, leaf_sharding: NamedSharding) -> Any:
     """The shardings of ``stat``'s arrays for a leaf sharded as ``leaf_sharding``.
 
     Returns a pytree of ``stat``'s structure holding one
-    :class:`~jax.sharding.NamedSharding` per array (see the module docstring).
+    :class:`~jax.sharding.NamedSharding` per array: each statistic type's own
+    rule (:meth:`~mats_jax.Statistic.sharding`; see the module docstring).
     """
-    mesh = leaf_sharding.mesh
-
-    def named(*entries: Any) -> NamedSharding:
-        return NamedSharding(mesh, PartitionSpec(*entries))
-
-    if isinstance(stat, Diagonal):
-        return Diagonal(leaf_sharding)  # type: ignore[arg-type]
-    if isinstance(stat, Dense):
-        return Dense(named())  # type: ignore[arg-type]
-    if isinstance(stat, Gram | KFAC):
-        ndim = stat.a.ndim - 2 + len(stat.in_axes) + len(stat.out_axes)
-        spec = _full_spec(leaf_sharding, ndim)
-        blocks, ins, outs = stat._axes(ndim)
-        a = NamedSharding(
-            mesh, factor_spec(mesh, spec, ins, outs, blocks, stat.a.shape[-1])
-        )
-        if isinstance(stat, Gram):
-            return Gram(a, stat.in_axes, stat.out_axes)  # type: ignore[arg-type]
-        g = NamedSharding(
-            mesh, factor_spec(mesh, spec, outs, ins, blocks, stat.g.shape[-1])
-        )
-        return KFAC(a, g, stat.in_axes, stat.out_axes)  # type: ignore[arg-type]
-    raise TypeError(f"no sharding rule for {type(stat).__name__}")
+    return stat.sharding(leaf_sharding)
 
 
 def shard_statistics(statistics: StatTree, params: Params) -> StatTree:

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from mats_jax.io.errors import CheckpointError
 from mats_jax.io.orbax import OrbaxReader
-from mats_jax.stats.io import _TYPES, FORMAT
+from mats_jax.stats.io import FORMAT
 from mats_jax.stats.statistic import Statistic
 
 __all__ = ["StatisticsReader"]
@@ -79,11 +79,8 @@ class StatisticsReader:
         if entry is None:
             return None
         assert self._arrays is not None
-        kind = _TYPES[entry["type"]]
-        fields = {
-            f: jnp.asarray(self._arrays.read(f"{leaf}/{f}"))
-            for f in ("f", "a", "g")
-            if f"{leaf}/{f}" in self._arrays.specs
+        kind = Statistic.by_kind(entry["type"])
+        arrays = {
+            f: jnp.asarray(self._arrays.read(f"{leaf}/{f}")) for f in kind.array_fields
         }
-        axes = {k: tuple(entry[k]) for k in ("in_axes", "out_axes") if k in entry}
-        return kind(**fields, **axes)
+        return kind.from_saved(arrays, entry)

@@ -2,20 +2,24 @@
 
 Per micro-batch it evaluates the model with its dense layers tapped
 (:mod:`mats_jax.stats.capture`), backpropagates the Fisher kind's cotangents
-(:mod:`mats_jax.stats.likelihood`) to every layer's output at once, and adds:
+(:mod:`mats_jax.stats.likelihood`) to every layer's output at once, and adds
+the sums the target statistic type asks for
+(:attr:`~mats_jax.Statistic.estimator_sums`):
 
-* for Gram: ``Σ_r w_r x_r x_rᵀ`` and the row count, per kernel (and layer);
-* for K-FAC: those and ``Σ_r Σ_k g_rk g_rkᵀ``;
-* for the diagonal Fisher of a kernel used once with one row per example
-  (a dense layer of a plain classifier): ``Σ_b Σ_k (x_b ⊙ x_b)(g_bk ⊙ g_bk)ᵀ``,
-  since that example's gradient is the outer product ``x_b g_bkᵀ``: no
-  per-example gradient is ever formed;
-* for every other leaf that needs a diagonal Fisher (biases, norms,
-  embeddings, convolutions, kernels applied to several rows per example):
-  squared per-example gradients from ``jax.vmap`` of ``jax.vjp``.
+* ``"inputs"``: ``Σ_r w_r x_r x_rᵀ`` per kernel (and layer), with ``"rows"``
+  the row count ``Σ_r w_r``;
+* ``"output_gradients"``: ``Σ_r Σ_k g_rk g_rkᵀ``;
+* ``"squared_gradients"``: per-example squared scores. For a kernel used once
+  with one row per example (a dense layer of a plain classifier) they are
+  ``Σ_b Σ_k (x_b ⊙ x_b)(g_bk ⊙ g_bk)ᵀ``, since that example's gradient is the
+  outer product ``x_b g_bkᵀ``: no per-example gradient is ever formed; every
+  other leaf (biases, norms, embeddings, convolutions, kernels applied to
+  several rows per example) gets them from ``jax.vmap`` of ``jax.vjp``.
 
-:func:`estimate` turns the sums into statistics with the package's one
-normalisation (per example; A and Gram per row): see :mod:`mats_jax.stats.kronecker`.
+:func:`estimate` hands the sums to the type (:meth:`~mats_jax.Statistic.from_sums`),
+which applies the package's one normalisation (per example; A and Gram per
+row): see :mod:`mats_jax.stats.kronecker`. A statistic type built from these
+sums needs no change here.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# A module import: mats_jax.sharding imports this package's statistic types.
-from mats_jax import sharding as placement
 from mats_jax.stats.accumulate import accumulate
 from mats_jax.stats.capture import Layers, Tap, find_layers, tapped
 from mats_jax.stats.likelihood import (
@@ -44,10 +46,9 @@ from mats_jax.stats.likelihood import (
     logit_cotangents,
 )
 from mats_jax.stats.statistic import (
-    KFAC,
     Diagonal,
-    Gram,
     Statistic,
+    factor_spec,
     kernel_axes,
     kernel_from_blocks,
 )
@@ -57,7 +58,7 @@ from mats_jax.typing import Array, Params, StatTree
 __all__ = ["estimate"]
 
 Fallback = Literal["diagonal"] | None
-Target = Literal["gram", "kfac", "diagonal"]
+Target = type[Statistic]
 LogitsFn = Callable[[Params, Any], Array]
 
 
@@ -306,7 +307,8 @@ def _build_plan(
         for k in kernels
         if all(_row_weights(layers.taps[t], probe_mask) is not None for t in k.taps)
     ]
-    if target == "diagonal":
+    squares = "squared_gradients" in target.estimator_sums
+    if squares:
         # Only kernels used once, one row per example, take the outer-product
         # shortcut; the rest need per-example gradients.
         kernels = [
@@ -318,35 +320,29 @@ def _build_plan(
         ]
     elif not kernels:
         raise StatisticsInputError(
-            f"{target}: no dense layer (a product of an activation with a parameter) was found "
-            f"in the model function; leaves: {', '.join(paths[:10])}"
+            f"{target.kind}: no dense layer (a product of an activation with a parameter) "
+            f"was found in the model function; leaves: {', '.join(paths[:10])}"
         )
     kernel_leaves = {k.leaf for k in kernels}
     per_example = [
-        ((target == "diagonal" and selected[i]) or fallback == "diagonal")
-        and i not in kernel_leaves
+        ((squares and selected[i]) or fallback == "diagonal") and i not in kernel_leaves
         for i in range(len(flat_params))
     ]
-    needs_g = target == "kfac" or (target == "diagonal" and bool(kernels))
+    needs_g = "output_gradients" in target.estimator_sums or (squares and bool(kernels))
     run = tapped(fn, layers)
 
     init: dict[str, Any] = {}  # shapes of the accumulator's arrays
     for k in kernels:
-        if target == "diagonal":
-            init[paths[k.leaf]] = {"f": (*k.layer_shape, k.n_in, k.n_out)}
-        else:
-            init[paths[k.leaf]] = {
-                "a": (*k.layer_shape, k.n_in, k.n_in),
-                "rows": (),
-                **(
-                    {"g": (*k.layer_shape, k.n_out, k.n_out)}
-                    if target == "kfac"
-                    else {}
-                ),
-            }
+        shapes = {
+            "squared_gradients": (*k.layer_shape, k.n_in, k.n_out),
+            "inputs": (*k.layer_shape, k.n_in, k.n_in),
+            "rows": (),
+            "output_gradients": (*k.layer_shape, k.n_out, k.n_out),
+        }
+        init[paths[k.leaf]] = {name: shapes[name] for name in target.estimator_sums}
     for i, chosen in enumerate(per_example):
         if chosen:
-            init[paths[i]] = {"f": tuple(np.shape(flat_params[i]))}
+            init[paths[i]] = {"squared_gradients": tuple(np.shape(flat_params[i]))}
 
     def step(
         acc: dict[str, Any], params: Params, micro: Mapping[str, Any], k: Array
@@ -378,23 +374,24 @@ def _build_plan(
                 entry = dict(new[paths[kern.leaf]])
                 for t in kern.taps:
                     tap = layers.taps[t]
-                    if target == "diagonal":
+                    if squares:
                         assert gs is not None
                         x2 = jnp.square(tap.rows_and_inputs(xs[t]).astype(jnp.float32))
                         g2 = jnp.square(
                             jax.vmap(tap.rows_and_outputs)(gs[t]).astype(jnp.float32)
                         )
-                        entry["f"] = entry["f"] + jnp.einsum(
-                            "...bi,k...bo->...io", x2, g2
-                        )
+                        entry["squared_gradients"] = entry[
+                            "squared_gradients"
+                        ] + jnp.einsum("...bi,k...bo->...io", x2, g2)
                         continue
                     a, g, count = _tap_sums(
                         tap, xs[t], None if gs is None else gs[t], mask
                     )
-                    entry["a"] = entry["a"] + a
+                    entry["inputs"] = entry["inputs"] + a
                     entry["rows"] = entry["rows"] + count
-                    if g is not None:
-                        entry["g"] = entry["g"] + g
+                    if "output_gradients" in entry:
+                        assert g is not None
+                        entry["output_gradients"] = entry["output_gradients"] + g
                 new[paths[kern.leaf]] = entry
         if any(per_example):
             sums = per_example_squared_scores(
@@ -408,7 +405,9 @@ def _build_plan(
             )
             for i, s in enumerate(sums):
                 if s is not None:
-                    new[paths[i]] = {"f": acc[paths[i]]["f"] + s}
+                    new[paths[i]] = {
+                        "squared_gradients": acc[paths[i]]["squared_gradients"] + s
+                    }
         return new
 
     return _Plan(tuple(kernels), tuple(per_example), init, step)
@@ -432,16 +431,21 @@ def estimate(
     """Estimates ``target`` statistics of ``fn`` over ``batches``; see the module docstring.
 
     Args:
-      target: ``"gram"`` or ``"kfac"`` (per dense kernel, ``fallback`` for the
-        other leaves) or ``"diagonal"`` (the diagonal Fisher of every leaf
-        selected by ``leaves``).
+      target: the statistic type to estimate, from the sums it names
+        (:attr:`~mats_jax.Statistic.estimator_sums`): kernel statistics such as
+        :class:`~mats_jax.Gram` and :class:`~mats_jax.KFAC` for every dense
+        kernel (``fallback`` for the other leaves), or
+        :class:`~mats_jax.Diagonal` for every leaf selected by ``leaves``.
       Everything else: as for :func:`~mats_jax.kfac`.
     """
     if fallback not in ("diagonal", None):
         raise StatisticsInputError(
             f"fallback must be 'diagonal' or None, got {fallback!r}"
         )
-    needs_fisher = target != "gram" or fallback == "diagonal"
+    gradient_sums = {"output_gradients", "squared_gradients"}
+    needs_fisher = bool(gradient_sums & set(target.estimator_sums)) or (
+        fallback == "diagonal"
+    )
     if needs_fisher:
         check_kind(kind, num_samples)
         if kind == "sampled" and key is None:
@@ -488,30 +492,24 @@ def estimate(
             else _accumulator_shardings(plan, flat_params, paths, mesh)
         ),
         progress=progress,
-        description={
-            "gram": "Gram",
-            "kfac": f"K-FAC ({kind})",
-            "diagonal": f"diagonal Fisher ({kind})",
-        }[target],
+        description=f"{target.kind} ({kind})" if needs_fisher else target.kind,
     )
     out: list[Statistic | None] = [None] * len(flat_params)
+    n_examples = jnp.asarray(n, jnp.float32)
     for kern in kernels:
-        entry = acc[paths[kern.leaf]]
-        if target == "diagonal":
-            blocks = (entry["f"] / n).reshape(-1, kern.n_in, kern.n_out)
+        sums = dict(acc[paths[kern.leaf]])
+        if "squared_gradients" in sums:  # in (blocks, I, O) layout: the leaf's
             shape = tuple(np.shape(flat_params[kern.leaf]))
-            out[kern.leaf] = Diagonal(
-                kernel_from_blocks(blocks, shape, kern.in_axes, kern.out_axes)
+            blocks = sums["squared_gradients"].reshape(-1, kern.n_in, kern.n_out)
+            sums["squared_gradients"] = kernel_from_blocks(
+                blocks, shape, kern.in_axes, kern.out_axes
             )
-            continue
-        a = entry["a"] / jnp.maximum(entry["rows"], 1.0)
-        if target == "kfac":
-            out[kern.leaf] = KFAC(a, entry["g"] / n, kern.in_axes, kern.out_axes)
-        else:
-            out[kern.leaf] = Gram(a, kern.in_axes, kern.out_axes)
+        out[kern.leaf] = target.from_sums(
+            sums, n_examples, in_axes=kern.in_axes, out_axes=kern.out_axes
+        )
     for i, chosen in enumerate(per_example):
         if chosen:
-            out[i] = Diagonal(acc[paths[i]]["f"] / n)
+            out[i] = Diagonal.from_sums(acc[paths[i]], n_examples)
     if mesh is not None:
         out = [
             stat if stat is None else _placed(stat, leaf, mesh)
@@ -530,9 +528,7 @@ def _leaf_sharding(leaf: Any, mesh: Mesh) -> NamedSharding:
 
 def _placed(stat: Statistic, leaf: Any, mesh: Mesh) -> Statistic:
     """``stat`` sharded like its kernel (:mod:`mats_jax.sharding`)."""
-    placed: Statistic = jax.device_put(
-        stat, placement.statistic_sharding(stat, _leaf_sharding(leaf, mesh))
-    )
+    placed: Statistic = jax.device_put(stat, stat.sharding(_leaf_sharding(leaf, mesh)))
     return placed
 
 
@@ -549,24 +545,27 @@ def _accumulator_shardings(
         spec = tuple(leaf_spec) + (None,) * (ndim - len(leaf_spec))
         blocks, ins, outs = kernel_axes(ndim, kern.in_axes, kern.out_axes)
         entry = out[paths[kern.leaf]] = {}
-        a_spec = placement.factor_spec(mesh, spec, ins, outs, blocks, kern.n_in)
-        g_spec = placement.factor_spec(mesh, spec, outs, ins, blocks, kern.n_out)
         for name in plan.init_shapes[paths[kern.leaf]]:
             if name == "rows":
                 entry[name] = replicated
-            elif name == "f":  # a kernel's diagonal Fisher, (blocks…, I, O)
-                ins_rows = placement.factor_spec(mesh, spec, ins, (), blocks, kern.n_in)
-                outs_rows = placement.factor_spec(
-                    mesh, spec, outs, (), blocks, kern.n_out
-                )
+            elif name == "squared_gradients":  # (blocks…, I, O)
+                ins_rows = factor_spec(mesh, spec, ins, (), blocks, kern.n_in)
+                outs_rows = factor_spec(mesh, spec, outs, (), blocks, kern.n_out)
                 entry[name] = NamedSharding(
                     mesh, PartitionSpec(*ins_rows[:-1], outs_rows[-2])
                 )
-            else:
-                entry[name] = NamedSharding(mesh, a_spec if name == "a" else g_spec)
+            else:  # a factor: rows over the kernel's input or output axes
+                rows, other, n = (
+                    (ins, outs, kern.n_in)
+                    if name == "inputs"
+                    else (outs, ins, kern.n_out)
+                )
+                entry[name] = NamedSharding(
+                    mesh, factor_spec(mesh, spec, rows, other, blocks, n)
+                )
     for i, chosen in enumerate(plan.per_example):
         if chosen:
-            out[paths[i]] = {"f": _leaf_sharding(flat_params[i], mesh)}
+            out[paths[i]] = {"squared_gradients": _leaf_sharding(flat_params[i], mesh)}
     return out
 
 

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from mats_jax.stats.estimate import estimate
 from mats_jax.stats.likelihood import FisherKind
+from mats_jax.stats.statistic import Diagonal
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = ["diagonal_fisher"]
@@ -105,7 +106,7 @@ def diagonal_fisher(
         logits_fn,
         params,
         batches,
-        target="diagonal",
+        target=Diagonal,
         kind=kind,
         num_samples=num_samples,
         key=key,

@@ -26,14 +26,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.stats.statistic import Statistic
 from mats_jax.tree import nest_paths, path_str
 from mats_jax.typing import StatTree
 
-__all__ = ["load_statistics", "save_statistics"]
+__all__ = ["FORMAT", "load_statistics", "save_statistics"]
 
-_TYPES: dict[str, type[Statistic]] = {t.kind: t for t in (Diagonal, Dense, Gram, KFAC)}
 FORMAT = "mats_jax.statistics/1"
+"""The ``format`` entry of a statistics checkpoint's layout record."""
 
 
 def _is_stat(x: Any) -> bool:
@@ -72,16 +72,8 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
             raise TypeError(
                 f"statistics at {name!r}: expected a statistic or None, got {type(stat).__name__}"
             )
-        fields = {f: getattr(stat, f) for f in ("f", "a", "g") if hasattr(stat, f)}
-        arrays[name] = fields
-        layout[name] = {
-            "type": stat.kind,
-            **{
-                k: list(getattr(stat, k))
-                for k in ("in_axes", "out_axes")
-                if hasattr(stat, k)
-            },
-        }
+        arrays[name] = stat.arrays()
+        layout[name] = stat.layout()
     meta = {"format": FORMAT, "order": [path_str(p) for p, _ in flat], "layout": layout}
     del treedef
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -140,10 +132,7 @@ def load_statistics(
         if entry is None:
             stats[name] = None
             continue
-        kind = _TYPES[entry["type"]]
-        fields = arrays[name]
-        axes = {k: tuple(entry[k]) for k in ("in_axes", "out_axes") if k in entry}
-        stats[name] = kind(**fields, **axes)
+        stats[name] = Statistic.by_kind(entry["type"]).from_saved(arrays[name], entry)
     if like is None:
         return _nest(stats)
     flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_stat)

@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 
 from mats_jax.stats.estimate import Fallback, estimate
 from mats_jax.stats.likelihood import FisherKind
+from mats_jax.stats.statistic import KFAC, Gram
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = ["gram", "kfac"]
@@ -105,7 +106,7 @@ def kfac(
         logits_fn,
         params,
         batches,
-        target="kfac",
+        target=KFAC,
         kind=kind,
         num_samples=num_samples,
         key=key,
@@ -160,7 +161,7 @@ def gram(
         apply_fn,
         params,
         batches,
-        target="gram",
+        target=Gram,
         kind=kind,
         num_samples=num_samples,
         key=key,

@@ -51,16 +51,33 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array
 
-__all__ = ["KFAC", "Dense", "Diagonal", "EighSequence", "Gram", "Statistic"]
+__all__ = [
+    "KFAC",
+    "NONNEGATIVE",
+    "NONNEGATIVE_DIAGONAL",
+    "Dense",
+    "Diagonal",
+    "EighSequence",
+    "Gram",
+    "Statistic",
+    "factor_spec",
+    "register_statistic",
+]
+
+NONNEGATIVE = "non-negative entries"
+"""A sign rule: every entry of the array is >= 0 (a diagonal statistic)."""
+NONNEGATIVE_DIAGONAL = "a non-negative diagonal"
+"""A sign rule: the trailing matrices' diagonals are >= 0 (necessary for PSD)."""
 
 Apply = Callable[[Array], Array]
 
@@ -158,6 +175,76 @@ class Statistic:
 
     kind: ClassVar[str] = "statistic"
     has_closed_form: ClassVar[bool] = True
+    array_fields: ClassVar[tuple[str, ...]] = ()
+    """Its arrays: the pytree's data, saved under these names."""
+    layout_fields: ClassVar[tuple[str, ...]] = ()
+    """Its static layout (kernel axes): pytree metadata, saved in the layout record."""
+    sign_rules: ClassVar[dict[str, str]] = {}
+    """Per array field, what it must satisfy besides being finite."""
+    estimator_sums: ClassVar[tuple[str, ...]] = ()
+    """The sums over examples the estimators accumulate for it
+    (:mod:`mats_jax.stats.estimate`): ``"squared_gradients"`` (per-example
+    squared scores, leaf-shaped), ``"inputs"`` (Σ_r x_r x_rᵀ of a kernel's
+    input rows), ``"rows"`` (the number of rows) and ``"output_gradients"``
+    (Σ g gᵀ of the gradients at a kernel's outputs). Empty: no estimator."""
+
+    _types: ClassVar[dict[str, type[Statistic]]] = {}
+
+    @staticmethod
+    def by_kind(kind: str) -> type[Statistic]:
+        """The registered statistic type named ``kind`` (e.g. ``"KFAC"``).
+
+        Raises:
+          ValueError: for a kind no type registered.
+
+        Examples:
+          >>> from mats_jax import KFAC, Statistic
+          >>> Statistic.by_kind("KFAC") is KFAC
+          True
+        """
+        if kind not in Statistic._types:
+            raise ValueError(
+                f"unknown statistic type {kind!r}; the types are {sorted(Statistic._types)}"
+            )
+        return Statistic._types[kind]
+
+    # Serialisation, validity and placement ----------------------------------
+    def arrays(self) -> dict[str, Array]:
+        """Its arrays by field name (what a statistics checkpoint stores)."""
+        return {f: getattr(self, f) for f in self.array_fields}
+
+    def layout(self) -> dict[str, Any]:
+        """Its type and static layout as JSON data (the checkpoint's layout record)."""
+        return {
+            "type": self.kind,
+            **{f: [int(a) for a in getattr(self, f)] for f in self.layout_fields},
+        }
+
+    @classmethod
+    def from_saved(cls, arrays: dict[str, Any], layout: dict[str, Any]) -> Statistic:
+        """The inverse of :meth:`arrays` and :meth:`layout`."""
+        meta = {f: tuple(layout[f]) for f in cls.layout_fields if f in layout}
+        return cls(**{f: arrays[f] for f in cls.array_fields}, **meta)
+
+    def value_checks(self) -> list[tuple[str, Array, str | None]]:
+        """``(field, array, sign rule or None)`` for the finiteness and sign checks."""
+        return [
+            (f, getattr(self, f), self.sign_rules.get(f)) for f in self.array_fields
+        ]
+
+    def sharding(self, leaf_sharding: NamedSharding) -> Any:
+        """Shardings of its arrays for a leaf sharded as ``leaf_sharding``: this
+        statistic's structure with a :class:`~jax.sharding.NamedSharding` per array
+        (see :mod:`mats_jax.sharding`)."""
+        raise NotImplementedError(f"{self.kind} has no sharding rule")
+
+    @classmethod
+    def from_sums(
+        cls, sums: dict[str, Array], examples: Array, **layout: Any
+    ) -> Statistic:
+        """The statistic from the estimator's sums (:attr:`estimator_sums`) over
+        ``examples`` examples: the package's one normalisation, per example."""
+        raise NotImplementedError(f"{cls.kind} has no estimator")
 
     # Per-instance interface -------------------------------------------------
     def fit_error(self, leaf_shape: tuple[int, ...]) -> str | None:
@@ -210,12 +297,25 @@ class Statistic:
         return cls.sum_pinv(stats, damping, eigh)
 
 
-def _register(cls: type, data: Sequence[str], meta: Sequence[str] = ()) -> type:
-    return jax.tree_util.register_dataclass(
-        cls, data_fields=list(data), meta_fields=list(meta)
+S = TypeVar("S", bound=type)
+
+
+def register_statistic(cls: S) -> S:
+    """Registers a statistic type: a pytree (its :attr:`~Statistic.array_fields`
+    as data, :attr:`~Statistic.layout_fields` as metadata) known by its ``kind``
+    to the checks, sharding, saving and loading.
+
+    A new statistic type is one frozen dataclass subclassing
+    :class:`Statistic`, decorated with this.
+    """
+    jax.tree_util.register_dataclass(
+        cls, data_fields=list(cls.array_fields), meta_fields=list(cls.layout_fields)
     )
+    Statistic._types[cls.kind] = cls
+    return cls
 
 
+@register_statistic
 @dataclasses.dataclass(frozen=True)
 class Diagonal(Statistic):
     """A diagonal statistic, such as the diagonal Fisher: ``C = diag(f)``.
@@ -233,6 +333,18 @@ class Diagonal(Statistic):
 
     f: Array
     kind: ClassVar[str] = "Diagonal"
+    array_fields: ClassVar[tuple[str, ...]] = ("f",)
+    sign_rules: ClassVar[dict[str, str]] = {"f": NONNEGATIVE}
+    estimator_sums: ClassVar[tuple[str, ...]] = ("squared_gradients",)
+
+    def sharding(self, leaf_sharding: NamedSharding) -> Any:
+        return Diagonal(leaf_sharding)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sums(
+        cls, sums: dict[str, Array], examples: Array, **layout: Any
+    ) -> Diagonal:
+        return Diagonal(sums["squared_gradients"] / examples)
 
     def fit_error(self, leaf_shape: tuple[int, ...]) -> str | None:
         if tuple(self.f.shape) != tuple(leaf_shape):
@@ -266,6 +378,7 @@ class Diagonal(Statistic):
         return lambda x: inv * x
 
 
+@register_statistic
 @dataclasses.dataclass(frozen=True)
 class Dense(Statistic):
     """A full block statistic for a small leaf: ``C = F``, (n, n) with n the leaf size.
@@ -282,6 +395,12 @@ class Dense(Statistic):
 
     f: Array
     kind: ClassVar[str] = "Dense"
+    array_fields: ClassVar[tuple[str, ...]] = ("f",)
+    sign_rules: ClassVar[dict[str, str]] = {"f": NONNEGATIVE_DIAGONAL}
+
+    def sharding(self, leaf_sharding: NamedSharding) -> Any:
+        # Dense statistics are for small leaves: every device holds all of it.
+        return Dense(NamedSharding(leaf_sharding.mesh, PartitionSpec()))  # type: ignore[arg-type]
 
     def fit_error(self, leaf_shape: tuple[int, ...]) -> str | None:
         n = math.prod(leaf_shape)
@@ -408,11 +527,65 @@ class _KernelLayout:
     def from_blocks(self, blocks: Array, leaf_shape: tuple[int, ...]) -> Array:
         return kernel_from_blocks(blocks, leaf_shape, self.in_axes, self.out_axes)
 
+    def _factor_sharding(
+        self, leaf_sharding: NamedSharding, name: str
+    ) -> NamedSharding:
+        """The sharding of factor ``name`` (``"a"``: rows over the input axes;
+        ``"g"``: over the output axes) for a kernel sharded as ``leaf_sharding``."""
+        factor = getattr(self, name)
+        ndim = factor.ndim - 2 + len(self.in_axes) + len(self.out_axes)
+        spec = tuple(leaf_sharding.spec) + (None,) * (ndim - len(leaf_sharding.spec))
+        blocks, ins, outs = self._axes(ndim)
+        rows, other = (ins, outs) if name == "a" else (outs, ins)
+        mesh = leaf_sharding.mesh
+        return NamedSharding(
+            mesh, factor_spec(mesh, spec, rows, other, blocks, factor.shape[-1])
+        )
+
+
+def _rows_entry(spec: tuple[Any, ...], axes: Sequence[int]) -> Any:
+    """The mesh axes sharding a factor's rows: its kernel's first axis of ``axes``."""
+    if not axes:
+        return None
+    first, *rest = axes
+    if any(spec[a] is not None for a in rest):
+        return None
+    return spec[first]
+
+
+def _entry_size(mesh: Mesh | AbstractMesh, entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([mesh.shape[name] for name in names]))
+
+
+def factor_spec(
+    mesh: Mesh | AbstractMesh,
+    leaf_spec: tuple[Any, ...],
+    axes: Sequence[int],
+    other_axes: Sequence[int],
+    block_axes: Sequence[int],
+    n: int,
+) -> PartitionSpec:
+    """The spec of a ``blocks… + (n, n)`` factor whose rows run over ``axes`` of the leaf.
+
+    The rows follow the kernel's ``axes``; where those are not split, they
+    borrow the split of the kernel's ``other_axes`` (when it divides n), so
+    that a kernel split on one axis has both factors split rather than one
+    replicated on every device.
+    """
+    rows = _rows_entry(leaf_spec, axes)
+    if rows is None:
+        borrowed = _rows_entry(leaf_spec, other_axes)
+        if borrowed is not None and n % _entry_size(mesh, borrowed) == 0:
+            rows = borrowed
+    return PartitionSpec(*(leaf_spec[a] for a in block_axes), rows, None)
+
 
 def _blocked_factor(factor: Array, n: int) -> Array:
     return factor.reshape(-1, n, n)
 
 
+@register_statistic
 @dataclasses.dataclass(frozen=True)
 class Gram(_KernelLayout, Statistic):
     """RegMean's statistic for a dense kernel: ``C = A ⊗ I``, A = XᵀX of the layer inputs.
@@ -434,6 +607,19 @@ class Gram(_KernelLayout, Statistic):
     in_axes: tuple[int, ...] = (-2,)
     out_axes: tuple[int, ...] = (-1,)
     kind: ClassVar[str] = "Gram"
+    array_fields: ClassVar[tuple[str, ...]] = ("a",)
+    layout_fields: ClassVar[tuple[str, ...]] = ("in_axes", "out_axes")
+    sign_rules: ClassVar[dict[str, str]] = {"a": NONNEGATIVE_DIAGONAL}
+    estimator_sums: ClassVar[tuple[str, ...]] = ("inputs", "rows")
+
+    def sharding(self, leaf_sharding: NamedSharding) -> Any:
+        return Gram(
+            self._factor_sharding(leaf_sharding, "a"), self.in_axes, self.out_axes
+        )  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, Array], examples: Array, **layout: Any) -> Gram:
+        return Gram(sums["inputs"] / jnp.maximum(sums["rows"], 1.0), **layout)
 
     def fit_error(self, leaf_shape: tuple[int, ...]) -> str | None:
         error = self._layout_error(leaf_shape)
@@ -465,6 +651,7 @@ class Gram(_KernelLayout, Statistic):
         )
 
 
+@register_statistic
 @dataclasses.dataclass(frozen=True)
 class KFAC(_KernelLayout, Statistic):
     """The K-FAC Fisher of a dense kernel: ``C = A ⊗ G``.
@@ -496,6 +683,29 @@ class KFAC(_KernelLayout, Statistic):
     out_axes: tuple[int, ...] = (-1,)
     kind: ClassVar[str] = "KFAC"
     has_closed_form: ClassVar[bool] = False
+    array_fields: ClassVar[tuple[str, ...]] = ("a", "g")
+    layout_fields: ClassVar[tuple[str, ...]] = ("in_axes", "out_axes")
+    sign_rules: ClassVar[dict[str, str]] = {
+        "a": NONNEGATIVE_DIAGONAL,
+        "g": NONNEGATIVE_DIAGONAL,
+    }
+    estimator_sums: ClassVar[tuple[str, ...]] = ("inputs", "rows", "output_gradients")
+
+    def sharding(self, leaf_sharding: NamedSharding) -> Any:
+        return KFAC(
+            self._factor_sharding(leaf_sharding, "a"),  # type: ignore[arg-type]
+            self._factor_sharding(leaf_sharding, "g"),  # type: ignore[arg-type]
+            self.in_axes,
+            self.out_axes,
+        )
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, Array], examples: Array, **layout: Any) -> KFAC:
+        return KFAC(
+            sums["inputs"] / jnp.maximum(sums["rows"], 1.0),
+            sums["output_gradients"] / examples,
+            **layout,
+        )
 
     def fit_error(self, leaf_shape: tuple[int, ...]) -> str | None:
         error = self._layout_error(leaf_shape)
@@ -579,9 +789,3 @@ class KFAC(_KernelLayout, Statistic):
             return u_x @ (inv * rotated) @ jnp.swapaxes(u_y, -1, -2)
 
         return apply
-
-
-_register(Diagonal, ["f"])
-_register(Dense, ["f"])
-_register(Gram, ["a"], ["in_axes", "out_axes"])
-_register(KFAC, ["a", "g"], ["in_axes", "out_axes"])
