@@ -7,6 +7,8 @@ statistics C_m (MaTS, Tam, Bansal and Raffel, 2024); the data-free methods
 
 from mats_jax import tree
 from mats_jax.checks import MergeInputError
+from mats_jax.engine.select import magnitude_threshold
+from mats_jax.engine.stream import merge_recipe
 from mats_jax.io import (
     CheckpointError,
     Layout,
@@ -17,15 +19,21 @@ from mats_jax.io import (
     save_orbax,
 )
 from mats_jax.merge import (
+    METHODS,
     average,
     dare,
     fisher_merge,
-    magnitude_threshold,
+    get_method,
+    lower_merge,
+    lower_solve,
     mats,
+    merge_pytrees,
     regmean,
+    solve,
     task_arithmetic,
     ties,
 )
+from mats_jax.method import MergeMethod, MethodCall
 from mats_jax.recipe import Recipe, RecipeError, load_recipe, parse_recipe
 from mats_jax.sharding import shard_statistics
 from mats_jax.solver import (
@@ -34,10 +42,10 @@ from mats_jax.solver import (
     ConvergenceWarning,
     LeafReport,
     MergeResult,
+    SolverOptions,
     format_report,
-    lower_solve,
+    jax_scipy_cg,
     per_block_cg,
-    solve,
 )
 from mats_jax.stats import (
     KFAC,
@@ -54,13 +62,13 @@ from mats_jax.stats import (
     statistic_scales,
     statistics_table,
 )
-from mats_jax.stream import merge_recipe
 from mats_jax.tree import task_vectors
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KFAC",
+    "METHODS",
     "STATUS_NAMES",
     "CGInfo",
     "CheckpointError",
@@ -71,9 +79,12 @@ __all__ = [
     "Layout",
     "LeafReport",
     "MergeInputError",
+    "MergeMethod",
     "MergeResult",
+    "MethodCall",
     "Recipe",
     "RecipeError",
+    "SolverOptions",
     "Statistic",
     "StatisticsInputError",
     "average",
@@ -81,15 +92,19 @@ __all__ = [
     "diagonal_fisher",
     "fisher_merge",
     "format_report",
+    "get_method",
     "gram",
+    "jax_scipy_cg",
     "kfac",
     "load_checkpoint",
     "load_orbax",
     "load_recipe",
     "load_statistics",
+    "lower_merge",
     "lower_solve",
     "magnitude_threshold",
     "mats",
+    "merge_pytrees",
     "merge_recipe",
     "open_checkpoint",
     "parse_recipe",

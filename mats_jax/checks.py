@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +27,13 @@ from mats_jax.typing import Array, Params, StatTree
 __all__ = [
     "MergeInputError",
     "check_fraction",
+    "check_key",
     "check_like",
     "check_models",
+    "check_number",
     "check_statistics",
     "check_weights",
+    "warn",
 ]
 
 
@@ -198,6 +204,28 @@ def check_weights(weights: Any, num_models: int) -> Array:
     return jnp.asarray(values, jnp.float32)
 
 
+def check_number(name: str, value: Any) -> None:
+    """Checks that a hyperparameter is one finite real number (skipped when traced).
+
+    Examples:
+      >>> check_number("scale", float("nan"))
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: scale must be a finite number, got nan
+    """
+    if _is_traced(value):
+        return
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real)
+        or (np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number))
+    ):
+        raise MergeInputError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(float(value)):
+        raise MergeInputError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_fraction(
     name: str, value: Any, *, include_zero: bool, include_one: bool
 ) -> None:
@@ -307,3 +335,36 @@ def _describe(stat: Statistic | None) -> str:
         return "no statistic (None)"
     meta = {k: getattr(stat, k) for k in ("in_axes", "out_axes") if hasattr(stat, k)}
     return stat.kind + (f"{meta}" if meta else "")
+
+
+def check_key(key: Any) -> None:
+    """Checks that ``key`` is one JAX PRNG key (typed, or a raw uint32 pair)."""
+    is_typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    )
+    is_raw = (
+        hasattr(key, "dtype") and key.dtype == jnp.uint32 and tuple(key.shape) == (2,)
+    )
+    if not (is_typed and key.shape == ()) and not is_raw:
+        raise MergeInputError(
+            "key must be a single JAX PRNG key (jax.random.key(seed) or "
+            f"jax.random.PRNGKey(seed)), got {getattr(key, 'dtype', type(key).__name__)} "
+            f"with shape {getattr(key, 'shape', None)}"
+        )
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Warns with the warning attributed to the first caller outside mats_jax,
+    so the user sees their own line."""
+    warnings.warn(message, category, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        package + os.sep
+    ):
+        level += 1
+        frame = frame.f_back  # type: ignore[assignment]
+    return level

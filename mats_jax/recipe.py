@@ -9,7 +9,7 @@ overrides and the output, as mergekit's do::
         weight: 1.0
         statistics: stats_a/             # mats_jax.save_statistics output
       - {path: finetuned_b/, weight: 0.5, statistics: stats_b/}
-    method: ties                         # see METHODS
+    method: ties                         # see mats_jax.METHODS
     parameters: {density: 0.2, scale: 1.0, trim: global}
     overrides:                           # first matching pattern wins
       - {pattern: "*/embedding", skip: true}        # keep the base's leaf
@@ -30,9 +30,9 @@ own. ``skip`` copies the leaf from the base (from the first model without a
 base) unmerged.
 
 Every error names the recipe file and line (from PyYAML's node marks) and what
-is expected; misspelt keys get a suggestion. Method parameters are checked by
-calling the method itself on a tiny pytree, so the recipe accepts exactly what
-the library accepts.
+is expected; misspelt keys get a suggestion. Method parameters are built into
+the method's own parameters record (:func:`build_parameters`), which validates
+them, so the recipe accepts exactly what the library accepts.
 
 ``vocab`` is the policy for leaves whose shapes differ along one axis between
 models (embedding matrices and output heads of models with different
@@ -60,10 +60,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -71,15 +70,17 @@ import yaml
 from mats_jax.checks import MergeInputError
 from mats_jax.io.checkpoint import FORMATS, resolve_layout
 from mats_jax.io.layout import Layout, LayoutError
+from mats_jax.merge.registry import METHODS, get_method
+from mats_jax.method import MergeMethod, MethodCall
+from mats_jax.tree import pattern_matches
 
 __all__ = [
-    "METHODS",
-    "MethodInfo",
     "ModelSpec",
     "OutputSpec",
     "Override",
     "Recipe",
     "RecipeError",
+    "build_parameters",
     "load_recipe",
     "parse_recipe",
 ]
@@ -89,56 +90,44 @@ class RecipeError(MergeInputError):
     """A recipe that cannot be run; the message starts with ``file:line:``."""
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodInfo:
-    """What the recipe needs to know about a merge method.
-
-    Attributes:
-      name: the recipe's name for it (the library function's name).
-      needs_base: it takes the pretrained parameters.
-      needs_statistics: it takes per-model statistics.
-      reserved: keyword arguments the recipe fills itself (weights, key …).
-    """
-
-    name: str
-    needs_base: bool
-    needs_statistics: bool
-    reserved: tuple[str, ...] = ("weights",)
-
-    @property
-    def function(self) -> Callable[..., Any]:
-        """The library function."""
-        import mats_jax
-
-        return getattr(mats_jax, self.name)
-
-    @property
-    def parameters(self) -> tuple[str, ...]:
-        """The keyword parameters a recipe may set, from the function's signature."""
-        sig = inspect.signature(self.function)
-        return tuple(
-            p.name
-            for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in self.reserved
-        )
-
-
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in (
-        MethodInfo("average", needs_base=False, needs_statistics=False),
-        MethodInfo("task_arithmetic", needs_base=True, needs_statistics=False),
-        MethodInfo("ties", needs_base=True, needs_statistics=False),
-        MethodInfo(
-            "dare", needs_base=True, needs_statistics=False, reserved=("weights", "key")
-        ),
-        MethodInfo("fisher_merge", needs_base=False, needs_statistics=True),
-        MethodInfo("regmean", needs_base=False, needs_statistics=True),
-        MethodInfo("mats", needs_base=False, needs_statistics=True),
-    )
-}
-DATA_FREE = ("average", "task_arithmetic", "ties", "dare")
 VOCAB_POLICIES = ("refuse", "shared_rows")
+
+
+def build_parameters(method: MergeMethod, values: Mapping[str, Any]) -> Any:
+    """A method's parameters record from a recipe's mapping.
+
+    ``init`` (for the data-dependent methods) may name another, data-free
+    method with its parameters, ``{method: task_arithmetic, scale: 0.3}``,
+    which becomes a :class:`~mats_jax.MethodCall`; everything else goes to the
+    record as it is, which validates it.
+
+    Raises:
+      MergeInputError: naming the parameter.
+
+    Examples:
+      >>> from mats_jax import get_method
+      >>> params = build_parameters(get_method("mats"), {"init": {"method": "ties", "density": 0.2}})
+      >>> params.init.method.name, params.init.parameters.density
+      ('ties', 0.2)
+    """
+    values = dict(values)
+    if "init" in values:
+        values["init"] = _init_value(values["init"])
+    return method.parameters(**values)
+
+
+def _init_value(value: Any) -> Any:
+    data_free = [n for n, m in METHODS.items() if not m.data_dependent]
+    if isinstance(value, str) and value in ("average", "base"):
+        return value
+    if isinstance(value, Mapping) and value.get("method") in data_free:
+        method = get_method(value["method"])
+        rest = {k: v for k, v in value.items() if k != "method"}
+        return MethodCall(method, build_parameters(method, rest))
+    raise MergeInputError(
+        f"init must be 'average', 'base' or {{method: <one of {', '.join(data_free)}>, "
+        f"...parameters}}, got {value!r}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +201,9 @@ class Recipe:
     def leaf_rule(
         self, path: str
     ) -> tuple[str | None, dict[str, Any], Override | None]:
-        """The method (None: skip), parameters and override that apply to leaf ``path``."""
-        from mats_jax.tree import _pattern_matches
-
+        """The method's name (None: skip), parameters and override that apply to leaf ``path``."""
         for rule in self.overrides:
-            if _pattern_matches(rule.pattern, path):
+            if pattern_matches(rule.pattern, path):
                 if rule.skip:
                     return None, {}, rule
                 method = rule.method or self.method
@@ -224,6 +211,21 @@ class Recipe:
                 params.update(rule.parameters)
                 return method, params, rule
         return self.method, dict(self.parameters), None
+
+    def leaf_method(self, path: str) -> tuple[MergeMethod | None, Any]:
+        """The method (None: skip) and its parameters record for leaf ``path``.
+
+        Examples:
+          >>> recipe = parse_recipe("base: b\\nmodels: [a]\\nmethod: ties\\nparameters: {density: 0.3}")
+          >>> method, params = recipe.leaf_method("fc/kernel")
+          >>> method.name, params.density
+          ('ties', 0.3)
+        """
+        name, params, _ = self.leaf_rule(path)
+        if name is None:
+            return None, None
+        method = get_method(name)
+        return method, build_parameters(method, params)
 
 
 _TOP = (
@@ -391,65 +393,6 @@ def parse_size(value: Any) -> int:
     if not m:
         raise ValueError(f"not a size: {value!r} (expected e.g. 2GB, 500MiB or bytes)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-
-
-def check_method_parameters(method: str, parameters: Mapping[str, Any]) -> None:
-    """Calls ``method`` on a one-leaf pytree with ``parameters`` so the library
-    validates names, types and ranges exactly as it would on the real models.
-
-    Raises:
-      ValueError: with the library's message.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from mats_jax import Diagonal, Gram
-
-    info = METHODS[method]
-    unknown = sorted(set(parameters) - set(info.parameters))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], info.parameters, n=1)
-        raise ValueError(
-            f"{method} has no parameter {unknown[0]!r}"
-            + (f"; did you mean {close[0]!r}?" if close else "")
-            + f" Its parameters: {', '.join(info.parameters)}"
-        )
-    params = dict(parameters)
-    if "init" in params:
-        params["init"] = _check_init(params["init"])
-    if params.get("fallback") == "base":
-        params["fallback"] = {"w": jnp.zeros((2, 2))}
-    leaf = {"w": jnp.eye(2)}
-    models = [leaf, {"w": 2 * jnp.eye(2)}]
-    args: list[Any] = []
-    if info.needs_base:
-        args.append(leaf)
-    args.append(models)
-    if info.needs_statistics:
-        stat = Gram(jnp.eye(2)) if method == "regmean" else Diagonal(jnp.ones((2, 2)))
-        args.append([{"w": stat}, {"w": stat}])
-    if method == "dare":
-        params["key"] = jax.random.key(0)
-    if method == "mats":
-        params.setdefault("maxiter", 2)
-    info.function(*args, **params)
-
-
-def _check_init(value: Any) -> Any:
-    """``init`` for mats in a recipe: ``average``, ``base``, or a data-free
-    method as ``{method: task_arithmetic, scale: 0.3}``. Returns a dummy init."""
-    import jax.numpy as jnp
-
-    if value in ("average", "base"):
-        return {"w": jnp.eye(2)}
-    if isinstance(value, Mapping) and value.get("method") in DATA_FREE:
-        rest = {k: v for k, v in value.items() if k != "method"}
-        check_method_parameters(value["method"], rest)
-        return {"w": jnp.eye(2)}
-    raise ValueError(
-        f"init must be 'average', 'base' or {{method: <one of {', '.join(DATA_FREE)}>, ...parameters}}, "
-        f"got {value!r}"
-    )
 
 
 def parse_recipe(
@@ -642,36 +585,32 @@ def _check_semantics(
     ):
         if rule.skip:
             continue
-        method = rule.method or recipe.method
-        params = dict(recipe.parameters) if method == recipe.method else {}
+        name = rule.method or recipe.method
+        params = dict(recipe.parameters) if name == recipe.method else {}
         params.update(rule.parameters)
-        uses.append((method, params, item))
-    for method, params, node in uses:
-        info = METHODS[method]
-        if info.needs_base and recipe.base is None:
-            raise parser.fail(
-                node, f"{method} needs a base model: add `base: <path>` to the recipe"
-            )
-        needs_base_param = (
-            params.get("fallback") == "base" or params.get("init") == "base"
-        )
-        if needs_base_param and recipe.base is None:
+        uses.append((name, params, item))
+    for name, params, node in uses:
+        method = get_method(name)
+        try:
+            record = build_parameters(method, params)
+        except MergeInputError as e:
+            raise parser.fail(node, f"{name} parameters: {e}") from None
+        needs = method.needs(record)
+        if needs.base and recipe.base is None:
             raise parser.fail(
                 node,
-                f"{method}: 'base' as fallback/init needs `base: <path>` in the recipe",
+                f"{name} needs a base model"
+                + (" (for its init or fallback)" if method.data_dependent else "")
+                + ": add `base: <path>` to the recipe",
             )
-        if info.needs_statistics:
+        if needs.statistics:
             for i, m in enumerate(recipe.models):
                 if m.statistics is None:
                     raise parser.fail(
                         keys["models"].value[i],
-                        f"{method} needs statistics for every model: add `statistics: <dir>` "
+                        f"{name} needs statistics for every model: add `statistics: <dir>` "
                         f"(saved with mats_jax.save_statistics) to models[{i}]",
                     )
-        try:
-            check_method_parameters(method, params)
-        except (ValueError, TypeError) as e:
-            raise parser.fail(node, f"{method} parameters: {e}") from None
     if all(m.weight == 0 for m in recipe.models):
         raise parser.fail(
             keys["models"],

@@ -44,7 +44,7 @@ whole block of it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -54,7 +54,13 @@ from mats_jax.stats.statistic import Statistic
 from mats_jax.typing import Params, StatTree
 
 __all__ = [
+    "Placement",
+    "block_sharding",
     "input_mesh",
+    "keep_shardings",
+    "leaf_shardings",
+    "placement_of",
+    "replicated",
     "shard_statistics",
     "statistic_sharding",
 ]
@@ -170,4 +176,23 @@ def block_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Arrays held whole by every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+class Placement(NamedTuple):
+    """Where a merge runs: the inputs' mesh (None: one device) and the
+    shardings the merged leaves keep (one per leaf, in order). Hashable, so a
+    jitted merge takes it as a static argument."""
+
+    mesh: Mesh | None = None
+    out_shardings: tuple[NamedSharding | None, ...] | None = None
+
+
+def placement_of(reference: Params, *trees: Any) -> Placement:
+    """The placement of a merge whose inputs are ``reference`` and ``trees``:
+    their one mesh (or a clear error), and ``reference``'s leaf shardings."""
+    mesh = input_mesh(reference, *trees)
+    if mesh is None:
+        return Placement()
+    return Placement(mesh, leaf_shardings(reference))

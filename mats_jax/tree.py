@@ -19,6 +19,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import operator
@@ -42,6 +43,8 @@ __all__ = [
     "map_with_path",
     "nest_paths",
     "path_str",
+    "pattern_matches",
+    "register_record",
     "scale",
     "select",
     "sub",
@@ -236,9 +239,16 @@ def task_vectors(base: Params, models: Sequence[Params]) -> list[Params]:
     return [jax.tree.map(diff, base, model) for model in models]
 
 
-def _pattern_matches(pattern: str, path: str) -> bool:
-    # A pattern starting with "re:" is a regular expression searched in the path;
-    # anything else is a shell-style glob matched against the whole path.
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Whether a leaf-path pattern matches ``path``.
+
+    A pattern starting with ``re:`` is a regular expression searched in the
+    path; anything else is a shell-style glob matched against the whole path.
+
+    Examples:
+      >>> pattern_matches("*/kernel", "dense/kernel"), pattern_matches("re:^dense", "dense/bias")
+      (True, True)
+    """
     if pattern.startswith("re:"):
         return re.search(pattern[3:], path) is not None
     return fnmatch.fnmatchcase(path, pattern)
@@ -263,14 +273,14 @@ def select(tree: Params, patterns: str | Sequence[str]) -> Any:
         patterns = [patterns]
     paths = jax.tree.leaves(leaf_paths(tree))
     for pattern in patterns:
-        if not any(_pattern_matches(pattern, p) for p in paths):
+        if not any(pattern_matches(pattern, p) for p in paths):
             raise ValueError(
                 f"pattern {pattern!r} matches no leaf; the leaves are: "
                 + ", ".join(paths[:20])
                 + (" …" if len(paths) > 20 else "")
             )
     return map_with_path(
-        lambda p, _: any(_pattern_matches(pat, p) for pat in patterns), tree
+        lambda p, _: any(pattern_matches(pat, p) for pat in patterns), tree
     )
 
 
@@ -294,8 +304,65 @@ def labels_by_pattern(
 
     def label(path: str, _: Any) -> str:
         for pattern, name in items:
-            if _pattern_matches(pattern, path):
+            if pattern_matches(pattern, path):
                 return name
         return default
 
     return map_with_path(label, tree)
+
+
+R = TypeVar("R", bound=type)
+
+
+def register_record(cls: R) -> R:
+    """Registers a frozen dataclass of parameters as a pytree.
+
+    Numbers and arrays become the pytree's data, so a jitted function taking
+    the record traces them and sweeping them does not recompile; the fields
+    named in the class's ``static_fields`` (choices that change the program:
+    a trim mode, a flag) and any field holding a string or None are metadata,
+    part of the tree structure. A field holding a pytree (an initialisation,
+    a nested record) is data. Unflattening does not call ``__init__``, so a
+    record's validation runs only when it is built, not inside JAX transforms.
+
+    Examples:
+      >>> import dataclasses, jax
+      >>> @register_record
+      ... @dataclasses.dataclass(frozen=True)
+      ... class Options:
+      ...     static_fields = ("mode",)  # not annotated: not a field
+      ...     scale: float = 1.0
+      ...     mode: str = "a"
+      ...     init: object = None
+      >>> jax.tree.leaves(Options(scale=0.5, init={"w": 2.0}))
+      [0.5, 2.0]
+      >>> jax.jit(lambda o: o.scale * 2)(Options(scale=3.0))
+      Array(6., dtype=float32, weak_type=True)
+    """
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    static = frozenset(getattr(cls, "static_fields", ()))
+
+    def is_meta(name: str, value: Any) -> bool:
+        return name in static or value is None or isinstance(value, str)
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        values = [(n, getattr(obj, n)) for n in names]
+        children = [
+            (jax.tree_util.GetAttrKey(n), v) for n, v in values if not is_meta(n, v)
+        ]
+        meta = tuple((n, v) for n, v in values if is_meta(n, v))
+        return children, (meta, tuple(n for n, v in values if not is_meta(n, v)))
+
+    def flatten(obj: Any) -> tuple[list[Any], Any]:
+        children, aux = flatten_with_keys(obj)
+        return [v for _, v in children], aux
+
+    def unflatten(aux: Any, children: Any) -> Any:
+        meta, child_names = aux
+        obj: Any = object.__new__(cls)
+        for n, v in (*meta, *zip(child_names, children, strict=True)):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls

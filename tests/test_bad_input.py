@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from zoo import CASES
 
 import mats_jax as mj
-from mats_jax import solver
-from mats_jax.merge import linear, sparse
+import mats_jax.engine.memory
 from mats_jax.tree import nest_paths
 
 SHAPES = {"dense/kernel": (3, 4), "dense/bias": (4,), "nested/inner/scale": (2,)}
@@ -74,19 +74,22 @@ def gram_stats(**replace: Any) -> dict[str, Any]:
 
 
 def fishers(**replace: Any) -> dict[str, Any]:
-    """Diagonal Fishers as raw arrays, None for the nested leaf."""
+    """Diagonal Fishers (raw arrays wrapped as Diagonal), None for the nested leaf."""
     flat = {
         "dense/kernel": jnp.ones((3, 4)),
         "dense/bias": jnp.ones(4),
         "nested/inner/scale": None,
     }
     flat.update({k.replace("__", "/"): v for k, v in replace.items()})
-    return nest_paths(flat)
+    return nest_paths(
+        {p: mj.Diagonal(v) if hasattr(v, "shape") else v for p, v in flat.items()}
+    )
 
 
 # --------------------------------------------------------------------------
-# The methods, as one table. Each is called as fn(base, models, stats, **kw);
-# stats=None means valid statistics for every model.
+# The registry's methods (tests/zoo.py). Each is called as
+# fn(base, models, stats, **kw); stats=None means valid statistics for every
+# model, built for the statistic type the method takes.
 # --------------------------------------------------------------------------
 
 
@@ -94,32 +97,28 @@ def _stats(stats: Any, models: Any, make: Callable[[], Any]) -> Any:
     return stats if stats is not None else [make() for _ in models]
 
 
+STATS_OF_TYPE: dict[Any, Callable[[], Any]] = {
+    mj.Diagonal: lambda: fishers(),
+    mj.Gram: lambda: gram_stats(),
+    mj.Statistic: lambda: kfac_stats(),
+}
+
 METHODS: dict[str, Callable[..., Any]] = {
-    "average": lambda b, ms, s, **kw: mj.average(ms, **kw),
-    "task_arithmetic": lambda b, ms, s, **kw: mj.task_arithmetic(
-        b, ms, scale=0.5, **kw
-    ),
-    "ties": lambda b, ms, s, **kw: mj.ties(b, ms, density=0.5, **kw),
-    "dare": lambda b, ms, s, **kw: mj.dare(
-        b, ms, drop_rate=0.3, key=jax.random.key(0), **kw
-    ),
-    "fisher_merge": lambda b, ms, s, **kw: mj.fisher_merge(
-        ms, _stats(s, ms, fishers), **kw
-    ),
-    "regmean": lambda b, ms, s, **kw: mj.regmean(ms, _stats(s, ms, gram_stats), **kw),
-    "mats": lambda b, ms, s, **kw: mj.mats(ms, _stats(s, ms, kfac_stats), **kw),
-    "solve_closed_form": lambda b, ms, s, **kw: mj.solve(
-        ms, _stats(s, ms, gram_stats), method="closed_form", **kw
-    ),
+    name: (
+        lambda b, ms, s, case=case, **kw: case(
+            b,
+            ms,
+            _stats(s, ms, STATS_OF_TYPE[case.statistic_type])
+            if case.statistic_type
+            else None,
+            **kw,
+        )
+    )
+    for name, case in CASES.items()
 }
-WITH_BASE = ("task_arithmetic", "ties", "dare")
-WITH_STATS = ("fisher_merge", "regmean", "mats", "solve_closed_form")
-STATS = {
-    "fisher_merge": fishers,
-    "regmean": gram_stats,
-    "mats": kfac_stats,
-    "solve_closed_form": gram_stats,
-}
+WITH_BASE = tuple(name for name, case in CASES.items() if case.needs.base)
+WITH_STATS = tuple(name for name, case in CASES.items() if case.statistic_type)
+STATS = {name: STATS_OF_TYPE[CASES[name].statistic_type] for name in WITH_STATS}
 
 
 def all_methods() -> Any:
@@ -133,14 +132,8 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the merge started computing before rejecting its input")
 
-    for module, name in (
-        (linear, "_average"),
-        (linear, "_task_arithmetic"),
-        (sparse, "_ties"),
-        (sparse, "_dare"),
-        (solver, "_solve_jit"),
-    ):
-        monkeypatch.setattr(module, name, started)
+    # Both engines run every method through merge_checked.
+    monkeypatch.setattr(mats_jax.engine.memory, "merge_checked", started)
 
 
 def rejects(match: str) -> Any:
@@ -693,7 +686,7 @@ TREE_ARG_CASES = {
     ),
     "fallback_unknown_rule": (
         "fallback",
-        "base",
+        "median",
         r"fallback must be 'average', 'init' or a parameter pytree",
     ),
 }

@@ -4,7 +4,6 @@ overrides, tied leaves, vocabulary policy, and every bad recipe or input."""
 from __future__ import annotations
 
 import os
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,9 @@ import pytest
 
 import mats_jax
 from mats_jax import Diagonal, Gram
+from mats_jax.engine.stream import merge_recipe, plan_merge
 from mats_jax.io import CheckpointError, load_checkpoint, save_checkpoint
 from mats_jax.recipe import RecipeError, load_recipe, parse_recipe
-from mats_jax.stream import merge_recipe, plan_merge
 
 WEIGHTS = [1.0, 0.5]
 
@@ -83,15 +82,10 @@ parameters: {params}
     return parse_recipe(text, source="recipe.yaml", directory=str(d))
 
 
-def _dare_per_leaf(base, models, seed, **kw):
-    # The documented streaming key: fold_in(key(seed), crc32(leaf path)).
-    def leaf(path, b, *ms):
-        key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
-        return mats_jax.dare(
-            {"leaf": b}, [{"leaf": m} for m in ms], key=key, weights=WEIGHTS, **kw
-        )["leaf"]
-
-    return mats_jax.tree.map_with_path(leaf, base, *models)
+def _dare_with_seed(base, models, seed, **kw):
+    # A streamed DARE draws each leaf's masks from key(seed) and the leaf's
+    # path, as the in-memory dare does: the same masks.
+    return mats_jax.dare(base, models, key=jax.random.key(seed), weights=WEIGHTS, **kw)
 
 
 CASES = [
@@ -120,7 +114,7 @@ CASES = [
         "dare",
         "{drop_rate: 0.4, sign_election: true}",
         None,
-        lambda b, ms, st: _dare_per_leaf(b, ms, 0, drop_rate=0.4, sign_election=True),
+        lambda b, ms, st: _dare_with_seed(b, ms, 0, drop_rate=0.4, sign_election=True),
     ),
     (
         "fisher_merge",
@@ -509,9 +503,9 @@ def test_load_recipe_resolves_paths_next_to_the_file(checkpoints, tmp_path):
 def test_ties_merged_in_row_blocks_matches_in_memory(
     checkpoints, tmp_path, monkeypatch, trim
 ):
-    from mats_jax import stream
+    from mats_jax.engine import stream
 
-    monkeypatch.setattr(stream, "_BLOCK_ENTRIES", 7)  # blocks of one or two rows
+    monkeypatch.setattr(stream, "ROW_BLOCK_ENTRIES", 7)  # blocks of one or two rows
     d, base, models, _ = checkpoints
     merge_recipe(
         _recipe(d, "ties", f"{{density: 0.4, trim: {trim}}}"), tmp_path / "out"

@@ -202,18 +202,14 @@ SCRIPT = textwrap.dedent(
 
     # TIES's whole-model threshold on a sharded model: histograms per device,
     # no task vector gathered onto one device.
-    from mats_jax.merge import sparse
-    from mats_jax.sharding import leaf_shardings
     wide = {"w": jnp.zeros((64, 1024))}
     wide_models = [{"w": normal(80 + m, (64, 1024))} for m in range(3)]
     wide_sh = {"w": NamedSharding(mesh, P(None, "x"))}
     s_wide = jax.device_put(wide, wide_sh)
     s_wide_models = [jax.device_put(m, wide_sh) for m in wide_models]
-    w3 = jnp.ones(3)
-    one = sparse._ties.lower(wide, wide_models, 0.2, 1.0, w3, trim="global").compile()
-    eight = sparse._ties.lower(
-        s_wide, s_wide_models, 0.2, 1.0, w3, trim="global", mesh=mesh,
-        out_shardings=leaf_shardings(s_wide),
+    one = mj.lower_merge("ties", base=wide, models=wide_models, density=0.2).compile()
+    eight = mj.lower_merge(
+        "ties", base=s_wide, models=s_wide_models, density=0.2
     ).compile()
     out["ties_memory"] = {
         "single_temp": one.memory_analysis().temp_size_in_bytes,

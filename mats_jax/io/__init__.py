@@ -3,6 +3,7 @@
 from mats_jax.io.checkpoint import (
     FORMATS,
     Checkpoint,
+    CheckpointWriter,
     LeafInfo,
     atomic_output,
     detect_format,
@@ -24,6 +25,7 @@ __all__ = [
     "NNX_STATE",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriter",
     "Layout",
     "LayoutError",
     "LeafInfo",

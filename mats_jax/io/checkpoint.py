@@ -26,7 +26,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import jax
@@ -42,6 +42,7 @@ from mats_jax.tree import nest_paths, path_str
 __all__ = [
     "FORMATS",
     "Checkpoint",
+    "CheckpointWriter",
     "LeafInfo",
     "atomic_output",
     "detect_format",
@@ -305,6 +306,96 @@ def save_checkpoint(
         )
 
 
+class CheckpointWriter:
+    """Writes a parameter checkpoint one leaf at a time, in a declared order.
+
+    The one writer behind :func:`save_checkpoint` and the streaming merge:
+    safetensors is streamed leaf by leaf (names and orientations from the
+    layout); msgpack and orbax have no append, so their leaves are collected
+    and written at :meth:`close`.
+
+    Args:
+      path: the new output (inside :func:`atomic_output`).
+      leaves: ``(tree path, shape, dtype)`` of every leaf, in writing order.
+      format: ``"safetensors"``, ``"msgpack"`` or ``"orbax"``.
+      layout: the layout names and orientations are written with (safetensors).
+      max_shard_size: bytes per safetensors shard at most.
+      metadata: safetensors ``__metadata__``.
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> out = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+      >>> writer = CheckpointWriter(out, [("w", (2,), np.dtype("float32"))], format="safetensors")
+      >>> writer.write("w", np.ones(2, np.float32)); writer.close()
+      >>> load_checkpoint(out)["w"]
+      array([1., 1.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        path: str,
+        leaves: Sequence[tuple[str, tuple[int, ...], Any]],
+        *,
+        format: str,
+        layout: Layout | str | Any = None,
+        max_shard_size: int | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        if format not in FORMATS:
+            raise CheckpointError(
+                f"unknown checkpoint format {format!r}; expected one of {FORMATS}"
+            )
+        self.path = path
+        self.format = format
+        self._collected: dict[str, np.ndarray] = {}
+        self._names: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        self._stream: st_io.SafetensorsWriter | None = None
+        if format == "safetensors":
+            lay = resolve_layout(layout)
+            specs = []
+            for leaf, shape, dtype in leaves:
+                name, perm = lay.to_checkpoint(leaf, ndim=len(shape))
+                inverse = None if perm is None else inverse_permutation(perm)
+                self._names[leaf] = (name, inverse)
+                stored = shape if inverse is None else tuple(shape[i] for i in inverse)
+                specs.append((name, stored, np.dtype(dtype)))
+            self._stream = st_io.SafetensorsWriter(
+                path, specs, max_shard_size=max_shard_size, metadata=metadata
+            )
+
+    def write(self, leaf: str, array: Any) -> None:
+        """Writes (or, for msgpack and orbax, keeps) the next leaf."""
+        array = np.asarray(array)
+        if self._stream is None:
+            self._collected[leaf] = array
+            return
+        name, inverse = self._names[leaf]
+        if inverse is not None:
+            array = np.ascontiguousarray(np.transpose(array, inverse))
+        self._stream.write(name, array)
+
+    def close(self) -> None:
+        """Completes the checkpoint."""
+        if self._stream is not None:
+            self._stream.close()
+        elif self.format == "msgpack":
+            target = (
+                self.path
+                if self.path.endswith(".msgpack")
+                else os.path.join(self.path, MSGPACK_NAME)
+            )
+            if target != self.path:
+                os.makedirs(self.path, exist_ok=True)
+            msgpack_io.write_msgpack(target, nest_paths(self._collected))
+        else:
+            orbax_io.save_orbax(self.path, nest_paths(self._collected))
+
+    def abort(self) -> None:
+        """Closes an open file after a failure (the caller removes the output)."""
+        if self._stream is not None:
+            self._stream.abort()
+
+
 def write_tree(
     path: str,
     tree: Any,
@@ -315,26 +406,19 @@ def write_tree(
 ) -> None:
     """Writes a pytree at ``path`` in ``format`` without the atomic wrapper."""
     flat = {p: np.asarray(x) for p, x in flatten(tree).items()}
-    if format == "safetensors":
-        lay = resolve_layout(layout)
-        named = []
+    writer = CheckpointWriter(
+        path,
+        [(p, x.shape, x.dtype) for p, x in flat.items()],
+        format=format,
+        layout=layout,
+        max_shard_size=max_shard_size,
+    )
+    try:
         for p, x in flat.items():
-            name, perm = lay.to_checkpoint(p, ndim=x.ndim)
-            if perm is not None:
-                x = np.ascontiguousarray(np.transpose(x, inverse_permutation(perm)))
-            named.append((name, x))
-        st_io.write_safetensors(path, named, max_shard_size=max_shard_size)
-    elif format == "msgpack":
-        target = path if path.endswith(".msgpack") else os.path.join(path, MSGPACK_NAME)
-        if target != path:
-            os.makedirs(path, exist_ok=True)
-        msgpack_io.write_msgpack(target, nest_paths(flat))
-    elif format == "orbax":
-        orbax_io.save_orbax(path, nest_paths(flat))
-    else:
-        raise CheckpointError(
-            f"unknown checkpoint format {format!r}; expected one of {FORMATS}"
-        )
+            writer.write(p, x)
+        writer.close()
+    finally:
+        writer.abort()
 
 
 @contextlib.contextmanager

@@ -20,18 +20,63 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mats_jax import checks
-from mats_jax.solver import Fallback, MergeResult, check_inputs, execute
+from mats_jax.checks import MergeInputError
+from mats_jax.engine.memory import run_in_memory
+from mats_jax.merge.subspace import SubspaceMerge, check_fallback
+from mats_jax.solver.options import SolverOptions
+from mats_jax.solver.report import MergeResult
 from mats_jax.stats.statistic import Diagonal, Statistic
+from mats_jax.tree import register_record
 from mats_jax.typing import Params, StatTree
 
-__all__ = ["fisher_merge"]
+__all__ = ["FISHER_MERGE", "FisherParameters", "fisher_merge", "floor_fisher"]
+
+
+@register_record
+@dataclasses.dataclass(frozen=True)
+class FisherParameters:
+    """Fisher merging's parameters.
+
+    Attributes:
+      floor: ε, the smallest Fisher value used (>= 0); keeps entries no task's
+        Fisher sees from dividing by zero (they get the weighted average).
+      fallback: the rule for leaves without a Fisher (see :func:`~mats_jax.solve`).
+    """
+
+    floor: Any = 1e-6
+    fallback: Any = "average"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.floor, jax.core.Tracer) and not float(self.floor) >= 0:
+            raise MergeInputError(f"floor must be >= 0, got {self.floor!r}")
+        check_fallback(self.fallback)
+
+    def solver_options(self) -> SolverOptions:
+        """Closed form: Fisher merging is elementwise."""
+        return SolverOptions(method="closed_form")
+
+
+def floor_fisher(stat: Statistic | None, params: FisherParameters) -> Statistic | None:
+    """``max(F, ε)``: the statistics transform of Fisher merging."""
+    if not isinstance(stat, Diagonal):  # None: the checks allow nothing else
+        return stat
+    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), params.floor))
+
+
+FISHER_MERGE = SubspaceMerge(
+    "fisher_merge",
+    FisherParameters,
+    statistics_name="fishers",
+    allowed=(Diagonal,),
+    transform=floor_fisher,
+)
 
 
 def _as_diagonal(fishers: StatTree) -> StatTree:
@@ -45,19 +90,13 @@ def _as_diagonal(fishers: StatTree) -> StatTree:
     )
 
 
-def _floor(stat: Statistic | None, floor: Any) -> Statistic | None:
-    if not isinstance(stat, Diagonal):  # None: the checks allow nothing else
-        return stat
-    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), floor))
-
-
 def fisher_merge(
     models: Sequence[Params],
     fishers: Sequence[StatTree],
     *,
     weights: Any = None,
     floor: float = 1e-6,
-    fallback: Fallback | Params = "average",
+    fallback: Any = "average",
 ) -> MergeResult:
     """Merges by per-entry Fisher-weighted averaging; see the module docstring.
 
@@ -88,21 +127,13 @@ def fisher_merge(
       Array([0.75, 0.5 ], dtype=float32)
     """
     if isinstance(fishers, dict) or not isinstance(fishers, Sequence):
-        raise checks.MergeInputError(
+        raise MergeInputError(
             f"fishers must be a list with one Fisher pytree per model, got {type(fishers).__name__}"
         )
-    if not isinstance(floor, jax.core.Tracer) and not float(floor) >= 0:
-        raise checks.MergeInputError(f"floor must be >= 0, got {floor!r}")
-    checked = check_inputs(
-        models,
-        [_as_diagonal(f) for f in fishers],
+    return run_in_memory(
+        FISHER_MERGE,
+        FISHER_MERGE.parameters(floor=floor, fallback=fallback),
+        models=models,
+        statistics=[_as_diagonal(f) for f in fishers],
         weights=weights,
-        fallback=fallback,
-        method="closed_form",
-        allowed=(Diagonal,),
-        name="fishers",
     )
-    # The floor applies after validation, so a NaN, -inf or negative Fisher is
-    # reported rather than floored away.
-    floored = [[_floor(s, floor) for s in task] for task in checked.per_task]
-    return execute(models, checked._replace(per_task=floored), method="closed_form")

@@ -13,18 +13,117 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from mats_jax import checks
-from mats_jax.sharding import input_mesh
-from mats_jax.tree import compute_dtype, task_vectors, weighted_sum
-from mats_jax.typing import Params
+from mats_jax.checks import check_number
+from mats_jax.engine.memory import run_in_memory
+from mats_jax.method import MergeInputs, MergeMethod, Needs
+from mats_jax.sharding import Placement
+from mats_jax.solver.report import LeafReport, MergeResult
+from mats_jax.tree import compute_dtype, register_record, task_vectors, weighted_sum
+from mats_jax.typing import Array, Params
 
-__all__ = ["average", "task_arithmetic"]
+__all__ = [
+    "AVERAGE",
+    "TASK_ARITHMETIC",
+    "Average",
+    "AverageParameters",
+    "TaskArithmetic",
+    "TaskArithmeticParameters",
+    "add_scaled",
+    "average",
+    "named_report",
+    "task_arithmetic",
+]
+
+
+def named_report(tree: Params, name: str) -> Any:
+    """A report naming the method for every leaf of ``tree`` (data-free merges)."""
+    return jax.tree.map(lambda _: LeafReport(solver=name), tree)
+
+
+def add_scaled(base: Array, vector: Array, scale: Any) -> Array:
+    """``θ₀ + λ τ`` in the leaf's compute dtype, returned in the base's dtype."""
+    dtype = compute_dtype(base.dtype)
+    return (base.astype(dtype) + jnp.asarray(scale, dtype) * vector).astype(base.dtype)
+
+
+@register_record
+@dataclasses.dataclass(frozen=True)
+class AverageParameters:
+    """The weighted average has no parameters (the weights are an input)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Average(MergeMethod):
+    """The weighted average of the models.
+
+    .. math:: \\theta = \\frac{\\sum_m w_m \\theta_m}{\\sum_m w_m}
+
+    In the MaTS view this is ``C_m = w_m I``.
+    """
+
+    elementwise: ClassVar[bool] = True
+
+    def merge(
+        self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
+    ) -> MergeResult:
+        weights = inputs.weights
+        assert weights is not None
+        total = weighted_sum(weights, inputs.models)
+        merged = jax.tree.map(
+            lambda t, ref: (t / jnp.sum(weights).astype(t.dtype)).astype(ref.dtype),
+            total,
+            inputs.models[0],
+        )
+        return MergeResult(merged, named_report(merged, self.name))
+
+
+@register_record
+@dataclasses.dataclass(frozen=True)
+class TaskArithmeticParameters:
+    """Task arithmetic's parameters.
+
+    Attributes:
+      scale: λ, finite (traced: sweeping it does not recompile).
+    """
+
+    scale: Any = 1.0
+
+    def __post_init__(self) -> None:
+        check_number("scale", self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic (Ilharco et al., 2023): add the scaled sum of task vectors.
+
+    .. math:: \\theta = \\theta_0 + \\lambda \\sum_m w_m (\\theta_m - \\theta_0)
+    """
+
+    elementwise: ClassVar[bool] = True
+
+    def needs(self, params: Any) -> Needs:
+        return Needs(base=True)
+
+    def merge(
+        self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
+    ) -> MergeResult:
+        assert inputs.weights is not None
+        total = weighted_sum(inputs.weights, task_vectors(inputs.base, inputs.models))
+        merged = jax.tree.map(
+            lambda b, t: add_scaled(b, t, params.scale), inputs.base, total
+        )
+        return MergeResult(merged, named_report(merged, self.name))
+
+
+AVERAGE = Average("average", AverageParameters)
+TASK_ARITHMETIC = TaskArithmetic("task_arithmetic", TaskArithmeticParameters)
 
 
 def average(models: Sequence[Params], *, weights: Any = None) -> Params:
@@ -47,19 +146,9 @@ def average(models: Sequence[Params], *, weights: Any = None) -> Params:
       >>> average([{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}], weights=[3.0, 1.0])["w"]
       Array([0.75, 0.75], dtype=float32)
     """
-    input_mesh(models)  # one mesh, or a clear error
-    checks.check_models(models)
-    return _average(list(models), checks.check_weights(weights, len(models)))
-
-
-@jax.jit
-def _average(models: list[Params], weights: jax.Array) -> Params:
-    total = weighted_sum(weights, models)
-    return jax.tree.map(
-        lambda t, ref: (t / jnp.sum(weights).astype(t.dtype)).astype(ref.dtype),
-        total,
-        models[0],
-    )
+    return run_in_memory(
+        AVERAGE, AVERAGE.parameters(), models=models, weights=weights
+    ).params
 
 
 def task_arithmetic(
@@ -86,21 +175,10 @@ def task_arithmetic(
       >>> task_arithmetic(base, [{"w": jnp.ones(2)}] * 2, scale=0.3)["w"]
       Array([0.6, 0.6], dtype=float32)
     """
-    input_mesh(base, models)  # one mesh, or a clear error
-    checks.check_models(models, base)
-    return _task_arithmetic(
-        base, list(models), scale, checks.check_weights(weights, len(models))
-    )
-
-
-@jax.jit
-def _task_arithmetic(
-    base: Params, models: list[Params], scale: Any, weights: jax.Array
-) -> Params:
-    total = weighted_sum(weights, task_vectors(base, models))
-
-    def apply(b: jax.Array, t: jax.Array) -> jax.Array:
-        dtype = compute_dtype(b.dtype)
-        return (b.astype(dtype) + jnp.asarray(scale, dtype) * t).astype(b.dtype)
-
-    return jax.tree.map(apply, base, total)
+    return run_in_memory(
+        TASK_ARITHMETIC,
+        TASK_ARITHMETIC.parameters(scale=scale),
+        base=base,
+        models=models,
+        weights=weights,
+    ).params

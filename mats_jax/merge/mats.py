@@ -27,13 +27,49 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from mats_jax.solver import Fallback, MergeResult, solve
+import jax
+
+from mats_jax.engine.memory import lower_in_memory, run_in_memory
+from mats_jax.merge.subspace import SubspaceMerge, check_fallback, check_init
+from mats_jax.solver.options import SolverOptions
+from mats_jax.solver.report import MergeResult
+from mats_jax.tree import register_record
 from mats_jax.typing import Params, StatTree
 
-__all__ = ["mats"]
+__all__ = ["MATS", "MatsParameters", "lower_solve", "mats", "solve"]
+
+Fallback = Literal["average", "init"]
+
+
+@register_record
+@dataclasses.dataclass(frozen=True)
+class MatsParameters(SolverOptions):
+    """MaTS's parameters: the solver's options, the initialisation and the fallback.
+
+    Attributes:
+      init: CG's starting point (the value kept in directions no task's
+        statistic sees): None or ``"average"`` (the weighted average),
+        ``"base"``, another method (a :class:`~mats_jax.method.MethodCall`,
+        e.g. task arithmetic, the paper's choice), or a parameter pytree.
+      fallback: the rule for leaves without a statistic: ``"average"``,
+        ``"init"``, ``"base"`` or a parameter pytree.
+      The rest: :class:`~mats_jax.solver.SolverOptions`.
+    """
+
+    init: Any = None
+    fallback: Any = "average"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_init(self.init)
+        check_fallback(self.fallback)
+
+
+MATS = SubspaceMerge("mats", MatsParameters)
 
 
 def mats(
@@ -51,6 +87,7 @@ def mats(
     check_every: int = 20,
     divergence_factor: float = 10.0,
     group_blocks: bool = True,
+    cg: Literal["per_block", "jax_scipy"] = "per_block",
 ) -> MergeResult:
     """Merges by conjugate gradient on ``(Σ_m w_m C_m) θ = Σ_m w_m C_m θ_m``.
 
@@ -67,7 +104,7 @@ def mats(
         preconditioner, the defaults here but for ``tol``, which stops blocks
         that converge sooner.
       preconditioner, fallback, precision: see :func:`~mats_jax.solve`.
-      check_every, divergence_factor, group_blocks: see :func:`~mats_jax.solve`.
+      check_every, divergence_factor, group_blocks, cg: see :func:`~mats_jax.solve`.
 
     Returns:
       A :class:`~mats_jax.MergeResult`: the merged parameters and a per-leaf
@@ -107,4 +144,161 @@ def mats(
         check_every=check_every,
         divergence_factor=divergence_factor,
         group_blocks=group_blocks,
+        cg=cg,
+    )
+
+
+def _parameters(**options: Any) -> MatsParameters:
+    params: MatsParameters = MATS.parameters(**options)
+    return params
+
+
+def solve(
+    models: Sequence[Params],
+    statistics: Sequence[StatTree],
+    *,
+    init: Params | None = None,
+    weights: Any = None,
+    fallback: Fallback | Params = "average",
+    method: Literal["cg", "closed_form"] = "cg",
+    maxiter: int = 100,
+    tol: float = 1e-5,
+    damping: float = 0.0,
+    preconditioner: bool = False,
+    precision: Literal["float32", "float64"] | None = None,
+    check_every: int = 20,
+    divergence_factor: float = 10.0,
+    group_blocks: bool = True,
+    cg: Literal["per_block", "jax_scipy"] = "per_block",
+) -> MergeResult:
+    """Solves ``(Σ_m w_m C_m + δI) θ = Σ_m w_m C_m θ_m + δ θ_init`` per block.
+
+    Args:
+      models: the M fine-tuned parameter pytrees θ_m.
+      statistics: M pytrees with the parameters' structure holding, per leaf, a
+        statistic (:class:`~mats_jax.Diagonal`, :class:`~mats_jax.Gram`,
+        :class:`~mats_jax.KFAC`, :class:`~mats_jax.Dense`) or None.
+      init: the initialisation θ_init (CG's starting point; the value kept in
+        directions no task's statistic sees). Default: the weighted average.
+      weights: one non-negative weight per model, scaling its statistic
+        (default: all 1).
+      fallback: the rule for leaves whose statistic is None: ``"average"``
+        (weighted average of the models), ``"init"`` (θ_init), or a parameter
+        pytree to copy those leaves from (e.g. the pretrained model).
+      method: ``"cg"`` (conjugate gradient) or ``"closed_form"`` (exact, for
+        statistic types that have one).
+      maxiter: CG steps per block at most. Early stopping regularises: it is a
+        hyperparameter, not only a budget.
+      tol: CG's relative residual tolerance per block.
+      damping: relative Tikhonov damping δ/τ (see the module docstring);
+        needed when Σ C_m is singular and the initialisation is not a value you
+        want kept in its null space, or when CG breaks down on it.
+      preconditioner: precondition CG with each statistic type's
+        approximation of ``Σ_m w_m C_m + δI`` (exact for Diagonal, Gram and
+        Dense; the nearest Kronecker product for KFAC).
+      precision: ``"float64"`` runs the solve in double precision (needs
+        ``jax.config.update("jax_enable_x64", True)``); default: float32, or
+        the leaf's dtype if wider.
+      check_every, divergence_factor: CG's divergence test (:func:`per_block_cg`).
+      group_blocks: batch same-shaped blocks of different leaves into one CG.
+      cg: the CG loop: ``"per_block"`` (:func:`~mats_jax.per_block_cg`, the
+        default: per-block iterations, residuals, stopping status and a
+        divergence guard) or ``"jax_scipy"`` (:func:`jax.scipy.sparse.linalg.cg`
+        vmapped over the blocks; its report has the residuals but not the
+        iterations, shown as ``?``, nor why a block stopped short).
+
+    Returns:
+      A :class:`MergeResult`: parameters in the models' dtypes, and a report
+      pytree of :class:`LeafReport`. Blocks where CG stopped short of ``tol``
+      are also announced with a :class:`ConvergenceWarning` (when not traced).
+
+    Raises:
+      MergeInputError: on inputs that do not fit, before any work.
+
+    Examples:
+      Diagonal statistics (Fisher merging) solved in closed form and by CG from
+      a given start; both give (3·1 + 1·0)/4 and (1·0 + 1·1)/2.
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import STATUS_NAMES, Diagonal, solve
+      >>> models = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}]
+      >>> stats = [{"w": Diagonal(jnp.array([3.0, 1.0]))},
+      ...          {"w": Diagonal(jnp.array([1.0, 1.0]))}]
+      >>> solve(models, stats, method="closed_form").params["w"]
+      Array([0.75, 0.5 ], dtype=float32)
+      >>> merged, report = solve(models, stats, init={"w": jnp.zeros(2)}, maxiter=5)
+      >>> merged["w"], report["w"].iterations, STATUS_NAMES[int(report["w"].status[0])]
+      (Array([0.75, 0.5 ], dtype=float32), Array([2], dtype=int32), 'converged')
+    """
+    params = _parameters(
+        init=init,
+        fallback=fallback,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        preconditioner=preconditioner,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        group_blocks=group_blocks,
+        cg=cg,
+    )
+    return run_in_memory(
+        MATS, params, models=models, statistics=statistics, weights=weights
+    )
+
+
+def lower_solve(
+    models: Sequence[Params],
+    statistics: Sequence[StatTree],
+    *,
+    init: Params | None = None,
+    weights: Any = None,
+    fallback: Fallback | Params = "average",
+    method: Literal["cg", "closed_form"] = "cg",
+    maxiter: int = 100,
+    tol: float = 1e-5,
+    damping: float = 0.0,
+    preconditioner: bool = False,
+    precision: Literal["float32", "float64"] | None = None,
+    check_every: int = 20,
+    divergence_factor: float = 10.0,
+    group_blocks: bool = True,
+    cg: Literal["per_block", "jax_scipy"] = "per_block",
+) -> jax.stages.Lowered:
+    """The solve :func:`solve` would run, lowered for these inputs, without running it.
+
+    Compile it to see what a merge needs before starting it, e.g. the memory
+    per device of a sharded merge::
+
+        memory = lower_solve(models, statistics).compile().memory_analysis()
+
+    Takes exactly :func:`solve`'s arguments and validates them the same way.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, lower_solve
+      >>> models = [{"k": jnp.ones((4, 3))}, {"k": jnp.zeros((4, 3))}]
+      >>> stats = [{"k": KFAC(jnp.eye(4), jnp.eye(3))}, {"k": KFAC(2 * jnp.eye(4), jnp.eye(3))}]
+      >>> compiled = lower_solve(models, stats, maxiter=50).compile()
+      >>> compiled.memory_analysis().argument_size_in_bytes > 0
+      True
+    """
+    params = _parameters(
+        init=init,
+        fallback=fallback,
+        method=method,
+        maxiter=maxiter,
+        tol=tol,
+        damping=damping,
+        preconditioner=preconditioner,
+        precision=precision,
+        check_every=check_every,
+        divergence_factor=divergence_factor,
+        group_blocks=group_blocks,
+        cg=cg,
+    )
+    return lower_in_memory(
+        MATS, params, models=models, statistics=statistics, weights=weights
     )

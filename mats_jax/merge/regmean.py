@@ -25,27 +25,65 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
-from mats_jax import checks
-from mats_jax.solver import Fallback, MergeResult, check_inputs, execute
+from mats_jax.checks import check_fraction
+from mats_jax.engine.memory import run_in_memory
+from mats_jax.merge.subspace import SubspaceMerge, check_fallback
+from mats_jax.solver.options import SolverOptions
+from mats_jax.solver.report import MergeResult
 from mats_jax.stats.statistic import Gram, Statistic
+from mats_jax.tree import register_record
 from mats_jax.typing import Params, StatTree
 
-__all__ = ["regmean"]
+__all__ = ["REGMEAN", "RegMeanParameters", "regmean", "shrink_gram"]
 
 
-def _shrink(gram: Statistic | None, alpha: Any) -> Statistic | None:
+@register_record
+@dataclasses.dataclass(frozen=True)
+class RegMeanParameters:
+    """RegMean's parameters.
+
+    Attributes:
+      alpha: off-diagonal scale α in [0, 1]; 1 is plain RegMean.
+      fallback: the rule for leaves without a Gram (see :func:`~mats_jax.solve`).
+    """
+
+    alpha: Any = 0.9
+    fallback: Any = "average"
+
+    def __post_init__(self) -> None:
+        check_fraction("alpha", self.alpha, include_zero=True, include_one=True)
+        check_fallback(self.fallback)
+
+    def solver_options(self) -> SolverOptions:
+        """Closed form: an (in, in) solve per kernel."""
+        return SolverOptions(method="closed_form")
+
+
+def shrink_gram(gram: Statistic | None, params: RegMeanParameters) -> Statistic | None:
+    """``Ã = αA + (1 − α) diag(A)``: the statistics transform of RegMean."""
     if not isinstance(gram, Gram):  # None: the checks allow nothing else
         return gram
+    alpha = params.alpha
     diagonal = jnp.diagonal(gram.a, axis1=-2, axis2=-1)
     off_shrunk = alpha * gram.a + (1 - alpha) * (
         diagonal[..., :, None] * jnp.eye(gram.a.shape[-1], dtype=gram.a.dtype)
     )
     return Gram(off_shrunk, gram.in_axes, gram.out_axes)
+
+
+REGMEAN = SubspaceMerge(
+    "regmean",
+    RegMeanParameters,
+    statistics_name="grams",
+    allowed=(Gram,),
+    transform=shrink_gram,
+)
 
 
 def regmean(
@@ -54,7 +92,7 @@ def regmean(
     *,
     alpha: float = 0.9,
     weights: Any = None,
-    fallback: Fallback | Params = "average",
+    fallback: Any = "average",
 ) -> MergeResult:
     """Merges dense kernels by RegMean; see the module docstring.
 
@@ -91,15 +129,10 @@ def regmean(
       b     fallback:average  -       -      -         -         -
       k     closed_form       1       0      5.00e-01  0.00e+00  converged
     """
-    checks.check_fraction("alpha", alpha, include_zero=True, include_one=True)
-    checked = check_inputs(
-        models,
-        grams,
+    return run_in_memory(
+        REGMEAN,
+        REGMEAN.parameters(alpha=alpha, fallback=fallback),
+        models=models,
+        statistics=grams,
         weights=weights,
-        fallback=fallback,
-        method="closed_form",
-        allowed=(Gram,),
-        name="grams",
     )
-    shrunk = [[_shrink(g, alpha) for g in task] for task in checked.per_task]
-    return execute(models, checked._replace(per_task=shrunk), method="closed_form")

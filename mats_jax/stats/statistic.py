@@ -65,6 +65,7 @@ __all__ = [
     "KFAC",
     "NONNEGATIVE",
     "NONNEGATIVE_DIAGONAL",
+    "BlockInverse",
     "Dense",
     "Diagonal",
     "EighSequence",
@@ -78,8 +79,6 @@ NONNEGATIVE = "non-negative entries"
 """A sign rule: every entry of the array is >= 0 (a diagonal statistic)."""
 NONNEGATIVE_DIAGONAL = "a non-negative diagonal"
 """A sign rule: the trailing matrices' diagonals are >= 0 (necessary for PSD)."""
-
-Apply = Callable[[Array], Array]
 
 
 def _block_dot_shape(x: Array) -> tuple[int, ...]:
@@ -138,19 +137,60 @@ class EighSequence:
         return tuple(out)
 
 
-def _sym_pinv_apply(
-    matrix: Array, damping: Array, eigh: Eigh
-) -> Callable[[Array, Callable[[Array, Array, Array], Array]], Array]:
-    """Eigendecomposes a batch of symmetric matrices once; returns a spectral applier."""
+@dataclasses.dataclass(frozen=True)
+class BlockInverse:
+    """An exact or approximate ``(Σ_m C_m + δI)⁺`` for a batch of blocks, as data.
+
+    ``arrays`` all have the leading block axis B and ``rule(*arrays, x)``
+    applies the inverse to a blocked ``x``. Being a pytree, it can be sliced
+    or vmapped over the blocks (the ``jax_scipy`` CG of the solver vmaps it).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import Diagonal
+      >>> inverse = Diagonal.sum_pinv([Diagonal(jnp.array([[2.0, 4.0]]))], jnp.zeros(1))
+      >>> inverse(jnp.array([[1.0, 1.0]]))
+      Array([[0.5 , 0.25]], dtype=float32)
+    """
+
+    arrays: tuple[Array, ...]
+    rule: Callable[..., Array]
+
+    def __call__(self, x: Array) -> Array:
+        return self.rule(*self.arrays, x)
+
+
+jax.tree_util.register_dataclass(
+    BlockInverse, data_fields=["arrays"], meta_fields=["rule"]
+)
+
+
+def _scale_rule(inv: Array, x: Array) -> Array:
+    return inv * x
+
+
+def _dense_rule(u: Array, inv: Array, x: Array) -> Array:
+    return jnp.einsum("bij,bj->bi", u, inv * jnp.einsum("bji,bj->bi", u, x))
+
+
+def _gram_rule(u: Array, inv: Array, x: Array) -> Array:
+    return u @ (inv[:, :, None] * (jnp.swapaxes(u, -1, -2) @ x))
+
+
+def _kronecker_rule(u_x: Array, u_y: Array, inv: Array, v: Array) -> Array:
+    rotated = jnp.swapaxes(u_x, -1, -2) @ v @ u_y
+    return u_x @ (inv * rotated) @ jnp.swapaxes(u_y, -1, -2)
+
+
+def _sym_pinv(
+    matrix: Array, damping: Array, eigh: Eigh, rule: Callable[..., Array]
+) -> BlockInverse:
+    """Eigendecomposes a batch of symmetric matrices once: ``(M + δI)⁺`` spectrally."""
     values, vectors = eigh(matrix)
     n = matrix.shape[-1]
     damped = values + damping[:, None]
     inv = _safe_reciprocal(damped, _pinv_cutoff(damped, n))
-
-    def apply(x: Array, contract: Callable[[Array, Array, Array], Array]) -> Array:
-        return contract(vectors, inv, x)
-
-    return apply
+    return BlockInverse((vectors, inv), rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +321,7 @@ class Statistic:
     @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
-    ) -> Apply:
+    ) -> BlockInverse:
         """``x ↦ (Σ_m C_m + δ I)⁺ x``: the exact pseudo-inverse, per block.
 
         ``eigh`` is the eigendecomposition to use (the solver passes an
@@ -292,12 +332,12 @@ class Statistic:
     @classmethod
     def sum_preconditioner(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
-    ) -> Apply:
+    ) -> BlockInverse:
         """An approximation of ``(Σ_m C_m + δ I)⁺`` that is cheap to apply."""
         return cls.sum_pinv(stats, damping, eigh)
 
 
-S = TypeVar("S", bound=type)
+S = TypeVar("S", bound=type[Statistic])
 
 
 def register_statistic(cls: S) -> S:
@@ -372,10 +412,11 @@ class Diagonal(Statistic):
     @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
-    ) -> Apply:
+    ) -> BlockInverse:
         total = sum_of(s.f for s in stats) + damping[:, None]  # type: ignore[attr-defined]
-        inv = _safe_reciprocal(total, _pinv_cutoff(total, 1))
-        return lambda x: inv * x
+        return BlockInverse(
+            (_safe_reciprocal(total, _pinv_cutoff(total, 1)),), _scale_rule
+        )
 
 
 @register_statistic
@@ -429,14 +470,8 @@ class Dense(Statistic):
     @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
-    ) -> Apply:
-        apply = _sym_pinv_apply(sum_of(s.f for s in stats), damping, eigh)  # type: ignore[attr-defined]
-        return lambda x: apply(
-            x,
-            lambda u, inv, v: jnp.einsum(
-                "bij,bj->bi", u, inv * jnp.einsum("bji,bj->bi", u, v)
-            ),
-        )
+    ) -> BlockInverse:
+        return _sym_pinv(sum_of(s.f for s in stats), damping, eigh, _dense_rule)  # type: ignore[attr-defined]
 
 
 def kernel_axes(
@@ -613,9 +648,8 @@ class Gram(_KernelLayout, Statistic):
     estimator_sums: ClassVar[tuple[str, ...]] = ("inputs", "rows")
 
     def sharding(self, leaf_sharding: NamedSharding) -> Any:
-        return Gram(
-            self._factor_sharding(leaf_sharding, "a"), self.in_axes, self.out_axes
-        )  # type: ignore[arg-type]
+        a: Any = self._factor_sharding(leaf_sharding, "a")
+        return Gram(a, self.in_axes, self.out_axes)
 
     @classmethod
     def from_sums(cls, sums: dict[str, Array], examples: Array, **layout: Any) -> Gram:
@@ -644,11 +678,8 @@ class Gram(_KernelLayout, Statistic):
     @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
-    ) -> Apply:
-        apply = _sym_pinv_apply(sum_of(s.a for s in stats), damping, eigh)  # type: ignore[attr-defined]
-        return lambda x: apply(
-            x, lambda u, inv, v: u @ (inv[:, :, None] * (jnp.swapaxes(u, -1, -2) @ v))
-        )
+    ) -> BlockInverse:
+        return _sym_pinv(sum_of(s.a for s in stats), damping, eigh, _gram_rule)  # type: ignore[attr-defined]
 
 
 @register_statistic
@@ -740,7 +771,7 @@ class KFAC(_KernelLayout, Statistic):
     @classmethod
     def sum_preconditioner(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
-    ) -> Apply:
+    ) -> BlockInverse:
         """The nearest Kronecker product to ``Σ_m A_m ⊗ G_m``, inverted spectrally.
 
         .. math::
@@ -782,10 +813,6 @@ class KFAC(_KernelLayout, Statistic):
         cutoff = (
             jnp.max(outer, axis=(-2, -1), keepdims=True) * jnp.finfo(outer.dtype).eps
         )
-        inv = _safe_reciprocal(outer, cutoff)
-
-        def apply(v: Array) -> Array:
-            rotated = jnp.swapaxes(u_x, -1, -2) @ v @ u_y
-            return u_x @ (inv * rotated) @ jnp.swapaxes(u_y, -1, -2)
-
-        return apply
+        return BlockInverse(
+            (u_x, u_y, _safe_reciprocal(outer, cutoff)), _kronecker_rule
+        )

@@ -1,16 +1,20 @@
-"""Streaming merges of checkpoints on disk: one leaf in memory at a time.
+"""The streaming engine: merges checkpoints on disk one leaf in memory at a time.
 
-Every method merges blocks independently, so a merge reads the base's and each
-model's copy of one leaf, merges them with the library's own function (called
-on a one-leaf pytree) and writes the result before reading the next leaf:
-peak memory is about ``(models + 1) ×`` the largest leaf, plus the merge's
-temporaries, whatever the model's size. TIES with whole-model trimming
-(``trim: global``) needs each task vector's k-th largest magnitude over the
-whole model first; :func:`streaming_magnitude_threshold` finds it exactly in
-two streaming passes (a radix select on the float32 bit patterns, 16 bits per
-pass), the same threshold :func:`~mats_jax.magnitude_threshold` computes in
-memory. Data-dependent methods (Fisher, RegMean, MaTS) stream too, each leaf
-solved with its own statistics.
+A method's merge of a leaf depends on no other leaf except through its
+whole-model pass (:mod:`mats_jax.method`), so a merge reads the base's and
+each model's copy of one leaf, merges them with the method's own
+:meth:`~mats_jax.method.MergeMethod.merge` (the same traced function the
+in-memory engine runs, jitted once per leaf shape) and writes the result
+before reading the next leaf: peak memory is about ``(models + 1) ×`` the
+largest leaf, plus the merge's temporaries, whatever the model's size.
+Methods that say they are elementwise are merged in row blocks, so those
+temporaries stay block-sized. A whole-model pass (TIES's threshold with
+``trim: global``) runs first, in two streaming passes of the radix select
+(:func:`~mats_jax.engine.select.streaming_magnitude_thresholds`), giving the
+threshold the in-memory engine computes. Data-dependent methods read each
+leaf's statistics as that leaf is merged. Methods that draw random numbers get
+the recipe's ``key(seed)`` and each leaf's path id, as in memory, so a
+streamed DARE equals the in-memory one. The engine names no method.
 
 The plan (:func:`plan_merge`) opens every checkpoint's metadata and checks
 everything (files, leaves present in every model, shapes, vocabulary sizes,
@@ -24,11 +28,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
-import functools
+import importlib.metadata
 import os
 import platform
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -36,22 +39,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from mats_jax import checks
+from mats_jax.engine.memory import check_inputs, leaf_ids, merge_checked
+from mats_jax.engine.select import (
+    MagnitudeQuantiles,
+    keep_count,
+    streaming_magnitude_thresholds,
+)
 from mats_jax.io.checkpoint import (
-    MSGPACK_NAME,
     Checkpoint,
+    CheckpointWriter,
     atomic_output,
     file_sha256,
     open_checkpoint,
 )
 from mats_jax.io.errors import CheckpointError
-from mats_jax.io.layout import inverse_permutation
-from mats_jax.io.msgpack import write_msgpack
-from mats_jax.io.orbax import save_orbax
-from mats_jax.io.safetensors import SafetensorsWriter
 from mats_jax.io.statistics import StatisticsReader
-from mats_jax.merge import sparse
-from mats_jax.recipe import METHODS, Recipe, load_recipe
-from mats_jax.tree import _pattern_matches, compute_dtype, nest_paths
+from mats_jax.method import MergeInputs, MergeMethod
+from mats_jax.recipe import Recipe, load_recipe
+from mats_jax.solver.report import format_report
+from mats_jax.tree import compute_dtype, pattern_matches
 
 __all__ = [
     "LeafPlan",
@@ -59,9 +65,9 @@ __all__ = [
     "MergeSummary",
     "Progress",
     "merge_recipe",
+    "model_card",
     "plan_merge",
     "run_merge",
-    "streaming_magnitude_threshold",
 ]
 
 # The one key of the one-leaf pytrees handed to the library: a fixed structure
@@ -83,8 +89,8 @@ class LeafPlan:
 
     Attributes:
       path: the leaf's tree path.
-      method: the merge method, or None to copy it unmerged (``skip``).
-      parameters: the method's recipe parameters.
+      method: the merge method's name, or None to copy it unmerged (``skip``).
+      parameters: the method's recipe parameters (as the recipe wrote them).
       shape, dtype: of the output leaf.
       base: the base checkpoint's source (None without a base).
       models: each model's source.
@@ -99,6 +105,8 @@ class LeafPlan:
     base: Source | None
     models: tuple[Source, ...]
     notes: tuple[str, ...] = ()
+    merge_method: MergeMethod | None = None
+    record: Any = None  # the method's parameters record
 
     @property
     def nbytes(self) -> int:
@@ -214,7 +222,7 @@ def plan_merge(recipe: Recipe) -> MergePlan:
                 f"leaf of any input; leaves look like {order[:5]}"
             )
     for rule in recipe.overrides:
-        if not any(_pattern_matches(rule.pattern, p) for p in order):
+        if not any(pattern_matches(rule.pattern, p) for p in order):
             raise CheckpointError(
                 f"{recipe.where(rule.line)}: override pattern {rule.pattern!r} matches no leaf; "
                 f"leaf paths look like {order[:5]} (globs match the whole path; prefix "
@@ -224,6 +232,7 @@ def plan_merge(recipe: Recipe) -> MergePlan:
     leaves = []
     for path in order:
         method, params, _ = recipe.leaf_rule(path)
+        merge_method, record = recipe.leaf_method(path)
         sources: list[tuple[str, Checkpoint, str]] = []
         for who, ckpt in named:
             if path in ckpt.leaves:
@@ -250,7 +259,11 @@ def plan_merge(recipe: Recipe) -> MergePlan:
                     f"`overrides: [{{pattern: {path}, skip: true}}]` (the output then copies the base's)."
                 )
         leaves.append(
-            _leaf_plan(recipe, path, method, params, sources, base is not None)
+            dataclasses.replace(
+                _leaf_plan(recipe, path, method, params, sources, base is not None),
+                merge_method=merge_method,
+                record=record,
+            )
         )
     return MergePlan(
         recipe=recipe, base=base, models=models, leaves=leaves, statistics=statistics
@@ -347,88 +360,6 @@ def _leaf_plan(
 
 
 # ---------------------------------------------------------------------------
-# TIES with whole-model trimming: the exact threshold in two streaming passes.
-
-
-def streaming_magnitude_thresholds(
-    chunks: Callable[[], Iterable[tuple[int, Any]]], ks: Sequence[int]
-) -> list[float]:
-    """For S streams of arrays, each stream's k_s-th largest magnitude, in two passes.
-
-    A radix select on the float32 bit patterns of ``|x|`` (which order like the
-    magnitudes): the first pass histograms the high 16 bits of every array and
-    finds the bucket holding the k-th largest; the second histograms the low
-    16 bits of the entries in that bucket. Memory: one array at a time and two
-    65536-bin histograms per stream. The result equals
-    :func:`~mats_jax.magnitude_threshold` on each stream's arrays (tested
-    against it), so TIES trims a model on disk exactly as it trims one in memory.
-
-    Args:
-      chunks: returns a fresh iterable (it is called twice) of
-        ``(stream, array)`` pairs, in any order (for TIES: each leaf's task
-        vector for each model, so one pass reads every leaf once per model).
-      ks: per stream, 1 ≤ k ≤ its total number of entries.
-
-    Returns:
-      Per stream the threshold t: at least k entries have ``|x| ≥ t`` and
-      fewer than k have ``|x| > t``.
-
-    Examples:
-      >>> import numpy as np
-      >>> pairs = [(0, np.array([1.0, -5.0])), (1, np.array([0.5])),
-      ...          (0, np.array([3.0, -2.0])), (1, np.array([-4.0]))]
-      >>> streaming_magnitude_thresholds(lambda: pairs, [2, 1])
-      [3.0, 4.0]
-    """
-
-    def bits(a: Any) -> np.ndarray:
-        return (
-            np.abs(np.asarray(a).astype(np.float32, copy=False)).ravel().view(np.uint32)
-        )
-
-    def pick(hist: np.ndarray, remaining: int) -> tuple[int, int]:
-        at_least = np.cumsum(hist[::-1])[::-1]  # at_least[d]: entries with digit >= d
-        digit = int(np.nonzero(at_least >= remaining)[0].max())
-        return digit, remaining - int(at_least[digit] - hist[digit])
-
-    n = len(ks)
-    high = np.zeros((n, 1 << 16), np.int64)
-    totals = [0] * n
-    for s, a in chunks():
-        u = bits(a)
-        totals[s] += u.size
-        high[s] += np.bincount(u >> 16, minlength=1 << 16)
-        del u
-    for k, total in zip(ks, totals, strict=True):
-        if not 1 <= k <= total:
-            raise ValueError(f"k must be in [1, {total}], got {k}")
-    tops = [pick(high[s], ks[s]) for s in range(n)]
-    low = np.zeros((n, 1 << 16), np.int64)
-    for s, a in chunks():
-        u = bits(a)
-        low[s] += np.bincount(u[(u >> 16) == tops[s][0]] & 0xFFFF, minlength=1 << 16)
-        del u
-    out = []
-    for s, (top, remaining) in enumerate(tops):
-        bottom, _ = pick(low[s], remaining)
-        out.append(
-            float(np.array([(top << 16) | bottom], np.uint32).view(np.float32)[0])
-        )
-    return out
-
-
-def streaming_magnitude_threshold(chunks: Callable[[], Iterable[Any]], k: int) -> float:
-    """:func:`streaming_magnitude_thresholds` for one stream of arrays.
-
-    Examples:
-      >>> import numpy as np
-      >>> streaming_magnitude_threshold(lambda: [np.array([1.0, -5.0]), np.array([3.0, -2.0])], 2)
-      3.0
-    """
-    return streaming_magnitude_thresholds(lambda: ((0, a) for a in chunks()), [k])[0]
-
-
-# ---------------------------------------------------------------------------
 # Running.
 
 
@@ -444,150 +375,28 @@ def _read(ckpt: Checkpoint, source: Source) -> np.ndarray:
     return array
 
 
-@jax.jit
-def _ties_with_thresholds(
-    base: jax.Array,
-    models: list[jax.Array],
-    thresholds: jax.Array,
-    scale: Any,
-    weights: jax.Array,
-) -> jax.Array:
-    # TIES's trim with a given per-model threshold, then the library's own
-    # sign election, disjoint mean and application (mats_jax.merge.sparse).
-    dtype = compute_dtype(base.dtype)
-    vectors = [m.astype(dtype) - base.astype(dtype) for m in models]
-    trimmed = [
-        jnp.where(jnp.abs(v.astype(jnp.float32)) >= thresholds[i], v, 0)
-        for i, v in enumerate(vectors)
-    ]
-    merged = sparse._combine(trimmed, weights, True)
-    return sparse._apply({_KEY: base}, [merged], scale)[_KEY]
-
-
 def _needs_base(leaf: LeafPlan) -> bool:
-    """Whether merging ``leaf`` reads the base (average, Fisher, … do not)."""
+    """Whether merging ``leaf`` reads the base (a skipped leaf copies it)."""
     if leaf.base is None:
         return False
-    if leaf.method is None or METHODS[leaf.method].needs_base:
+    if leaf.merge_method is None:
         return True
-    init = leaf.parameters.get("init")
-    return "base" in (init, leaf.parameters.get("fallback")) or isinstance(init, dict)
+    return leaf.merge_method.needs(leaf.record).base
 
 
-def _is_ties(leaf: LeafPlan, trim: str) -> bool:
-    return leaf.method == "ties" and leaf.parameters.get("trim", "global") == trim
+def _pass_of(leaf: LeafPlan) -> MagnitudeQuantiles | None:
+    if leaf.merge_method is None:
+        return None
+    return leaf.merge_method.whole_model_pass(leaf.record)
 
 
-_BLOCK_ENTRIES = 1 << 22
+def _pass_group(spec: MagnitudeQuantiles) -> str:
+    return f"density={float(spec.density)!r}"
 
 
-def _ties_in_blocks(
-    base: Any, models: list[Any], thresholds: jax.Array, scale: Any, weights: jax.Array
-) -> np.ndarray:
-    """:func:`_ties_with_thresholds` over blocks of rows: with the thresholds
-    known, TIES is entrywise, so the merge's temporaries stay block-sized."""
-    shape = np.shape(base)
-    if len(shape) < 1 or int(np.prod(shape)) <= _BLOCK_ENTRIES:
-        return np.asarray(
-            _ties_with_thresholds(base, models, thresholds, scale, weights)
-        )
-    out = np.empty(shape, np.asarray(base).dtype)
-    rows = max(1, _BLOCK_ENTRIES // max(1, int(np.prod(shape[1:]))))
-    for i in range(0, shape[0], rows):
-        j = min(i + rows, shape[0])
-        out[i:j] = _ties_with_thresholds(
-            base[i:j], [m[i:j] for m in models], thresholds, scale, weights
-        )
-    return out
-
-
-class _LeafMerger:
-    """Merges one leaf at a time with the library's functions."""
-
-    def __init__(self, plan: MergePlan, thresholds: dict[str, list[float]]) -> None:
-        self.plan = plan
-        self.weights = [m.weight for m in plan.recipe.models]
-        self.thresholds = thresholds
-        self.report: dict[str, Any] = {}
-
-    def __call__(self, leaf: LeafPlan, base: Any, models: list[Any]) -> Any:
-        if leaf.method is None:
-            return base if base is not None else models[0]
-        try:
-            return self._merge(leaf, base, models)
-        except checks.MergeInputError as e:
-            message = str(e).replace(repr(_KEY), repr(leaf.path))
-            raise CheckpointError(f"leaf {leaf.path!r}: {message}") from None
-
-    def _merge(self, leaf: LeafPlan, base: Any, models: list[Any]) -> Any:
-        method, params = leaf.method, dict(leaf.parameters)
-        assert method is not None
-        b = {_KEY: base} if base is not None else None
-        ms = [{_KEY: m} for m in models]
-        if method == "ties":
-            # Both trims go through the streaming threshold (per leaf: over this
-            # leaf alone), which needs no leaf-sized temporaries beyond one
-            # task vector, then the library's sign election and disjoint mean.
-            checks.check_models(ms, b)
-            checks.check_fraction(
-                "density", params["density"], include_zero=False, include_one=True
-            )
-            if _is_ties(leaf, "global"):
-                thresholds = self.thresholds[_ties_group(params)]
-            else:
-                k = keep_count(
-                    params["density"], int(np.prod(leaf.shape, dtype=np.int64))
-                )
-                thresholds = [
-                    streaming_magnitude_threshold(
-                        functools.partial(_task_vector_blocks, base, m), k
-                    )
-                    for m in models
-                ]
-            return _ties_in_blocks(
-                base,
-                models,
-                jnp.asarray(thresholds, jnp.float32),
-                params.get("scale", 1.0),
-                checks.check_weights(self.weights, len(models)),
-            )
-        fn = METHODS[method].function
-        if method == "average":
-            return fn(ms, weights=self.weights, **params)[_KEY]
-        if method == "task_arithmetic":
-            return fn(b, ms, weights=self.weights, **params)[_KEY]
-        if method == "dare":
-            leaf_key = jax.random.fold_in(
-                jax.random.key(self.plan.recipe.seed), zlib.crc32(leaf.path.encode())
-            )
-            return fn(b, ms, key=leaf_key, weights=self.weights, **params)[_KEY]
-        # Each model's statistic for this leaf alone (None: the fallback rule).
-        stats = [
-            {_KEY: r.read(leaf.path) if r is not None else None}
-            for r in self.plan.statistics
-        ]
-        if params.get("fallback") == "base":
-            params["fallback"] = b
-        if "init" in params:
-            params["init"] = self._init(params["init"], b, ms)
-        result = fn(ms, stats, weights=self.weights, **params)
-        self.report[leaf.path] = result.report[_KEY]
-        return result.params[_KEY]
-
-    def _init(self, init: Any, b: Any, ms: list[Any]) -> Any:
-        import mats_jax
-
-        if init == "base":
-            return b
-        if init == "average":
-            return mats_jax.average(ms, weights=self.weights)
-        rest = {k: v for k, v in init.items() if k != "method"}
-        fn = getattr(mats_jax, init["method"])
-        if init["method"] == "average":
-            return fn(ms, weights=self.weights, **rest)
-        if init["method"] == "dare":
-            rest["key"] = jax.random.key(self.plan.recipe.seed)
-        return fn(b, ms, weights=self.weights, **rest)
+ROW_BLOCK_ENTRIES = 1 << 22
+"""Entries per block when a leaf is read or merged in pieces (elementwise
+methods, task vectors for a threshold): the temporaries' size."""
 
 
 def _task_vector_blocks(base: Any, model: Any) -> Iterable[np.ndarray]:
@@ -595,51 +404,36 @@ def _task_vector_blocks(base: Any, model: Any) -> Iterable[np.ndarray]:
     forms it), flattened and in blocks, so no leaf-sized temporary is made."""
     base, model = np.asarray(base).ravel(), np.asarray(model).ravel()
     dtype = compute_dtype(base.dtype)
-    for i in range(0, max(base.size, 1), _BLOCK_ENTRIES):
-        j = i + _BLOCK_ENTRIES
+    for i in range(0, max(base.size, 1), ROW_BLOCK_ENTRIES):
+        j = i + ROW_BLOCK_ENTRIES
         yield model[i:j].astype(dtype) - base[i:j].astype(dtype)
 
 
-def _ties_group(params: dict[str, Any]) -> str:
-    return f"density={float(params['density'])!r}"
-
-
-def keep_count(density: Any, size: int) -> int:
-    """TIES's k = ⌈density · N⌉ in [1, N], rounded as the in-memory ``ties`` rounds it
-    (a float32 product), in int64 so whole models beyond 2^31 entries work.
-
-    Examples:
-      >>> keep_count(0.2, 10), keep_count(1e-9, 10), keep_count(0.5, 3 * 2**31)
-      (2, 1, 3221225472)
-    """
-    k = int(np.ceil(np.float32(density) * np.float32(size)))
-    return min(max(k, 1), size)
-
-
-def _global_ties_thresholds(
-    plan: MergePlan, progress: Progress
-) -> dict[str, list[float]]:
-    """Per group of ``trim: global`` TIES leaves (one density), each model's threshold.
+def _whole_model_passes(plan: MergePlan, progress: Progress) -> dict[str, list[float]]:
+    """Per group of leaves sharing a whole-model pass, each model's threshold.
 
     Two streaming passes; each reads every leaf of the group once from the
     base and once from each model.
     """
-    groups: dict[str, list[LeafPlan]] = {}
+    groups: dict[str, tuple[MagnitudeQuantiles, list[LeafPlan]]] = {}
     for leaf in plan.leaves:
-        if _is_ties(leaf, "global"):
-            groups.setdefault(_ties_group(leaf.parameters), []).append(leaf)
+        spec = _pass_of(leaf)
+        if spec is not None and not spec.per_leaf:
+            groups.setdefault(_pass_group(spec), (spec, []))[1].append(leaf)
     out: dict[str, list[float]] = {}
     if not groups:
         return out
     base = plan.base
-    assert base is not None
+    assert base is not None, "the recipe check requires a base for task vectors"
     total = sum(
-        2 * leaf.nbytes * (len(plan.models) + 1) for g in groups.values() for leaf in g
+        2 * leaf.nbytes * (len(plan.models) + 1)
+        for _, leaves in groups.values()
+        for leaf in leaves
     )
     progress.start("threshold", total)
-    for key, leaves in groups.items():
+    for key, (spec, leaves) in groups.items():
         size = sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves)
-        k = keep_count(leaves[0].parameters["density"], size)
+        k = keep_count(spec.density, size)
 
         def vectors(
             leaves: list[LeafPlan] = leaves,
@@ -661,26 +455,99 @@ def _global_ties_thresholds(
     return out
 
 
-def _output_specs(
-    plan: MergePlan,
-) -> list[tuple[str, tuple[int, ...], np.dtype, tuple[int, ...] | None]]:
-    out = []
-    layout = plan.recipe.output.layout
-    for leaf in plan.leaves:
-        name, perm = layout.to_checkpoint(leaf.path, ndim=len(leaf.shape))
-        shape = (
-            leaf.shape
-            if perm is None
-            else tuple(leaf.shape[i] for i in inverse_permutation(perm))
+class _LeafMerger:
+    """Merges one leaf at a time with its method's own merge."""
+
+    def __init__(self, plan: MergePlan, thresholds: dict[str, list[float]]) -> None:
+        self.plan = plan
+        self.weights = [m.weight for m in plan.recipe.models]
+        self.thresholds = thresholds
+        self.report: dict[str, Any] = {}
+        self.key = jax.random.key(plan.recipe.seed)
+
+    def __call__(self, leaf: LeafPlan, base: Any, models: list[Any]) -> Any:
+        if leaf.merge_method is None:
+            return base if base is not None else models[0]
+        try:
+            return self._merge(leaf, leaf.merge_method, base, models)
+        except checks.MergeInputError as e:
+            message = str(e).replace(repr(_KEY), repr(leaf.path))
+            raise CheckpointError(f"leaf {leaf.path!r}: {message}") from None
+
+    def _merge(
+        self, leaf: LeafPlan, method: MergeMethod, base: Any, models: list[Any]
+    ) -> Any:
+        params = leaf.record
+        needs = method.needs(params)
+        stats = None
+        if needs.statistics:
+            stats = [
+                {_KEY: r.read(leaf.path) if r is not None else None}
+                for r in self.plan.statistics
+            ]
+        inputs, _, _ = check_inputs(
+            method,
+            params,
+            models=[{_KEY: m} for m in models],
+            base={_KEY: base} if base is not None else None,
+            statistics=stats,
+            weights=self.weights,
+            key=self.key if needs.key else None,
         )
-        out.append(
-            (
-                name,
-                shape,
-                leaf.dtype,
-                None if perm is None else inverse_permutation(perm),
+        if needs.key:  # the leaf's own path, not the one-leaf tree's key
+            inputs = inputs._replace(
+                leaf_ids={_KEY: leaf_ids({leaf.path: 0})[leaf.path]}
             )
+        prepared = self._prepared(leaf, base, models)
+        if method.elementwise:
+            return _merge_in_rows(method, params, inputs, prepared)
+        result = merge_checked(method, params, inputs, prepared=prepared)
+        if result.report[_KEY].status is not None:
+            self.report[leaf.path] = result.report[_KEY]
+        for category, message in method.diagnose(params, result.report, [leaf.path]):
+            checks.warn(message, category)
+        return result.params[_KEY]
+
+    def _prepared(self, leaf: LeafPlan, base: Any, models: list[Any]) -> Any:
+        """The whole-model pass's result for this leaf (None without one)."""
+        spec = _pass_of(leaf)
+        if spec is None:
+            return None
+        if not spec.per_leaf:
+            thresholds = self.thresholds[_pass_group(spec)]
+        else:  # over this leaf alone, in blocks: no leaf-sized temporaries
+            k = keep_count(spec.density, int(np.prod(leaf.shape, dtype=np.int64)))
+            thresholds = streaming_magnitude_thresholds(
+                lambda: (
+                    (m, block)
+                    for m, x in enumerate(models)
+                    for block in _task_vector_blocks(base, x)
+                ),
+                [k] * len(models),
+            )
+        return {_KEY: jnp.asarray(thresholds, jnp.float32)}
+
+
+def _merge_in_rows(
+    method: MergeMethod, params: Any, inputs: MergeInputs, prepared: Any
+) -> Any:
+    """An elementwise method's merge over blocks of rows, so its temporaries
+    stay block-sized."""
+    shape = np.shape(inputs.models[0][_KEY])
+    if len(shape) < 1 or int(np.prod(shape)) <= ROW_BLOCK_ENTRIES:
+        return merge_checked(method, params, inputs, prepared=prepared).params[_KEY]
+    out = np.empty(shape, np.asarray(inputs.models[0][_KEY]).dtype)
+    rows = max(1, ROW_BLOCK_ENTRIES // max(1, int(np.prod(shape[1:]))))
+    for i in range(0, shape[0], rows):
+        j = min(i + rows, shape[0])
+
+        def rows_of(tree: Any, i: int = i, j: int = j) -> Any:
+            return None if tree is None else {_KEY: tree[_KEY][i:j]}
+
+        piece = inputs._replace(
+            models=[rows_of(m) for m in inputs.models], base=rows_of(inputs.base)
         )
+        out[i:j] = merge_checked(method, params, piece, prepared=prepared).params[_KEY]
     return out
 
 
@@ -731,19 +598,16 @@ def run_merge(
         if checksums:
             progress.start("checksum", sum(os.path.getsize(f) for _, f in inputs))
         digests = pool.submit(digest_inputs)
-        thresholds = _global_ties_thresholds(plan, progress)
+        thresholds = _whole_model_passes(plan, progress)
         merger = _LeafMerger(plan, thresholds)
-        specs = _output_specs(plan)
-        fmt = recipe.output.format
-        writer = None
-        collected: dict[str, np.ndarray] = {}
-        if fmt == "safetensors":
-            writer = SafetensorsWriter(
-                tmp,
-                [s[:3] for s in specs],
-                max_shard_size=recipe.output.max_shard_size,
-                metadata={"format": "np", "merged_by": f"mats_jax {_version()}"},
-            )
+        writer = CheckpointWriter(
+            tmp,
+            [(leaf.path, leaf.shape, leaf.dtype) for leaf in plan.leaves],
+            format=recipe.output.format,
+            layout=recipe.output.layout,
+            max_shard_size=recipe.output.max_shard_size,
+            metadata={"format": "np", "merged_by": f"mats_jax {_version()}"},
+        )
         for stage, total in (
             ("read", plan.read_bytes),
             ("merge", plan.write_bytes),
@@ -753,13 +617,12 @@ def run_merge(
         writes = concurrent.futures.ThreadPoolExecutor(1)
         pending: concurrent.futures.Future[None] | None = None
 
-        def write(leaf: LeafPlan, name: str, array: np.ndarray) -> None:
-            assert writer is not None
-            writer.write(name, array)
+        def write(leaf: LeafPlan, array: np.ndarray) -> None:
+            writer.write(leaf.path, array)
             progress.advance("write", leaf.nbytes)
 
         try:
-            for leaf, (name, _, _, perm) in zip(plan.leaves, specs, strict=True):
+            for leaf in plan.leaves:
                 # Each input goes to the device as soon as it is read (aliased
                 # where numpy's buffer allows), so the host copies are freed.
                 # (Reading ahead in a thread was measured: no faster on two
@@ -778,31 +641,18 @@ def run_merge(
                 merged = merger(leaf, base, models)
                 del base, models
                 out = np.asarray(merged)  # waits for the merge; no copy on CPU
-                if perm is not None:
-                    out = np.ascontiguousarray(np.transpose(out, perm))
                 del merged
                 progress.advance("merge", leaf.nbytes)
                 if pending is not None:
                     pending.result()  # one write in flight: memory stays bounded
-                if writer is not None:
-                    pending = writes.submit(write, leaf, name, out)
-                else:
-                    collected[leaf.path] = out
-                    progress.advance("write", leaf.nbytes)
+                pending = writes.submit(write, leaf, out)
                 del out
             if pending is not None:
                 pending.result()
-            if writer is not None:
-                writer.close()
-            elif fmt == "msgpack":
-                os.makedirs(tmp)
-                write_msgpack(os.path.join(tmp, MSGPACK_NAME), nest_paths(collected))
-            else:
-                save_orbax(tmp, nest_paths(collected))
+            writer.close()
         finally:
             writes.shutdown(wait=True)
-            if writer is not None:
-                writer.abort()
+            writer.abort()
         for stage in ("read", "merge", "write"):
             progress.finish(stage)
         card = model_card(plan, digests.result(), merger.report, thresholds)
@@ -879,9 +729,7 @@ def merge_recipe(
 
 
 def _version() -> str:
-    import mats_jax
-
-    return str(mats_jax.__version__)
+    return importlib.metadata.version("mats_jax")
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -895,8 +743,6 @@ def model_card(
     thresholds: dict[str, list[float]],
 ) -> str:
     """The output's README.md: recipe, input checksums, versions, per-leaf methods and solver report."""
-    from mats_jax.solver import format_report
-
     recipe = plan.recipe
     lines = [
         "---",
@@ -929,7 +775,7 @@ def model_card(
     if thresholds:
         lines += [
             "",
-            "## TIES whole-model thresholds",
+            "## Whole-model magnitude thresholds (TIES with trim: global)",
             "",
             "| group | per-model magnitude threshold |",
             "|---|---|",

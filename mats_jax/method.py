@@ -1,0 +1,211 @@
+"""What a merge method is: a name, a parameters record, its needs, a per-leaf merge.
+
+A :class:`MergeMethod` is a value (a frozen dataclass), in the spirit of
+mergekit's ``MergeMethod`` and optax's ``GradientTransformation``:
+
+- ``name``: how the registry and recipes call it;
+- ``Parameters``: a frozen dataclass that validates itself when built
+  (:func:`~mats_jax.tree.register_record` makes it a pytree whose numbers are
+  traced, so sweeping a hyperparameter does not recompile);
+- :meth:`~MergeMethod.needs`: which inputs it takes (the base model,
+  statistics of given types, a PRNG key);
+- :meth:`~MergeMethod.whole_model_pass`: what it needs computed over the whole
+  model before merging leaves (today TIES's magnitude threshold), as data the
+  engines know how to compute (:class:`~mats_jax.engine.select.MagnitudeQuantiles`);
+- :meth:`~MergeMethod.merge`: the merge of any subset of leaves, a pure
+  traced function of :class:`MergeInputs`, the parameters and the pass's
+  result. No leaf's result depends on another leaf's inputs except through
+  that pass, which is what lets the streaming engine merge one leaf at a time
+  and get what the in-memory engine gets.
+
+The engines (:mod:`mats_jax.engine`) validate inputs, run the pass, jit the
+merge and place the result; they name no method.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import mats_jax
+  >>> ties = mats_jax.get_method("ties")
+  >>> ties.parameters(density=0.5)
+  TiesParameters(density=0.5, scale=1.0, trim='global')
+  >>> ties.needs(ties.parameters(density=0.5))
+  Needs(base=True, statistics=(), key=False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
+
+from mats_jax.checks import MergeInputError
+from mats_jax.engine.select import MagnitudeQuantiles
+from mats_jax.sharding import Placement
+from mats_jax.solver.report import MergeResult
+from mats_jax.stats.statistic import Statistic
+from mats_jax.tree import register_record
+from mats_jax.typing import Array, Params, StatTree
+
+__all__ = ["MergeInputs", "MergeMethod", "MethodCall", "Needs"]
+
+
+class Needs(NamedTuple):
+    """The inputs a method takes besides the models and their weights.
+
+    Attributes:
+      base: the pretrained parameters θ₀.
+      statistics: the statistic types it accepts per leaf (empty: none).
+      key: a PRNG key.
+    """
+
+    base: bool = False
+    statistics: tuple[type[Statistic], ...] = ()
+    key: bool = False
+
+    def __or__(self, other: tuple[Any, ...]) -> Needs:
+        assert isinstance(other, Needs)
+        return Needs(
+            self.base or other.base,
+            self.statistics or other.statistics,
+            self.key or other.key,
+        )
+
+
+class MergeInputs(NamedTuple):
+    """What a method merges: pytrees of one structure (any subset of a model's leaves).
+
+    Attributes:
+      models: the M fine-tuned parameter pytrees.
+      base: the pretrained parameters, or None.
+      statistics: M statistic pytrees, or None.
+      weights: (M,) float32 weights, validated.
+      key: a PRNG key, or None.
+      leaf_ids: a pytree of the models' structure holding each leaf's uint32
+        id (the CRC-32 of its path): methods that draw random numbers fold it
+        into ``key``, so a leaf's draws do not depend on which other leaves
+        are merged with it.
+    """
+
+    models: Sequence[Params]
+    base: Params | None = None
+    statistics: Sequence[StatTree] | None = None
+    weights: Array | None = None
+    key: Array | None = None
+    leaf_ids: Params | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """A merge method; see the module docstring. Subclasses implement :meth:`merge`.
+
+    Examples:
+      A method of one's own: the entrywise maximum of the models, registered
+      nowhere, run by the in-memory engine like any other.
+
+      >>> import dataclasses, jax, jax.numpy as jnp
+      >>> from mats_jax import LeafReport, MergeResult
+      >>> from mats_jax.engine.memory import run_in_memory
+      >>> from mats_jax.tree import register_record
+      >>> @register_record
+      ... @dataclasses.dataclass(frozen=True)
+      ... class NoParameters:
+      ...     pass
+      >>> class Maximum(MergeMethod):
+      ...     def merge(self, inputs, params, prepared, placement):
+      ...         merged = jax.tree.map(lambda *xs: jnp.max(jnp.stack(xs), 0), *inputs.models)
+      ...         return MergeResult(merged, jax.tree.map(lambda _: LeafReport("maximum"), merged))
+      >>> maximum = Maximum("maximum", NoParameters)
+      >>> models = [{"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([0.0, 3.0])}]
+      >>> run_in_memory(maximum, maximum.parameters(), models=models).params["w"]
+      Array([1., 3.], dtype=float32)
+
+    Attributes:
+      name: the registry's and recipes' name for it.
+      Parameters: its parameters record type.
+      statistics_name: what its statistics are called in messages.
+      elementwise: each entry of a merged leaf depends only on the same entry
+        of the inputs (and the whole-model pass), so an engine may merge a
+        large leaf in pieces.
+    """
+
+    name: str
+    Parameters: type
+    statistics_name: str = "statistics"
+    elementwise: ClassVar[bool] = False
+    data_dependent: ClassVar[bool] = False
+    """It merges with per-task statistics (whatever its parameters)."""
+
+    def parameters(self, **values: Any) -> Any:
+        """The validated parameters record; unknown names get a suggestion.
+
+        Raises:
+          MergeInputError: an unknown parameter, or a value out of range,
+            naming the parameter.
+        """
+        known = [f.name for f in dataclasses.fields(self.Parameters)]
+        for name in values:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise MergeInputError(
+                    f"{self.name} has no parameter {name!r}"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" Its parameters: {', '.join(known) or '(none)'}"
+                )
+        try:
+            return self.Parameters(**values)
+        except TypeError as e:  # a required parameter is missing
+            raise MergeInputError(f"{self.name}: {e}") from None
+
+    def needs(self, params: Any) -> Needs:
+        """The inputs it takes with these parameters."""
+        return Needs()
+
+    def check(self, inputs: MergeInputs, params: Any, paths: Sequence[str]) -> None:
+        """Checks that need the inputs and the parameters together (after the
+        engine's generic checks); ``paths`` are the leaves' paths."""
+
+    def whole_model_pass(self, params: Any) -> MagnitudeQuantiles | None:
+        """What must be computed over all leaves before merging any (None: nothing)."""
+        return None
+
+    def merge(
+        self,
+        inputs: MergeInputs,
+        params: Any,
+        prepared: Any,
+        placement: Placement,
+    ) -> MergeResult:
+        """The merged leaves and their reports (traced).
+
+        Args:
+          inputs: the leaves to merge.
+          params: the parameters record.
+          prepared: the whole-model pass's result for these leaves (a pytree of
+            the models' structure holding a (M,) array per leaf), or None.
+          placement: the inputs' mesh, for methods that split work over it.
+        """
+        raise NotImplementedError
+
+    def diagnose(
+        self, params: Any, report: Any, paths: Sequence[str]
+    ) -> list[tuple[type[Warning], str]]:
+        """Warnings about a finished merge (e.g. blocks CG did not converge)."""
+        return []
+
+
+@register_record
+@dataclasses.dataclass(frozen=True)
+class MethodCall:
+    """One method with its parameters, as another method's parameter (MaTS's ``init``).
+
+    Examples:
+      >>> import mats_jax
+      >>> method = mats_jax.get_method("task_arithmetic")
+      >>> call = MethodCall(method, method.parameters(scale=0.3))
+      >>> call.method.name, call.parameters.scale
+      ('task_arithmetic', 0.3)
+    """
+
+    static_fields: ClassVar[tuple[str, ...]] = ("method",)
+    method: MergeMethod
+    parameters: Any
