@@ -391,12 +391,12 @@ def without_finite_check(
 ) -> dict[str, float]:
     """An estimator with ``accumulate``'s per-batch finiteness test replaced by a
     no-op for the call (profiling only)."""
-    original = accumulate_module._record_first_bad
-    accumulate_module._record_first_bad = lambda sums, first_bad, index: first_bad
+    original = accumulate_module.record_first_bad
+    accumulate_module.record_first_bad = lambda sums, first_bad, index: first_bad
     try:
         return timed_estimator(name, model, pool, examples, micro, kind)
     finally:
-        accumulate_module._record_first_bad = original
+        accumulate_module.record_first_bad = original
 
 
 def kernels_only(params: Any) -> Any:
@@ -1433,7 +1433,7 @@ def profile_section(summary: dict[str, Any], results: dict[str, Any]) -> str:
     if rows:
         text += (
             "**The finiteness test.** `accumulate` tests every accumulator leaf for "
-            "NaN/Inf on the device after every batch (`_record_first_bad`). Replaced "
+            "NaN/Inf on the device after every batch (`record_first_bad`). Replaced "
             "by a no-op for the call (same round of measurements as the sweep):\n\n"
             + _table(
                 ["model", "estimator", "m", "ex/s", "test patched out ex/s", "gain"],

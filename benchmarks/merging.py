@@ -42,10 +42,10 @@ import numpy as np
 import optax
 from provenance import git_revision, machine
 
-from mats_jax.experiment import pipeline, report
-from mats_jax.experiment.methods import METHODS, Grids
-from mats_jax.experiment.tasks import TaskSpec
-from mats_jax.experiment.train import TrainConfig
+from mats_experiment import pipeline, report
+from mats_experiment.methods import METHODS, Grids
+from mats_experiment.tasks import TaskSpec
+from mats_experiment.train import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 

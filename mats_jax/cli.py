@@ -4,12 +4,14 @@
 (:mod:`mats_jax.recipe`) as a streaming merge (:mod:`mats_jax.engine.stream`) with
 progress bars for reading, merging and writing; ``mats-jax inspect CHECKPOINT``
 prints a checkpoint's leaves, shapes, dtypes and size; ``mats-jax demo`` runs
-:func:`mats_jax.demo.main`. Bad input exits with status 2 and a one-paragraph
+:mod:`mats_experiment.demo` (added by that package's ``mats_jax.commands``
+entry point). Bad input exits with status 2 and a one-paragraph
 message naming the file, the leaf or the recipe line, and what to do.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import signal
 import sys
 
@@ -80,7 +82,28 @@ def _fail(error: BaseException) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The built-in commands and those other installed packages add through the
+    ``mats_jax.commands`` entry points (e.g. the demo, from mats_experiment),
+    loaded only when run, so the library never imports its applications."""
+
+    def _plugins(self) -> dict[str, importlib.metadata.EntryPoint]:
+        return {
+            ep.name: ep
+            for ep in importlib.metadata.entry_points(group="mats_jax.commands")
+        }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in self._plugins():
+            command = self._plugins()[name].load()()
+        return command
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mats_jax")
 def main() -> None:
     """Merge fine-tuned JAX/Flax and Hugging Face checkpoints (mats_jax)."""
@@ -172,23 +195,6 @@ def _size(n: int) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
         value /= 1024
     return f"{n} B"
-
-
-@main.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,  # --help goes to the demo's own parser
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def demo(args: tuple[str, ...]) -> None:
-    """Run the demo (mats_jax.demo); ARGS (and --help) are passed to it."""
-    # Imported here: the demo's data and plotting libraries are an extra.
-    from mats_jax import demo as demo_module
-    from mats_jax.experiment.pipeline import ExperimentError
-
-    try:
-        demo_module.main(list(args))
-    except ExperimentError as e:
-        _fail(e)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_inspect_missing_file(workdir):
 
 
 def test_demo_subcommand_calls_the_demo(monkeypatch):
-    from mats_jax import demo
+    from mats_experiment import demo
 
     seen = []
     monkeypatch.setattr(demo, "main", lambda argv=None: seen.append(argv))

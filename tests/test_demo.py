@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from mats_jax import demo
-from mats_jax.experiment import (
+from mats_experiment import (
     data,
+    demo,
     methods,
     metrics,
     models,

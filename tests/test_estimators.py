@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import subprocess
 import sys
 import textwrap
@@ -555,12 +557,10 @@ def test_diagonal_fisher_of_a_sequence_model_equals_a_loop():
         np.testing.assert_allclose(got[leaf].f, total[leaf] / 5, rtol=1e-4, atol=1e-7)
 
 
-def test_estimating_many_tasks_compiles_once():
-    from mats_jax.stats import accumulate, estimate
-
+def test_estimating_many_tasks_compiles_once(caplog):
     x, y = data()
-    before = set(estimate._PLANS)
-    for t in range(3):
+
+    def task(t):
         kfac(
             mlp,
             mlp_params(jax.random.PRNGKey(t)),
@@ -568,6 +568,12 @@ def test_estimating_many_tasks_compiles_once():
             micro_batch_size=5,
             progress=False,
         )
-    assert len(set(estimate._PLANS) - before) == 1
-    plan = next(reversed(estimate._PLANS.values()))  # the most recently used
-    assert accumulate._jitted(plan.step)._cache_size() == 1
+
+    task(0)
+    # jax.log_compiles logs every compilation: the other tasks must log none.
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for t in (1, 2):
+            task(t)
+    assert [
+        r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()
+    ] == []

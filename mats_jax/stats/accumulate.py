@@ -42,7 +42,7 @@ from mats_jax.stats.likelihood import StatisticsInputError, check_batch
 from mats_jax.tree import path_str
 from mats_jax.typing import Array
 
-__all__ = ["accumulate"]
+__all__ = ["accumulate", "record_first_bad"]
 
 Step = Callable[[Any, Any, Mapping[str, Any], Array], Any]
 
@@ -155,7 +155,7 @@ def accumulate(
                 )
                 steps += 1
             # Once per batch, on the device: no wait for the result here.
-            state["first_bad"] = _record_first_bad(
+            state["first_bad"] = record_first_bad(
                 state["sums"], state["first_bad"], index
             )
             seen += _real_examples(batch, batch_size)
@@ -240,7 +240,7 @@ def _jitted(step: Step) -> Callable[..., Any]:
 
 
 @jax.jit
-def _record_first_bad(sums: Any, first_bad: Array, index: Array) -> Array:
+def record_first_bad(sums: Any, first_bad: Array, index: Array) -> Array:
     """``index`` if the sums just stopped being finite, else ``first_bad``."""
     finite = jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(sums)])

@@ -1,7 +1,7 @@
 """Summaries of experiment results: per-method tables (markdown) and PNG plots.
 
 :func:`summarise` turns the raw results of
-:func:`mats_jax.experiment.pipeline.run` into, per architecture, setting and
+:func:`mats_experiment.pipeline.run` into, per architecture, setting and
 method, the test accuracy per task and the average accuracy and average
 normalised accuracy (mean and sample standard deviation over seeds). Test
 accuracies only appear here; every choice was made on validation splits.
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mats_jax.experiment.metrics import mean_and_spread, normalised
+from mats_experiment.metrics import mean_and_spread, normalised
 
 __all__ = [
     "gain_warnings",

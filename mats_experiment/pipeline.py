@@ -33,9 +33,9 @@ import jax
 import numpy as np
 
 import mats_jax
-from mats_jax.experiment import data, derived, methods, models, tasks, train
-from mats_jax.experiment.methods import METHODS, Grids, MergeInputs
-from mats_jax.experiment.metrics import normalised
+from mats_experiment import data, derived, methods, models, tasks, train
+from mats_experiment.methods import METHODS, Grids, MergeInputs
+from mats_experiment.metrics import normalised
 from mats_jax.typing import Params, StatTree
 
 __all__ = [
@@ -69,7 +69,7 @@ class ExperimentConfig:
       pretrain_training, finetune_training: optimisation per architecture.
       stat_examples: training examples per task for the statistics.
       micro_batch_size: examples per jitted statistics step.
-      methods: names of :data:`~mats_jax.experiment.methods.METHODS`.
+      methods: names of :data:`~mats_experiment.methods.METHODS`.
       grids: the validation grids.
       intermediate_pairs: (intermediate task A, target task B) name pairs.
       intermediate_weights: the weights w of A (B has weight 1).

@@ -1,10 +1,13 @@
-"""Every merging method of the experiments, as data: its statistic and its grid.
+"""The merging methods the experiments run: a registered method, its statistic and its grid.
 
-A :class:`Method` says which per-task statistic it needs (none, the diagonal
-Fisher, Gram, or K-FAC of a Fisher kind), which hyperparameters it sweeps on
-validation data, and how one candidate is merged. Merges see only the shared
-body (heads excluded); ``weights`` are the per-task weights (all 1 for
-multitask merging; (1, w) for intermediate-task merging, target first).
+A :class:`Method` names a method of the library's registry
+(:data:`mats_jax.METHODS`) with fixed parameters, the per-task statistic it
+merges with (none, the diagonal Fisher, Gram, or K-FAC of a Fisher kind), the
+hyperparameters it sweeps on validation data, and, for MaTS, the method whose
+chosen merge starts CG. One merge function serves every method
+(:meth:`Method.merge`, through :func:`mats_jax.merge_pytrees`). Merges see only
+the shared body (heads excluded); ``weights`` are the per-task weights (all 1
+for multitask merging; (1, w) for intermediate-task merging, target first).
 
 MaTS variants start CG from the task arithmetic or TIES merge whose
 hyperparameters validation chose for that setting (``init``), and sweep the
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -48,7 +51,7 @@ DERIVED = {
     "kfac_exact_kernels_only": "kfac_exact",
     "kfac_exact_equalised": "kfac_exact",
 }
-"""Statistics computed from an estimated one (:mod:`~mats_jax.experiment.derived`)."""
+"""Statistics computed from an estimated one (:mod:`~mats_experiment.derived`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,91 +78,51 @@ class MergeInputs:
     key: jax.Array
 
 
-Merge = Callable[[MergeInputs, Mapping[str, Any]], Params]
-
-
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A merging method: label, statistic, grid and merge function.
+    """A merging method of the experiments: a registered method, configured.
 
     Attributes:
       label: the name in tables.
-      statistic: a name of :data:`STATISTICS`, or None (data-free).
+      method: the registry's name (:data:`mats_jax.METHODS`).
+      statistic: a name of :data:`STATISTICS` (or :data:`DERIVED`), or None
+        (data-free).
       grid: hyperparameter name → the :class:`Grids` field it sweeps.
-      merge: ``merge(inputs, hyperparameters) -> body``.
+      fixed: the method's parameters that are not swept.
+      rename: hyperparameter name → the method's parameter it sets, where
+        they differ (``cg_iterations`` sets MaTS's ``maxiter``).
       init: for MaTS, the method whose validation-chosen merge starts CG.
     """
 
     label: str
+    method: str
     statistic: str | None
     grid: Mapping[str, str]
-    merge: Merge
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
     init: str | None = None
 
-
-def _average(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-    return mats_jax.average(inputs.models, weights=inputs.weights)
-
-
-def _task_arithmetic(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-    return mats_jax.task_arithmetic(
-        inputs.base, inputs.models, scale=hp["scale"], weights=inputs.weights
-    )
-
-
-def _ties(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-    return mats_jax.ties(
-        inputs.base,
-        inputs.models,
-        density=hp["density"],
-        scale=hp["scale"],
-        weights=inputs.weights,
-    )
-
-
-def _dare_ties(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-    return mats_jax.dare(
-        inputs.base,
-        inputs.models,
-        drop_rate=hp["drop_rate"],
-        key=inputs.key,
-        scale=hp["scale"],
-        weights=inputs.weights,
-        sign_election=True,
-    )
-
-
-def _fisher(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-    return mats_jax.fisher_merge(
-        inputs.models, inputs.statistics["fisher_exact"], weights=inputs.weights
-    ).params
-
-
-def _regmean(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-    return mats_jax.regmean(
-        inputs.models,
-        inputs.statistics["gram"],
-        alpha=hp["alpha"],
-        weights=inputs.weights,
-    ).params
-
-
-def _mats(statistic: str, init: str, preconditioner: bool) -> Merge:
-    def merge(inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
+    def merge(self, inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
+        """The merged body for hyperparameters ``hp``."""
+        parameters = dict(self.fixed)
+        parameters.update({self.rename.get(k, k): v for k, v in hp.items()})
+        if self.init is not None:
+            parameters["init"] = inputs.init[self.init]
         with warnings.catch_warnings():
             # Stopping at maxiter is the swept regulariser here, not a failure.
             warnings.simplefilter("ignore", mats_jax.ConvergenceWarning)
-            return mats_jax.mats(
-                inputs.models,
-                inputs.statistics[statistic],
-                init=inputs.init[init],
+            result = mats_jax.merge_pytrees(
+                self.method,
+                models=inputs.models,
+                base=inputs.base,
+                statistics=inputs.statistics[self.statistic]
+                if self.statistic
+                else None,
                 weights=inputs.weights,
-                maxiter=hp["cg_iterations"],
-                tol=1e-6,
-                preconditioner=preconditioner,
-            ).params
-
-    return merge
+                key=inputs.key,
+                **parameters,
+            )
+        return result.params
 
 
 def _mats_method(
@@ -167,24 +130,30 @@ def _mats_method(
 ) -> Method:
     return Method(
         label,
+        "mats",
         statistic,
         {"cg_iterations": "cg_iterations"},
-        _mats(statistic, init, preconditioner),
+        fixed={"tol": 1e-6, "preconditioner": preconditioner},
+        rename={"cg_iterations": "maxiter"},
         init=init,
     )
 
 
 METHODS: dict[str, Method] = {
-    "average": Method("average", None, {}, _average),
+    "average": Method("average", "average", None, {}),
     "task_arithmetic": Method(
-        "task arithmetic", None, {"scale": "scale"}, _task_arithmetic
+        "task arithmetic", "task_arithmetic", None, {"scale": "scale"}
     ),
-    "ties": Method("TIES", None, {"density": "density", "scale": "ties_scale"}, _ties),
+    "ties": Method("TIES", "ties", None, {"density": "density", "scale": "ties_scale"}),
     "dare_ties": Method(
-        "DARE-TIES", None, {"drop_rate": "drop_rate", "scale": "ties_scale"}, _dare_ties
+        "DARE-TIES",
+        "dare",
+        None,
+        {"drop_rate": "drop_rate", "scale": "ties_scale"},
+        fixed={"sign_election": True},
     ),
-    "fisher": Method("Fisher merging", "fisher_exact", {}, _fisher),
-    "regmean": Method("RegMean", "gram", {"alpha": "alpha"}, _regmean),
+    "fisher": Method("Fisher merging", "fisher_merge", "fisher_exact", {}),
+    "regmean": Method("RegMean", "regmean", "gram", {"alpha": "alpha"}),
     "mats_gram": _mats_method("MaTS (Gram, init TA)", "gram", "task_arithmetic"),
     "mats_kfac": _mats_method(
         "MaTS (K-FAC exact, init TA)", "kfac_exact", "task_arithmetic"

@@ -1,6 +1,6 @@
 """Classification tasks built from the shipped datasets: class groups and fixed transforms.
 
-A :class:`TaskSpec` names a source (:mod:`mats_jax.experiment.data`), the
+A :class:`TaskSpec` names a source (:mod:`mats_experiment.data`), the
 classes it keeps (relabelled 0…c−1 in the order given), a fixed input
 transformation, and how many examples go to its train, validation and test
 splits. :func:`build_task` draws the splits from one seeded permutation, so
@@ -80,7 +80,7 @@ class TaskSpec:
 
     Attributes:
       name: the task's name in tables and errors.
-      source: a dataset name of :data:`mats_jax.experiment.data.SOURCES`.
+      source: a dataset name of :data:`mats_experiment.data.SOURCES`.
       classes: the source classes kept, relabelled 0…c−1 in this order
         (None: every class, labels unchanged).
       transform: a key of :data:`TRANSFORMS`, applied to every image

@@ -1,6 +1,6 @@
 """The demo: fine-tune four models on real digit tasks, merge them, compare every method.
 
-``python -m mats_jax.demo`` (after ``pip install 'mats_jax[demo]'``; nothing
+``python -m mats_experiment.demo`` (after ``pip install 'mats_jax[demo]'``; nothing
 is downloaded) runs the small version of ``benchmarks/merging.py``:
 
 1. pretrain an MLP (784→128→128, ReLU) on scikit-learn's 8×8 digits,
@@ -53,10 +53,10 @@ from typing import Any
 
 import numpy as np
 
-from mats_jax.experiment import pipeline, report
-from mats_jax.experiment.methods import METHODS, Grids
-from mats_jax.experiment.tasks import TaskSpec
-from mats_jax.experiment.train import TrainConfig
+from mats_experiment import pipeline, report
+from mats_experiment.methods import METHODS, Grids
+from mats_experiment.tasks import TaskSpec
+from mats_experiment.train import TrainConfig
 
 __all__ = ["DEMO_TASKS", "MERGED_CHECKPOINT", "demo_config", "load_merged", "main"]
 
@@ -248,7 +248,7 @@ def _print_table(results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m mats_jax.demo",
+        prog="python -m mats_experiment.demo",
         description="Fine-tune an MLP on MNIST digit tasks, merge the models with every "
         "method, print the results and save the MaTS-merged model.",
     )
@@ -276,7 +276,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the demo; returns the raw results (see :func:`mats_jax.experiment.pipeline.run`)."""
+    """Runs the demo; returns the raw results (see :func:`mats_experiment.pipeline.run`)."""
     args = _parse(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     config = demo_config(
@@ -322,11 +322,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def command() -> Any:
+    """The ``mats-jax demo`` subcommand (registered under the ``mats_jax.commands``
+    entry points): its arguments, ``--help`` included, go to the demo's parser."""
+    import click
+
+    @click.command(
+        "demo",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def demo(args: tuple[str, ...]) -> None:
+        """Run the demo (mats_experiment.demo); ARGS (and --help) are passed to it."""
+        try:
+            main(list(args))
+        except pipeline.ExperimentError as error:
+            click.echo(f"mats-jax: error: {error}", err=True)
+            sys.exit(2)
+
+    return demo
+
+
 def _cli() -> int:
     try:
         main()
     except pipeline.ExperimentError as error:  # bad input: a message, not a traceback
-        print(f"python -m mats_jax.demo: error: {error}", file=sys.stderr)
+        print(f"python -m mats_experiment.demo: error: {error}", file=sys.stderr)
         return 2
     return 0
 
