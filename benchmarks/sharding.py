@@ -53,9 +53,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from provenance import git_revision, machine
 
-from mats_jax import KFAC, mats, task_arithmetic
+from mats_jax import KFAC, lower_solve, mats, task_arithmetic
 from mats_jax.sharding import shard_statistics
-from mats_jax.solver import lower_solve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
