@@ -9,7 +9,14 @@ from mats_jax.stats.fisher import diagonal_fisher
 from mats_jax.stats.io import load_statistics, save_statistics
 from mats_jax.stats.kronecker import gram, kfac
 from mats_jax.stats.likelihood import StatisticsInputError
-from mats_jax.stats.statistic import KFAC, Dense, Diagonal, Gram, Statistic
+from mats_jax.stats.statistic import (
+    KFAC,
+    Dense,
+    Diagonal,
+    Gram,
+    Statistic,
+    register_statistic,
+)
 from mats_jax.stats.summary import statistic_scales, statistics_table
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "gram",
     "kfac",
     "load_statistics",
+    "register_statistic",
     "save_statistics",
     "statistic_scales",
     "statistics_table",
