@@ -77,7 +77,11 @@ def _check_values(entries: Sequence[tuple[str, str, Array, str | None]]) -> None
     if not concrete:
         return
     rules = tuple(e[3] for e in concrete)
-    finite, signed = np.asarray(_value_flags([e[2] for e in concrete], rules))
+    # Concrete arrays are checked now even when the merge is being traced (a
+    # jitted call closing over concrete models).
+    with jax.ensure_compile_time_eval():
+        flags = _value_flags([e[2] for e in concrete], rules)
+    finite, signed = np.asarray(flags)
     for (owner, path, _, rule), ok, sign_ok in zip(
         concrete, finite, signed, strict=True
     ):
@@ -204,6 +208,18 @@ def check_weights(weights: Any, num_models: int) -> Array:
     return jnp.asarray(values, jnp.float32)
 
 
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float, if it is one real number (not a bool, a string, an array)."""
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real)
+        or (np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number))
+    ):
+        raise MergeInputError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}"
+        )
+    return float(value)
+
+
 def check_number(name: str, value: Any) -> None:
     """Checks that a hyperparameter is one finite real number (skipped when traced).
 
@@ -215,14 +231,7 @@ def check_number(name: str, value: Any) -> None:
     """
     if _is_traced(value):
         return
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real)
-        or (np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number))
-    ):
-        raise MergeInputError(
-            f"{name} must be a number, got {type(value).__name__} {value!r}"
-        )
-    if not math.isfinite(float(value)):
+    if not math.isfinite(_real(name, value)):
         raise MergeInputError(f"{name} must be a finite number, got {value!r}")
 
 
@@ -232,14 +241,7 @@ def check_fraction(
     """Checks that a density or drop rate lies in its interval (skipped when traced)."""
     if _is_traced(value):
         return
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real)
-        or (np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number))
-    ):
-        raise MergeInputError(
-            f"{name} must be a number, got {type(value).__name__} {value!r}"
-        )
-    v = float(value)
+    v = _real(name, value)
     low_ok = v >= 0 if include_zero else v > 0
     high_ok = v <= 1 if include_one else v < 1
     if not (math.isfinite(v) and low_ok and high_ok):

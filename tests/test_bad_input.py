@@ -871,3 +871,68 @@ def test_jax_inputs_are_not_donated(method: str) -> None:
     METHODS[method](base, models, stats)
     assert not any(x.is_deleted() for x in jax.tree.leaves((base, models, stats)))
     jax.tree.map(np.testing.assert_array_equal, _numpy((base, models)), before)
+
+
+# --------------------------------------------------------------------------
+# Hyperparameters validated by the methods' parameters records
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n, c in CASES.items() if "scale" in c.parameters or n in ("ties", "dare")],
+)
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, "0.5", [1.0, 2.0]])
+def test_a_scale_that_is_not_one_finite_number_is_rejected(
+    name: str, scale: Any, no_work: None
+) -> None:
+    with rejects(r"scale must be a (finite )?number"):
+        METHODS[name](model(0), [model(1), model(2)], None, scale=scale)
+
+
+def test_jit_over_concrete_models_checks_them_and_merges() -> None:
+    models = [model(1), model(2)]
+    merged = jax.jit(lambda w: mj.average(models, weights=w))(jnp.array([3.0, 1.0]))
+    expected = mj.average(models, weights=[3.0, 1.0])
+    jax.tree.map(np.testing.assert_allclose, merged, expected)
+    bad = [with_value("dense/kernel", math.nan, 1), model(2)]
+    with rejects(r"models\[0\] at 'dense/kernel': contains NaN or Inf"):
+        jax.jit(lambda w: mj.average(bad, weights=w))(jnp.ones(2))
+
+
+def test_fallback_base_without_a_base_is_rejected(no_work: None) -> None:
+    with rejects(r"mats needs the base model"):
+        mj.merge_pytrees(
+            "mats",
+            models=[model(1), model(2)],
+            statistics=[kfac_stats(), kfac_stats()],
+            fallback="base",
+        )
+
+
+def test_an_init_method_that_needs_the_base_needs_it_here(no_work: None) -> None:
+    mats = mj.get_method("mats")
+    ta = mj.get_method("task_arithmetic")
+    init = mj.MethodCall(ta, ta.parameters(scale=0.5))
+    with rejects(r"mats needs the base model"):
+        mj.merge_pytrees(
+            mats,
+            models=[model(1), model(2)],
+            statistics=[kfac_stats(), kfac_stats()],
+            init=init,
+        )
+
+
+def test_fisher_merge_takes_bare_fisher_arrays() -> None:
+    models = [model(1), model(2)]
+    bare = nest_paths(
+        {
+            "dense/kernel": jnp.ones((3, 4)),
+            "dense/bias": jnp.ones(4),
+            "nested/inner/scale": None,
+        }
+    )
+    wrapped = fishers()
+    got = mj.fisher_merge(models, [bare, bare]).params
+    want = mj.fisher_merge(models, [wrapped, wrapped]).params
+    jax.tree.map(np.testing.assert_array_equal, got, want)

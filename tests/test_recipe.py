@@ -3,12 +3,14 @@ overrides, tied leaves, vocabulary policy, and every bad recipe or input."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zoo
 
 import mats_jax
 from mats_jax import Diagonal, Gram
@@ -167,6 +169,29 @@ def test_streamed_recipe_matches_in_memory_merge(
         jax.tree.map(
             lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), got, want
         )
+
+
+@pytest.mark.parametrize("name", sorted(zoo.CASES))
+def test_every_registered_method_streams_as_it_merges_in_memory(
+    checkpoints, tmp_path, name
+):
+    # A recipe with the registry case's parameters gives the in-memory merge
+    # (seed 0 is key(0) for methods that draw masks).
+    d, base, models, st = checkpoints
+    case = zoo.CASES[name]
+    kind = {None: None, Gram: "gram"}.get(case.statistic_type, "diag")
+    merge_recipe(
+        _recipe(d, case.method, json.dumps(dict(case.parameters)), stats=kind),
+        tmp_path / "out",
+    )
+    got = load_checkpoint(tmp_path / "out")
+    want = case(base, models, st[kind] if kind else None, weights=WEIGHTS).params
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if kind else {"rtol": 0, "atol": 0}
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, np.asarray(b), **tolerance),
+        got,
+        want,
+    )
 
 
 def test_model_card_records_recipe_checksums_and_version(checkpoints, tmp_path):
@@ -415,6 +440,21 @@ def test_nan_in_a_leaf_named_by_path(tmp_path):
         (
             "models: [a]\nmethod: ties\nparameters: {density: 0.2}\n",
             r"r\.yaml:3: ties needs a base model",
+        ),
+        (
+            "models: [{path: a, statistics: s}]\nmethod: mats\n"
+            "parameters: {init: {method: task_arithmetic, scale: 0.3}}\n",
+            r"r\.yaml:3: mats needs a base model \(for its init or fallback\)",
+        ),
+        (
+            "base: b\nmodels: [a]\nmethod: task_arithmetic\nparameters: {scale: .nan}\n",
+            r"r\.yaml:4: task_arithmetic parameters: scale must be a finite number",
+        ),
+        (
+            "base: b\nmodels: [{path: a, statistics: s}]\nmethod: mats\n"
+            "parameters: {init: {method: regmean}}\n",
+            r"r\.yaml:4: mats parameters: init must be 'average', 'base' or \{method: <one of "
+            r"average, task_arithmetic, ties, dare>",
         ),
         (
             "base: b\nmodels: [a]\nmethod: ties\nparameters: {density: 1.5}\n",

@@ -221,31 +221,17 @@ def run_in_memory(
 
 
 def lower_in_memory(
-    method: MergeMethod,
-    params: Any,
-    *,
-    models: Sequence[Params],
-    base: Params | None = None,
-    statistics: Sequence[StatTree] | None = None,
-    weights: Any = None,
-    key: Array | None = None,
+    method: MergeMethod, params: Any, **inputs: Any
 ) -> jax.stages.Lowered:
     """The program :func:`run_in_memory` would run, lowered, without running it.
 
-    Compile it to see what a merge needs before starting it::
+    Takes :func:`run_in_memory`'s arguments. Compile it to see what a merge
+    needs before starting it::
 
         memory = lower_in_memory(method, params, models=...).compile().memory_analysis()
     """
-    inputs, _, placement = check_inputs(
-        method,
-        params,
-        models=models,
-        base=base,
-        statistics=statistics,
-        weights=weights,
-        key=key,
-    )
+    checked, _, placement = check_inputs(method, params, **inputs)
     lowered: jax.stages.Lowered = _merge_jit.lower(
-        inputs, params, None, method=method, placement=placement
+        checked, params, None, method=method, placement=placement
     )
     return lowered

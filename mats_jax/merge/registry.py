@@ -105,21 +105,12 @@ def merge_pytrees(
     )
 
 
-def lower_merge(
-    method: str | MergeMethod,
-    /,
-    *,
-    models: Sequence[Params],
-    base: Params | None = None,
-    statistics: Sequence[StatTree] | None = None,
-    weights: Any = None,
-    key: Array | None = None,
-    **parameters: Any,
-) -> jax.stages.Lowered:
+def lower_merge(method: str | MergeMethod, /, **arguments: Any) -> jax.stages.Lowered:
     """The program :func:`merge_pytrees` would run, lowered, without running it.
 
-    Compile it to read what a merge needs before starting it, e.g. the memory
-    per device of a sharded merge, or to check its collectives.
+    Takes :func:`merge_pytrees`'s arguments. Compile it to read what a merge
+    needs before starting it, e.g. the memory per device of a sharded merge,
+    or to check its collectives.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -129,12 +120,8 @@ def lower_merge(
       True
     """
     resolved = get_method(method) if isinstance(method, str) else method
-    return lower_in_memory(
-        resolved,
-        resolved.parameters(**parameters),
-        models=models,
-        base=base,
-        statistics=statistics,
-        weights=weights,
-        key=key,
-    )
+    inputs = {k: arguments.pop(k) for k in _INPUTS if k in arguments}
+    return lower_in_memory(resolved, resolved.parameters(**arguments), **inputs)
+
+
+_INPUTS = ("models", "base", "statistics", "weights", "key")
