@@ -1875,12 +1875,8 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
         f"- Date: {results['date']}; mats_jax {info['mats_jax']} at git {results['git']}",
         f"- Machine: {info['cpu_count']}-core CPU, `lscpu` model name “{info['cpu_model']}”, "
         f"{info['accelerator'] or 'no accelerator'} (JAX backend `{info['jax_backend']}`); "
-        f"{info['platform']}. Load average {load} at the start"
-        + (
-            " on a shared CPU, hence only ratios measured in this run."
-            if info["accelerator"] is None
-            else "."
-        ),
+        f"{info['platform']}. Load average {load} at the start, on "
+        f"{info['cpu_count']} cores; the targets are ratios measured in this run.",
         f"- Versions: Python {info['python']}, JAX {info['jax']}, jaxlib {info['jaxlib']}, "
         f"flax {info['flax']}, numpy {info['numpy']}; "
         f"`jax_default_matmul_precision` {info['matmul_precision']}; XLA_FLAGS "
