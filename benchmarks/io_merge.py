@@ -168,6 +168,7 @@ def timed(
     }
 
 
+# Every tensor of the files read as mats-jax reads them (recorded as "READER").
 READER = """
 import sys
 from safetensors import safe_open
@@ -276,6 +277,7 @@ class Run:
     key: str
     command: list[str]
     output: Path | None = None
+    venv: Path | None = None  # mergekit's, left out of the recorded command
 
 
 def read_runs(files: list[Path]) -> list[Run]:
@@ -318,8 +320,21 @@ def mergekit_runs(scratch: Path, files: list[Path], venv: Path) -> list[Run]:
     for method in ("task_arithmetic", "ties"):
         key, out = f"mergekit_{method}", scratch / f"out_mergekit_{method}"
         config = str(mergekit_config(scratch, files, method))
-        runs.append(Run(key, [binary, config, str(out), "--quiet"], out))
+        runs.append(Run(key, [binary, config, str(out), "--quiet"], out, venv))
     return runs
+
+
+def shown(command: list[str], venv: Path | None = None) -> str:
+    """A command as recorded: no interpreter or virtual-environment paths.
+
+    They name folders of the machine that ran it, not anything to reproduce.
+    """
+    here = str(Path(sys.executable).parent) + "/"
+    words = ["READER" if word == READER else word.replace(here, "") for word in command]
+    text = " ".join(words)
+    if venv is not None:
+        text = text.replace(str(venv).rstrip("/"), "$MERGEKIT_VENV")
+    return text
 
 
 def alternating(
@@ -333,6 +348,7 @@ def alternating(
                 shutil.rmtree(run.output, ignore_errors=True)
             warm()
             result = timed(run.command, logs / f"{run.key}_{i}.log")
+            result["command"] = shown(run.command, run.venv)
             out[run.key].append(result)
             print(f"  round {i}: {run.key}: {result['wall_s']:.2f} s", flush=True)
     return out
@@ -438,7 +454,7 @@ def main() -> None:
             outputs["mats_jax_ties_per_leaf"], outputs["mergekit_ties"], files
         )
     result = {
-        "command": " ".join(["python", "benchmarks/io_merge.py", *sys.argv[1:]]),
+        "command": shown(["python", "benchmarks/io_merge.py", *sys.argv[1:]], mergekit),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
