@@ -10,9 +10,11 @@
 # sets JAX_DEFAULT_MATMUL_PRECISION=highest for its matmul floor too (at the
 # default an NVIDIA card runs float32 matmuls as TF32). The 2026-11-27 H200 run
 # (benchmarks/results/device_h200.md) ran all three in one call with 170-200 s
-# each and every step ran out of time: the scipy baseline on the host CPU alone
-# takes ~2 min. Give each step its own call, with a limit near the per-call
-# maximum (LIMIT, seconds), so that each writes its result files.
+# each and every step ran out of time: the scipy baselines (now also a
+# preconditioned one) run on the host CPU and take minutes. Give each step its
+# own call, with a limit near the per-call maximum (LIMIT, seconds), so that
+# each writes its result files; a step that still times out leaves only the
+# log, from which benchmarks/device_log.py makes the results page.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export MATS_JAX_GIT_REV=${MATS_JAX_GIT_REV:-unknown}

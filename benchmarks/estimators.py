@@ -54,8 +54,9 @@ Run from the repository root:
     .venv/bin/python benchmarks/estimators.py            # full, 7-10 min on 2 cores
     .venv/bin/python benchmarks/estimators.py --quick    # smoke run, < 1 min
 
-The full run writes ``benchmarks/results/estimators.{md,json}``; ``--quick``
-writes to the temporary directory unless ``--out`` is given.
+The full run writes ``benchmarks/results/estimators.{md,json}``, from a
+committed tree only (``--allow-dirty`` to record anyway, said in the results);
+``--quick`` writes to the temporary directory unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,16 +80,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from provenance import git_revision, machine
+from provenance import (
+    QUICK_RESULTS,
+    RESULTS,
+    add_dirty_option,
+    check_destination,
+    git_revision,
+    machine,
+)
 
 import mats_jax
 from mats_jax.stats import accumulate as accumulate_module
 from mats_jax.stats.capture import find_layers
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_VS_LOOP = 20.0  # diagonal_fisher at least this much faster than the loop
 TARGET_VS_BATCHED = 3.0  # and within this factor of one batched gradient
 TARGET_KRONECKER = 1.5  # gram/kfac within this factor of a forward+backward
+# diagonal_fisher's peak RSS flat: the largest size's mean peak within this
+# factor of the smallest's, and the live JAX arrays within LIVE_FLAT_MB (or 5%).
+MEMORY_FLAT_RATIO = 1.05
+LIVE_FLAT_MB = 1.0
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 IMAGE = 784
 CLASSES = 10
@@ -1063,8 +1073,9 @@ def summarise_memory(rows: list[dict]) -> dict[str, Any]:
             "drift_rel": drift / mean[sizes[-1]],
             "live_mb": live,
             "live_growth_mb": live_growth,
-            "flat": (ratio <= 1.05 or (noise is not None and growth <= noise))
-            and live_growth <= max(1.0, 0.05 * live[sizes[0]]),
+            "live_flat": live_growth <= max(LIVE_FLAT_MB, 0.05 * live[sizes[0]]),
+            "flat": ratio <= MEMORY_FLAT_RATIO
+            and live_growth <= max(LIVE_FLAT_MB, 0.05 * live[sizes[0]]),
         }
     for control in (r for r in rows if r["hold_data"]):
         same = [
@@ -1101,6 +1112,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _met(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
+
+
+def _slope(v: dict[str, Any]) -> str:
+    """The fitted slope of the peaks, with its standard error where there is one."""
+    se = v["slope_se"]
+    return _f(v["slope_mb_per_1k"]) + ("" if se is None else f" ± {_f(se)}")
 
 
 def _slower(ratio: float) -> str:
@@ -1140,8 +1157,8 @@ def targets_table(summary: dict[str, Any]) -> str:
         ["(5) peak memory of diagonal_fisher flat in the number of examples"]
         + [
             f"{_met(mem[n]['flat'])}: peak RSS largest/smallest "
-            f"×{_f(mem[n]['ratio'], 4)} ({_f(mem[n]['growth_mb'])} MB; identical runs "
-            f"differ by up to {_f(mem[n]['noise_mb'])} MB); live arrays "
+            f"×{_f(mem[n]['ratio'], 4)} ({_f(mem[n]['growth_mb'])} MB; slope "
+            f"{_slope(mem[n])} MB per 1,000 examples); live arrays "
             f"{_f(mem[n]['live_growth_mb'])} MB more"
             if n in mem
             else "not measured"
@@ -1385,21 +1402,20 @@ def memory_section(
         + ". At every batch request the RSS and the bytes of all live JAX arrays "
         "(`jax.live_arrays()`, beyond those alive before the call: what the estimator "
         "holds between batches, free of the allocator's noise) are read too. Verdict: "
-        "flat if the mean peak RSS at the largest size is within 5% of the smallest, or "
-        "closer to it than identical runs are to each other, and the live arrays grow by "
-        "less than 1 MB (or 5%). (`ru_maxrss` is not usable here: the children are "
+        f"flat if the mean peak RSS at the largest size is within "
+        f"{MEMORY_FLAT_RATIO - 1:.0%} of the smallest's and the live arrays grow by "
+        f"less than {LIVE_FLAT_MB:g} MB (or 5%); the least-squares slope of the peaks "
+        "against the number of examples is given with its standard error. "
+        "(`ru_maxrss` is not usable here: the children are "
         "forked from the benchmark process and Linux keeps the parent's peak across "
         f"fork+exec; it reads up to {_f(maxrss)} MB.)\n\n"
     )
     for name, v in mem["models"].items():
-        se = v["slope_se"]
         text += (
             f"- {name.upper()}: mean peak "
             + ", ".join(f"{_f(p)} MB at {n:,}" for n, p in v["mean_peak_mb"].items())
             + f"; identical runs differ by up to {_f(v['noise_mb'])} MB; least-squares "
-            f"slope {_f(v['slope_mb_per_1k'])}"
-            + ("" if se is None else f" ± {_f(se)}")
-            + " MB per 1,000 examples; RSS drift over the last three quarters of the "
+            f"slope {_slope(v)} MB per 1,000 examples; RSS drift over the last three quarters of the "
             f"largest runs {_f(v['drift_mb'])} MB; live arrays at most "
             + ", ".join(f"{_f(p)} MB at {n:,}" for n, p in v["live_mb"].items())
             + ".\n"
@@ -1518,8 +1534,8 @@ def _loop_conclusion(s: dict[str, Any]) -> str:
     mlp, vit = s["mlp"], s["vit"]
     text = (
         f"- **(1) Loop.** diagonal_fisher runs {_f(mlp['speedup_vs_loop'])}× (MLP) and "
-        f"{_f(vit['speedup_vs_loop'])}× (ViT) as fast as the per-example loop. On this "
-        f"CPU the loop is cheap: its dispatch floor is {_f(1e6 / mlp['loop_dispatch'])} µs "
+        f"{_f(vit['speedup_vs_loop'])}× (ViT) as fast as the per-example loop. The loop's "
+        f"dispatch floor is {_f(1e6 / mlp['loop_dispatch'])} µs "
         f"per example and its whole cost {_f(1e6 / mlp['loop'])} µs (MLP) and "
         f"{_f(1e6 / vit['loop'])} µs (ViT), so a Fisher that cost no more than the fastest "
         f"batched gradient would be {_f(mlp['ceiling_vs_loop'])}× (MLP) and "
@@ -1540,11 +1556,23 @@ def _loop_conclusion(s: dict[str, Any]) -> str:
                 )
                 + ". "
             )
-    return text + (
-        "The 20× figure presumes a loop dominated by per-call dispatch, as on an "
-        "accelerator; on this CPU a single example's gradient costs more than its "
-        "dispatch."
+    return text + _dispatch_share(mlp, vit)
+
+
+def _dispatch_share(mlp: dict[str, Any], vit: dict[str, Any]) -> str:
+    """How much of the loop's time per example its dispatch floor takes."""
+    share = {n: v["loop"] / v["loop_dispatch"] for n, v in (("MLP", mlp), ("ViT", vit))}
+    text = (
+        "Dispatch is "
+        + " and ".join(f"{v:.0%} ({n})" for n, v in share.items())
+        + " of the loop's time per example"
     )
+    if all(v < 0.5 for v in share.values()):
+        return text + (
+            ": one example's gradient costs more than its dispatch here, while the "
+            f"{TARGET_VS_LOOP:g}× target presumes a loop dominated by dispatch."
+        )
+    return text + "."
 
 
 def _batched_conclusion(s: dict[str, Any], results: dict[str, Any]) -> str:
@@ -1574,11 +1602,13 @@ def _batched_conclusion(s: dict[str, Any], results: dict[str, Any]) -> str:
         + f" (kernels only: {_f(mlp['kernels_only'])} ex/s against {_f(mlp['fisher'])}), and "
         "the kernels alone still take "
         f"{_f(mlp['micro_batched'] / mlp['kernels_only'])}× fwd+bwd's time at that m "
-        "(the tapped forward, the squares, the finiteness test, see below). Only "
+        "(beyond fwd+bwd they run the tapped forward, the squares and the finiteness "
+        "test, profiled below). Only "
         f"{paths['vit']['outer_product']} of the ViT's "
         f"{paths['vit']['kernels']} kernels see one row per example; the others (16 "
-        "tokens per example) and all its norms and biases need per-example gradients, "
-        f"which set its rate (kernels only: {_f(vit['kernels_only'])} ex/s)."
+        "tokens per example) and all its norms and biases need per-example gradients "
+        f"(kernels only: {_f(vit['kernels_only'])} ex/s against "
+        f"{_f(vit['fisher'])} for every leaf)."
     )
 
 
@@ -1599,12 +1629,7 @@ def _check_conclusion(s: dict[str, Any]) -> str:
         f"first layer). Replacing it by a no-op changes the rates at m={s['mlp']['m0']} "
         "by: "
         + ", ".join(parts)
-        + (
-            ": within the noise of this machine."
-            if worst <= 1.1
-            else f": up to ×{_f(worst)}. Testing a scalar of each batch's increment "
-            "(or every few batches) would make it negligible."
-        )
+        + (": none by more than 10%." if worst <= 1.1 else f": up to ×{_f(worst)}.")
     )
 
 
@@ -1615,10 +1640,11 @@ def _ynn_conclusion(results: dict[str, Any]) -> str:
         f"{n.upper()} ×{_f(o[n]['diagonal_fisher'] / d[n]['diagonal_fisher'])}"
         for n in MODELS
     )
+    slowdown = d["reduction_ms"][red] / o["reduction_ms"][red]
     return (
         "- **XLA's YNNPACK reduce fusion** (jaxlib "
-        f"{results['machine']['jaxlib']}) runs a reduction over the leading axis "
-        f"slowly: `jnp.sum(g, axis=0)` takes {_f(d['reduction_ms'][red])} ms for "
+        f"{results['machine']['jaxlib']}) makes a reduction over the leading axis "
+        f"{_slower(slowdown)}: `jnp.sum(g, axis=0)` takes {_f(d['reduction_ms'][red])} ms for "
         f"32×784×256 floats, {_f(o['reduction_ms'][red])} ms with the fusion off and "
         f"{_f(d['reduction_ms']['pairwise'])} ms as pairwise halvings. The library now "
         "sums over examples by pairwise halving; with the fusion off diagonal_fisher "
@@ -1645,13 +1671,12 @@ def _kron_conclusion(s: dict[str, Any], results: dict[str, Any]) -> str:
         f"and {_slower(k['vit']['gram']['slowdown'])} (ViT) than a forward+backward pass; "
         f"kfac (empirical) {_slower(k['mlp']['kfac empirical']['slowdown'])} and "
         f"{_slower(k['vit']['kfac empirical']['slowdown'])}, at the micro-batch sizes "
-        "where the ratio is best. Part of this is arithmetic: the dense kernels' FLOPs alone put gram at "
+        "where the ratio is best. The dense kernels' FLOPs alone put gram at "
         f"{_f(floor['mlp']['gram'])}× and kfac at {_f(floor['mlp']['kfac'])}× the time of "
         "fwd+bwd on the MLP (its first layer has 784 inputs and 256 outputs, so A = xᵀx "
         "costs three times that layer's forward), and at "
         f"{_f(floor['vit']['gram'])}× and {_f(floor['vit']['kfac'])}× on the ViT (kernels "
-        "only): target (4) cannot be met on the MLP with plain matmuls (a symmetric "
-        "rank-k update would halve A and G). kfac's default diagonal fallback adds a "
+        f"only){_out_of_reach(floor)}. kfac's default diagonal fallback adds a "
         f"second, per-example pass: without it (`fallback=None`, m={same}) kfac runs at "
         f"{_f(k['mlp']['kfac empirical, fallback=None']['rate'])} instead of "
         f"{_f(k['mlp']['kfac empirical, same m']['rate'])} ex/s (MLP) and "
@@ -1661,45 +1686,76 @@ def _kron_conclusion(s: dict[str, Any], results: dict[str, Any]) -> str:
     )
 
 
+def _out_of_reach(floor: dict[str, dict[str, float]]) -> str:
+    """The Kronecker targets that the FLOPs alone rule out for plain matmuls."""
+    missed = [
+        f"{'target (3)' if stat == 'gram' else 'target (4)'} on the {name.upper()}"
+        for name in MODELS
+        for stat in ("gram", "kfac")
+        if floor[name][stat] > TARGET_KRONECKER
+    ]
+    if not missed:
+        return ""
+    return (
+        f": above the {TARGET_KRONECKER:g}× target, so "
+        + " and ".join(missed)
+        + " cannot be met with plain matmuls"
+    )
+
+
 def _memory_conclusion(results: dict[str, Any], mem: dict[str, Any]) -> str:
-    """The conclusion on diagonal_fisher's peak memory over the data."""
+    """diagonal_fisher's peak memory over the data: what was measured, per model."""
     first = results["config"]["memory_examples"][0]
     last = results["config"]["memory_examples"][-1]
-    flat = all(v["flat"] for v in mem.values())
     path = _rss_path(results)
-    return (
-        "- **(5) Memory.** "
-        + ("The" if flat else "Not every")
-        + f" peak of diagonal_fisher over the data stays flat from {first:,} to "
-        f"{last:,} examples: "
-        + ", ".join(
+    flat = [n.upper() for n, v in mem.items() if v["flat"]]
+    grows = [n.upper() for n, v in mem.items() if not v["flat"]]
+    parts = []
+    for n, v in mem.items():
+        part = (
             f"{n.upper()} peak RSS largest/smallest ×{_f(v['ratio'], 4)} "
-            f"({_f(v['growth_mb'])} MB, identical runs differ by up to "
-            f"{_f(v['noise_mb'])} MB), live JAX arrays "
-            + " → ".join(f"{_f(p)}" for p in v["live_mb"].values())
-            + " MB"
-            for n, v in mem.items()
+            f"({_f(v['growth_mb'])} MB; least-squares slope {_slope(v)} MB per 1,000 "
+            f"examples{_noise(v)}), live JAX "
+            "arrays " + " → ".join(f"{_f(x)}" for x in v["live_mb"].values()) + " MB"
         )
-        + (
-            ": no trend beyond the run-to-run spread."
-            if flat
-            else ": see the table for the growth."
+        if n in path:
+            a, b, c = path[n]
+            part += (
+                f", RSS of the largest runs {_f(a)} MB at batch 1, {_f(b)} MB a quarter "
+                f"through, {_f(c)} MB at the last batch"
+            )
+        parts.append(part)
+    verdict = []
+    if flat:
+        verdict.append(
+            f"within the target's {MEMORY_FLAT_RATIO - 1:.0%}: " + ", ".join(flat)
         )
-        + " RSS of the largest runs at batch 1 → ¼ → last: "
-        + "; ".join(
-            f"{n.upper()} {_f(a)} → {_f(b)} → {_f(c)} MB"
-            for n, (a, b, c) in path.items()
+    if grows:
+        verdict.append(
+            f"beyond it: {', '.join(grows)}"
+            + (
+                " (whose live JAX arrays do not grow: the growth is in the process's "
+                "RSS, not in arrays the estimator holds)"
+                if all(mem[n.lower()]["live_flat"] for n in grows)
+                else ""
+            )
         )
-        + (
-            ": it rises over the first batches and then stays level, so the smallest "
-            "runs, which end early in that rise, peak lowest."
-            if flat and all(b - a >= abs(c - b) for a, b, c in path.values())
-            else " (the RSS of one run moves by tens of MB with the allocator and the "
-            "load; the live arrays do not)."
-            if flat
-            else "."
-        )
+    return (
+        f"- **(5) Memory.** Peak of diagonal_fisher from {first:,} to {last:,} examples: "
+        + "; ".join(parts)
+        + ". "
+        + _sentence("; ".join(verdict))
     )
+
+
+def _noise(v: dict[str, Any]) -> str:
+    if v["noise_mb"] is None:
+        return ""
+    return f"; identical runs differ by up to {_f(v['noise_mb'])} MB"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def _rss_path(results: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
@@ -1781,19 +1837,29 @@ def conclusions(summary: dict[str, Any], results: dict[str, Any]) -> str:
             "test finiteness on a scalar of each batch's increment (or every few "
             "batches) rather than over the whole accumulator"
         )
-    todo += [
-        "give biases (and kfac's fallback leaves where possible) their per-example "
-        "squares from the tapped layers' output gradients (a Dense bias's per-example "
-        "gradient is the row sum of g) instead of a second, vmapped per-example pass",
-        "for gram and kfac, form A and G with a symmetric rank-k update, which halves "
-        "the factors' cost",
-    ]
+    if any(
+        s[n]["kernels_only"] is not None
+        and s[n]["kernels_only"] >= 1.05 * s[n]["fisher"]
+        for n in MODELS
+    ):
+        todo.append(
+            "give biases (and kfac's fallback leaves where possible) their per-example "
+            "squares from the tapped layers' output gradients (a Dense bias's "
+            "per-example gradient is the row sum of g) instead of a second, vmapped "
+            "per-example pass, which costs ≥ 5% here"
+        )
+    if not all(v for n in MODELS for v in s[n]["kron_target_met"].values()):
+        todo.append(
+            "for gram and kfac, form A and G with a symmetric rank-k update, which "
+            "halves the factors' matmul FLOPs"
+        )
     numerals = ("i", "ii", "iii", "iv", "v")
-    lines.append(
-        "- **What should change in mats_jax**: "
-        + "; ".join(f"({numerals[i]}) {t}" for i, t in enumerate(todo))
-        + "."
-    )
+    if todo:
+        lines.append(
+            "- **What the figures suggest changing in mats_jax**: "
+            + "; ".join(f"({numerals[i]}) {t}" for i, t in enumerate(todo))
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1809,12 +1875,8 @@ def markdown(results: dict[str, Any], cfg: Config) -> str:
         f"- Date: {results['date']}; mats_jax {info['mats_jax']} at git {results['git']}",
         f"- Machine: {info['cpu_count']}-core CPU, `lscpu` model name “{info['cpu_model']}”, "
         f"{info['accelerator'] or 'no accelerator'} (JAX backend `{info['jax_backend']}`); "
-        f"{info['platform']}. Load average {load} at the start"
-        + (
-            " on a shared CPU, hence only ratios measured in this run."
-            if info["accelerator"] is None
-            else "."
-        ),
+        f"{info['platform']}. Load average {load} at the start, on "
+        f"{info['cpu_count']} cores; the targets are ratios measured in this run.",
         f"- Versions: Python {info['python']}, JAX {info['jax']}, jaxlib {info['jaxlib']}, "
         f"flax {info['flax']}, numpy {info['numpy']}; "
         f"`jax_default_matmul_precision` {info['matmul_precision']}; XLA_FLAGS "
@@ -1875,6 +1937,7 @@ def parse_args() -> argparse.Namespace:
         "--child-memory", nargs=2, metavar=("MODEL", "EXAMPLES"), help=argparse.SUPPRESS
     )
     parser.add_argument("--hold-data", action="store_true", help=argparse.SUPPRESS)
+    add_dirty_option(parser)
     parser.add_argument(
         "--child-diagnostic", action="store_true", help=argparse.SUPPRESS
     )
@@ -1896,10 +1959,9 @@ def main() -> None:
         print(json.dumps(diagnostic_child(cfg)))
         return
     out = args.out or (
-        Path(tempfile.gettempdir()) / "estimators_quick"
-        if args.quick
-        else RESULTS / "estimators"
+        QUICK_RESULTS / "estimators_quick" if args.quick else RESULTS / "estimators"
     )
+    check_destination(out, args.allow_dirty)
     start = time.perf_counter()
     results: dict[str, Any] = {
         "command": " ".join(

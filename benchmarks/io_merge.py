@@ -6,37 +6,51 @@ float32 safetensors checkpoints with Llama-like names and shapes (vocabulary
 embedding and head: 250 M parameters, 1.0 GB each; the largest leaves are the
 32000×1024 embedding and head, 131 MB). Fine-tuned = base + N(0, 0.01²).
 
-Then, in one run, each measurement a separate process under
-``/usr/bin/time -v`` (wall time and peak resident memory), after two warm-up
-reads of the files so the page cache is warm:
+Then times, each run a separate process under ``/usr/bin/time -v`` (wall time
+and peak resident memory) after two warm-up reads of the files so the page
+cache is warm:
 
 - reading the four files: ``dd`` (16 MB blocks, every byte copied into
   user memory: the read time the targets refer to), ``cat`` to /dev/null (for
-  reference: it may splice without copying), and every tensor through the
-  safetensors library as ``mats-jax`` reads them (``safe_open``, ``pread``);
+  reference: it may splice without copying), ``sha256sum`` of the inputs, and
+  every tensor through the safetensors library as ``mats-jax`` reads them
+  (``safe_open``, ``pread``);
 - ``mats-jax merge`` (the command line, ``-q``) with task arithmetic
-  (weights 0.3 each), TIES with whole-model trimming and TIES trimmed per
-  tensor (density 0.25, weights 1, scale 1);
+  (weights 0.3 each; also with ``--no-checksums``), TIES with whole-model
+  trimming and TIES trimmed per tensor (density 0.25, weights 1, scale 1);
 - ``mergekit-pytorch`` from its own virtual environment (torch CPU) with the
   same task arithmetic and TIES (per tensor, its only kind), ``normalize``
   as needed to compute the same quantity.
 
+Every run is repeated ``--repeats`` times (default 3), alternating between
+them (A B C … A B C …) so that load from other jobs on a shared machine falls
+on each alike; the report gives the median, minimum and maximum wall time, the
+median's ratio to the median ``dd`` read and to mergekit's median for the same
+method, and the largest peak memory over the repeats.
+
 It then compares the outputs tensor by tensor (mats-jax against mergekit for
-task arithmetic and TIES per tensor, classifying any TIES entries that differ),
-reports each run's time against the ``dd`` read time and mergekit's, its peak memory against the target
-(4 × largest leaf + 1 GB), and the load average around each run.
+task arithmetic and TIES per tensor, classifying any TIES entries that
+differ), and checks each merge's peak memory against the target (4 × largest
+leaf + 1 GB).
 
-Run from the repository root (needs ~16 GB of free disk in the scratch directory):
+Run from the repository root, from a committed tree (see ``provenance.py``),
+with mergekit installed in its own virtual environment (needs ~16 GB of free
+disk in the scratch directory):
 
-    .venv/bin/python benchmarks/io_merge.py [--scratch /tmp/mats_io_bench] [--mergekit /work/mergekit-venv]
+    .venv/bin/python benchmarks/io_merge.py --mergekit VENV [--scratch DIR] [--repeats 3]
+    .venv/bin/python benchmarks/io_merge.py --quick [--mergekit VENV]   # smoke run, ~20 MB files
 
-``--layers 2`` makes a quick smoke run; results go to
-``benchmarks/results/io_merge.{md,json}`` (``--layers`` other than 11: ``io_merge_quick.*``).
+``--mergekit`` defaults to ``$MERGEKIT_VENV``; the recorded run needs it, a
+smoke run skips mergekit without it. Results go to
+``benchmarks/results/io_merge.{md,json}`` (``--quick``: under the temporary
+directory; ``--out PREFIX`` anywhere); ``--render`` rewrites the markdown
+from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -46,43 +60,68 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import (
+    QUICK_RESULTS,
+    RESULTS,
+    add_dirty_option,
+    check_destination,
+    git_revision,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
-VOCAB, HIDDEN, MLP = 32000, 1024, 4096
 DENSITY, TA_WEIGHT = 0.25, 0.3
 
 
-def shapes(layers: int) -> dict[str, tuple[int, ...]]:
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The generated checkpoints' sizes."""
+
+    vocab: int = 32000
+    hidden: int = 1024
+    mlp: int = 4096
+    layers: int = 11
+
+
+QUICK = Dims(vocab=4096, hidden=256, mlp=1024, layers=2)
+
+
+def shapes(dims: Dims) -> dict[str, tuple[int, ...]]:
     """Llama-like tensor names and (out, in) shapes."""
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
+    h = dims.hidden
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (dims.vocab, h)}
+    for i in range(dims.layers):
         p = f"model.layers.{i}"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{p}.self_attn.{name}.weight"] = (HIDDEN, HIDDEN)
-        out[f"{p}.mlp.gate_proj.weight"] = (MLP, HIDDEN)
-        out[f"{p}.mlp.up_proj.weight"] = (MLP, HIDDEN)
-        out[f"{p}.mlp.down_proj.weight"] = (HIDDEN, MLP)
-        out[f"{p}.input_layernorm.weight"] = (HIDDEN,)
-        out[f"{p}.post_attention_layernorm.weight"] = (HIDDEN,)
-    out["model.norm.weight"] = (HIDDEN,)
-    out["lm_head.weight"] = (VOCAB, HIDDEN)
+            out[f"{p}.self_attn.{name}.weight"] = (h, h)
+        out[f"{p}.mlp.gate_proj.weight"] = (dims.mlp, h)
+        out[f"{p}.mlp.up_proj.weight"] = (dims.mlp, h)
+        out[f"{p}.mlp.down_proj.weight"] = (h, dims.mlp)
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (dims.vocab, h)
     return out
 
 
-def generate(scratch: Path, layers: int) -> list[Path]:
+def generate(scratch: Path, dims: Dims) -> list[Path]:
     from safetensors.numpy import save_file
 
     files = [scratch / f"{n}.safetensors" for n in ("base", "ft0", "ft1", "ft2")]
-    if all(f.exists() for f in files):
+    stamp = scratch / "dims.json"
+    wanted = json.dumps(dataclasses.asdict(dims))
+    if (
+        all(f.exists() for f in files)
+        and stamp.exists()
+        and stamp.read_text() == wanted
+    ):
         return files
     rng = np.random.default_rng(0)
     base = {}
-    for name, shape in shapes(layers).items():
+    for name, shape in shapes(dims).items():
         if len(shape) == 1:
             base[name] = np.ones(shape, np.float32)
         else:
@@ -97,6 +136,7 @@ def generate(scratch: Path, layers: int) -> list[Path]:
         }
         save_file(tuned, str(f))
         del tuned
+    stamp.write_text(wanted)
     return files
 
 
@@ -128,6 +168,7 @@ def timed(
     }
 
 
+# Every tensor of the files read as mats-jax reads them (recorded as "READER").
 READER = """
 import sys
 from safetensors import safe_open
@@ -229,33 +270,169 @@ def compare(
     }
 
 
-def main() -> None:
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One timed command; ``output`` is removed before each repetition."""
+
+    key: str
+    command: list[str]
+    output: Path | None = None
+    venv: Path | None = None  # mergekit's, left out of the recorded command
+
+
+def read_runs(files: list[Path]) -> list[Run]:
+    names = list(map(str, files))
+    # The read baseline: dd copies every byte into its own buffer (cat to
+    # /dev/null can splice without copying: shown for reference).
+    dd = " && ".join(f"dd if={f} of=/dev/null bs=16M status=none" for f in names)
+    return [
+        Run("read_dd", ["sh", "-c", dd]),
+        Run("read_cat", ["sh", "-c", "cat " + " ".join(names) + " > /dev/null"]),
+        Run("sha256_inputs", ["sha256sum", *names]),
+        Run("read_safetensors", [sys.executable, "-c", READER, *names]),
+    ]
+
+
+def mats_runs(scratch: Path, files: list[Path]) -> list[Run]:
+    binary = str(Path(sys.executable).parent / "mats-jax")
+    runs = []
+    for method, trim, extra in (
+        ("task_arithmetic", None, []),
+        ("ties", "global", []),
+        ("ties", "per_leaf", []),
+        # The model card's checksums hash the inputs beside the merge; the same
+        # merge without them shows what the hashing costs.
+        ("task_arithmetic", None, ["--no-checksums"]),
+    ):
+        key = f"mats_jax_{method}" + (f"_{trim}" if trim else "")
+        key += "_no_checksums" if extra else ""
+        out = scratch / f"out_{key}"
+        config = str(recipe(scratch, files, method, trim))
+        runs.append(
+            Run(key, [binary, "merge", config, "-o", str(out), "-q", *extra], out)
+        )
+    return runs
+
+
+def mergekit_runs(scratch: Path, files: list[Path], venv: Path) -> list[Run]:
+    binary = str(venv / "bin" / "mergekit-pytorch")
+    runs = []
+    for method in ("task_arithmetic", "ties"):
+        key, out = f"mergekit_{method}", scratch / f"out_mergekit_{method}"
+        config = str(mergekit_config(scratch, files, method))
+        runs.append(Run(key, [binary, config, str(out), "--quiet"], out, venv))
+    return runs
+
+
+def shown(command: list[str], venv: Path | None = None) -> str:
+    """A command as recorded: no interpreter or virtual-environment paths.
+
+    They name folders of the machine that ran it, not anything to reproduce.
+    """
+    here = str(Path(sys.executable).parent) + "/"
+    words = ["READER" if word == READER else word.replace(here, "") for word in command]
+    text = " ".join(words)
+    if venv is not None:
+        text = text.replace(str(venv).rstrip("/"), "$MERGEKIT_VENV")
+    return text
+
+
+def alternating(
+    runs: list[Run], repeats: int, logs: Path, warm: Callable[[], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every run ``repeats`` times, in rounds (A B C, A B C, …), each after a warm-up read."""
+    out: dict[str, list[dict[str, Any]]] = {r.key: [] for r in runs}
+    for i in range(repeats):
+        for run in runs:
+            if run.output is not None:
+                shutil.rmtree(run.output, ignore_errors=True)
+            warm()
+            result = timed(run.command, logs / f"{run.key}_{i}.log")
+            result["command"] = shown(run.command, run.venv)
+            out[run.key].append(result)
+            print(f"  round {i}: {run.key}: {result['wall_s']:.2f} s", flush=True)
+    return out
+
+
+def summarise_runs(timings: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Median, minimum and maximum wall time and the largest peak memory per run."""
+    out = {}
+    for key, reps in timings.items():
+        walls = [r["wall_s"] for r in reps]
+        peaks = [r["peak_rss_mb"] for r in reps if r["peak_rss_mb"] is not None]
+        out[key] = {
+            "repeats": len(reps),
+            "wall_s": walls,
+            "median_s": float(np.median(walls)),
+            "min_s": min(walls),
+            "max_s": max(walls),
+            "peak_rss_mb": max(peaks) if peaks else None,
+            "returncodes": [r["returncode"] for r in reps],
+            "load_before_first": reps[0]["load_before"],
+            "load_after_last": reps[-1]["load_after"],
+        }
+    return out
+
+
+# mats-jax runs and the mergekit run that computes the same merge.
+MERGEKIT_PEER = {
+    "mats_jax_task_arithmetic": "mergekit_task_arithmetic",
+    "mats_jax_task_arithmetic_no_checksums": "mergekit_task_arithmetic",
+    "mats_jax_ties_per_leaf": "mergekit_ties",
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scratch", default="/tmp/mats_io_bench")
-    parser.add_argument("--mergekit", default="/work/mergekit-venv")
-    parser.add_argument("--layers", type=int, default=11)
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/mats_io_bench"))
+    parser.add_argument(
+        "--mergekit",
+        type=Path,
+        default=os.environ.get("MERGEKIT_VENV"),
+        help="virtual environment with mergekit (default: $MERGEKIT_VENV)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command")
+    parser.add_argument(
+        "--quick", action="store_true", help="small checkpoints (~20 MB): a smoke run"
+    )
+    parser.add_argument("--out", type=Path, help="output prefix, without suffix")
     parser.add_argument(
         "--render",
         action="store_true",
         help="only rewrite the markdown from the recorded JSON",
     )
+    add_dirty_option(parser)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    out = args.out or (
+        QUICK_RESULTS / "io_merge_quick" if args.quick else RESULTS / "io_merge"
+    )
     if args.render:
-        stem = "io_merge" if args.layers == 11 else "io_merge_quick"
-        result = json.loads((RESULTS / f"{stem}.json").read_text())
-        (RESULTS / f"{stem}.md").write_text(markdown(result))
+        result = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(markdown(result))
         return
-    scratch = Path(args.scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
+    check_destination(out, args.allow_dirty)
+    mergekit = args.mergekit
+    if mergekit is not None and not (mergekit / "bin" / "mergekit-pytorch").exists():
+        raise SystemExit(f"no mergekit-pytorch in {mergekit}")
+    if mergekit is None and not args.quick:
+        raise SystemExit(
+            "the benchmark compares against mergekit: pass --mergekit VENV (or set "
+            "MERGEKIT_VENV), a virtual environment with mergekit and a CPU torch"
+        )
+    dims = QUICK if args.quick else Dims()
+    scratch = args.scratch / ("quick" if args.quick else "full")
     logs = scratch / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    files = generate(scratch, args.layers)
-    sizes = {f.name: f.stat().st_size for f in files}
-    largest = max(int(np.prod(s)) * 4 for s in shapes(args.layers).values())
-    mats_jax_bin = str(Path(sys.executable).parent / "mats-jax")
-    mergekit_bin = str(Path(args.mergekit) / "bin" / "mergekit-pytorch")
+    files = generate(scratch, dims)
 
     def warm() -> None:
         for _ in range(2):
@@ -263,83 +440,13 @@ def main() -> None:
                 ["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True
             )
 
-    runs: dict[str, dict[str, Any]] = {}
-    warm()
-    # The read baseline: dd copies every byte into its own buffer (cat to
-    # /dev/null can splice without copying: shown for reference).
-    runs["read_dd"] = timed(
-        [
-            "sh",
-            "-c",
-            " && ".join(f"dd if={f} of=/dev/null bs=16M status=none" for f in files),
-        ],
-        logs / "read_dd.log",
-    )
-    runs["read_cat"] = timed(
-        ["sh", "-c", "cat " + " ".join(map(str, files)) + " > /dev/null"],
-        logs / "read_cat.log",
-    )
-    runs["sha256_inputs"] = timed(["sha256sum", *map(str, files)], logs / "sha256.log")
-    runs["read_safetensors"] = timed(
-        [sys.executable, "-c", READER, *map(str, files)], logs / "read_safetensors.log"
-    )
-    outputs = {}
-    for method, trim in (
-        ("task_arithmetic", None),
-        ("ties", "global"),
-        ("ties", "per_leaf"),
-    ):
-        key = f"mats_jax_{method}" + (f"_{trim}" if trim else "")
-        out = scratch / f"out_{key}"
-        shutil.rmtree(out, ignore_errors=True)
-        warm()
-        runs[key] = timed(
-            [
-                mats_jax_bin,
-                "merge",
-                str(recipe(scratch, files, method, trim)),
-                "-o",
-                str(out),
-                "-q",
-            ],
-            logs / f"{key}.log",
-        )
-        outputs[key] = out
-    # The model card's checksums hash the 4 GB of inputs beside the merge; the
-    # same merge without them shows what the hashing costs.
-    out = scratch / "out_mats_jax_task_arithmetic_no_checksums"
-    shutil.rmtree(out, ignore_errors=True)
-    warm()
-    runs["mats_jax_task_arithmetic_no_checksums"] = timed(
-        [
-            mats_jax_bin,
-            "merge",
-            str(recipe(scratch, files, "task_arithmetic", None)),
-            "-o",
-            str(out),
-            "-q",
-            "--no-checksums",
-        ],
-        logs / "mats_jax_task_arithmetic_no_checksums.log",
-    )
-    if Path(mergekit_bin).exists():
-        for method in ("task_arithmetic", "ties"):
-            key = f"mergekit_{method}"
-            out = scratch / f"out_{key}"
-            shutil.rmtree(out, ignore_errors=True)
-            warm()
-            runs[key] = timed(
-                [
-                    mergekit_bin,
-                    str(mergekit_config(scratch, files, method)),
-                    str(out),
-                    "--quiet",
-                ],
-                logs / f"{key}.log",
-            )
-            outputs[key] = out
+    runs = read_runs(files) + mats_runs(scratch, files)
+    if mergekit is not None:
+        runs += mergekit_runs(scratch, files, mergekit)
+    timings = alternating(runs, args.repeats, logs, warm)
+    outputs = {r.key: r.output for r in runs if r.output is not None}
     comparisons = {}
-    if "mergekit_task_arithmetic" in outputs:
+    if mergekit is not None:
         comparisons["task_arithmetic"] = compare(
             outputs["mats_jax_task_arithmetic"], outputs["mergekit_task_arithmetic"]
         )
@@ -347,43 +454,32 @@ def main() -> None:
             outputs["mats_jax_ties_per_leaf"], outputs["mergekit_ties"], files
         )
     result = {
-        "command": "python benchmarks/io_merge.py " + " ".join(sys.argv[1:]),
+        "command": shown(["python", "benchmarks/io_merge.py", *sys.argv[1:]], mergekit),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "git": _git_rev(),
+        "git": git_revision(),
         "machine": _machine(),
-        "versions": _versions(args.mergekit),
-        "layers": args.layers,
-        "file_bytes": sizes,
-        "largest_leaf_bytes": largest,
-        "runs": runs,
+        "cpu_count": os.cpu_count(),
+        "versions": _versions(mergekit),
+        "dims": dataclasses.asdict(dims),
+        "quick": args.quick,
+        "file_bytes": {f.name: f.stat().st_size for f in files},
+        "largest_leaf_bytes": max(int(np.prod(s)) * 4 for s in shapes(dims).values()),
+        "repeats": args.repeats,
+        "timings": timings,
+        "runs": summarise_runs(timings),
         "comparisons": comparisons,
         "load_start": load_start,
         "load_end": os.getloadavg(),
         "total_s": time.perf_counter() - t0,
     }
-    stem = "io_merge" if args.layers == 11 else "io_merge_quick"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print((RESULTS / f"{stem}.md").read_text())
-
-
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout
-        return rev + (" (with uncommitted changes)" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    report = markdown(result)
+    out.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"wrote {out}.md and {out}.json")
 
 
 def _machine() -> str:
@@ -399,7 +495,7 @@ def _machine() -> str:
     return f"{os.cpu_count()}-core {model}, {mem:.0f} GiB RAM, {platform.platform()}"
 
 
-def _versions(mergekit_venv: str) -> dict[str, str]:
+def _versions(mergekit_venv: Path | None) -> dict[str, str]:
     import jax
     import safetensors
 
@@ -412,8 +508,8 @@ def _versions(mergekit_venv: str) -> dict[str, str]:
         "numpy": np.__version__,
         "safetensors": safetensors.__version__,
     }
-    pip = Path(mergekit_venv) / "bin" / "pip"
-    if pip.exists():
+    pip = None if mergekit_venv is None else mergekit_venv / "bin" / "pip"
+    if pip is not None and pip.exists():
         listing = subprocess.run(
             [str(pip), "list"], capture_output=True, text=True
         ).stdout
@@ -424,11 +520,95 @@ def _versions(mergekit_venv: str) -> dict[str, str]:
     return out
 
 
-def markdown(r: dict[str, Any]) -> str:
+def _loads(values: list[float]) -> str:
+    return "/".join(f"{x:.1f}" for x in values)
+
+
+def _failed(run: dict[str, Any]) -> str:
+    bad = [c for c in run["returncodes"] if c != 0]
+    return f" **exit {', '.join(map(str, bad))}**" if bad else ""
+
+
+def results_table(r: dict[str, Any]) -> list[str]:
     runs = r["runs"]
-    read = runs["read_dd"]["wall_s"]
+    read = runs["read_dd"]["median_s"]
+    lines = [
+        "| run | wall s: median (min–max) | all runs s | × read (dd), medians "
+        "| × mergekit (same merge), medians | peak RSS MiB (max) | load before first → after last |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for key, run in runs.items():
+        peer = runs.get(MERGEKIT_PEER.get(key, ""))
+        lines.append(
+            f"| {key} | {run['median_s']:.2f} ({run['min_s']:.2f}–{run['max_s']:.2f}) | "
+            + " / ".join(f"{w:.2f}" for w in run["wall_s"])
+            + f" | {run['median_s'] / read:.2f} | "
+            + ("" if peer is None else f"{run['median_s'] / peer['median_s']:.3f}")
+            + f" | {run['peak_rss_mb']:.0f} | {run['load_before_first'][0]:.1f} → "
+            f"{run['load_after_last'][0]:.1f} |{_failed(run)}"
+        )
+    return lines
+
+
+def target_lines(r: dict[str, Any]) -> list[str]:
+    runs = r["runs"]
+    read = runs["read_dd"]["median_s"]
     target_mem = (4 * r["largest_leaf_bytes"] + 2**30) / 2**20
+    lines = []
+    for key, run in runs.items():
+        if not key.startswith("mats_jax"):
+            continue
+        ratio = run["median_s"] / read
+        mem_ok = run["peak_rss_mb"] <= target_mem
+        lines.append(
+            f"- {key}: median time {ratio:.2f}× the median read time (target ≤ 2×: "
+            f"**{'met' if ratio <= 2 else 'not met'}**); peak {run['peak_rss_mb']:.0f} MiB "
+            f"(largest over {run['repeats']} runs) against 4 × largest leaf + 1 GiB = "
+            f"{target_mem:.0f} MiB (**{'met' if mem_ok else 'not met'}**)"
+        )
+    for ours, theirs in MERGEKIT_PEER.items():
+        if ours in runs and theirs in runs:
+            a, b = runs[ours], runs[theirs]
+            ratio = a["median_s"] / b["median_s"]
+            lines.append(
+                f"- {ours} against {theirs}: {ratio:.2f}× its median time ("
+                + (f"{1 / ratio:.1f}× faster" if ratio < 1 else f"{ratio:.1f}× slower")
+                + f"), peak memory {a['peak_rss_mb']:.0f} MiB against "
+                f"{b['peak_rss_mb']:.0f} MiB."
+            )
+    return lines
+
+
+def comparison_lines(r: dict[str, Any]) -> list[str]:
+    if not r["comparisons"]:
+        return ["", "## Same tensors as mergekit", "", "mergekit was not run."]
+    lines = [
+        "",
+        "## Same tensors as mergekit",
+        "",
+        "| merge | leaves | max abs diff | entries beyond 1e-6 + 1e-5·\\|x\\| | of entries |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, c in r["comparisons"].items():
+        if "error" in c:
+            lines.append(f"| {name} | {c['error']} | | | |")
+            continue
+        lines.append(
+            f"| {name} | {c['leaves_compared']} | {c['max_abs_diff']:.3g} | "
+            f"{c['entries_beyond_tolerance']} | {c['entries']} |"
+        )
+    for name, c in r["comparisons"].items():
+        if "differing_entries_by_cause" in c:
+            causes = ", ".join(
+                f"{k}: {v}" for k, v in c["differing_entries_by_cause"].items()
+            )
+            lines += ["", f"{name}: differing entries by cause: {causes}."]
+    return lines
+
+
+def markdown(r: dict[str, Any]) -> str:
     total_gb = sum(r["file_bytes"].values()) / 1e9
+    dims = r["dims"]
     lines = [
         "# Benchmark: streaming merges of safetensors checkpoints (`benchmarks/io_merge.py`)",
         "",
@@ -436,118 +616,63 @@ def markdown(r: dict[str, Any]) -> str:
         f"- Date: {r['date']}; git {r['git']}",
         f"- Machine: {r['machine']}; no accelerator",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-        f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in r['load_start'])}, "
-        f"at end {'/'.join(f'{x:.1f}' for x in r['load_end'])} (2 cores, shared with other jobs)",
+        f"- Load average (1/5/15 min) at start {_loads(r['load_start'])}, at end "
+        f"{_loads(r['load_end'])}, on {r['cpu_count']} cores",
         f"- Inputs: base + 3 fine-tuned, float32 safetensors, {total_gb:.2f} GB in all "
-        f"({r['layers']} layers; largest leaf {r['largest_leaf_bytes'] / 1e6:.0f} MB); total run {r['total_s']:.0f} s",
+        f"({dims['layers']} layers, hidden {dims['hidden']}, vocabulary {dims['vocab']}; "
+        f"largest leaf {r['largest_leaf_bytes'] / 1e6:.0f} MB); total run {r['total_s']:.0f} s",
+        *(
+            [
+                "- **--quick smoke run: small checkpoints; the numbers are not meaningful.**"
+            ]
+            if r["quick"]
+            else []
+        ),
         "",
         "## Results",
         "",
-        "Each run is one process under `/usr/bin/time -v` after two warm-up reads of the four files.",
+        f"Each command ran {r['repeats']} times, alternating between commands (one round "
+        "runs each once, in the order of the table), each run one process under "
+        "`/usr/bin/time -v` after two warm-up reads of the four files.",
         "",
-        "| run | wall s | × read (dd) | × mergekit (same method) | peak RSS MiB | load before → after |",
-        "|---|---:|---:|---:|---:|---|",
+        *results_table(r),
+        "",
+        "## Targets",
+        "",
+        *target_lines(r),
+        *comparison_lines(r),
+        "",
+        "## Notes",
+        "",
+        *notes(r),
+        "",
     ]
-    for key, run in runs.items():
-        mk = None
-        if (
-            key.startswith("mats_jax_task_arithmetic")
-            and "mergekit_task_arithmetic" in runs
-        ):
-            mk = runs["mergekit_task_arithmetic"]["wall_s"]
-        elif key.startswith("mats_jax_ties") and "mergekit_ties" in runs:
-            mk = runs["mergekit_ties"]["wall_s"]
-        lines.append(
-            f"| {key} | {run['wall_s']:.2f} | {run['wall_s'] / read:.2f} | "
-            f"{'' if mk is None else format(run['wall_s'] / mk, '.3f')} | "
-            f"{run['peak_rss_mb']:.0f} | {run['load_before'][0]:.1f} → {run['load_after'][0]:.1f} |"
-            + ("" if run["returncode"] == 0 else f" **exit {run['returncode']}** |")
-        )
-    lines += ["", "## Targets", ""]
-    for key in (
-        "mats_jax_task_arithmetic",
-        "mats_jax_task_arithmetic_no_checksums",
-        "mats_jax_ties_global",
-        "mats_jax_ties_per_leaf",
-    ):
-        run = runs.get(key)
-        if run is None:
-            continue
-        ratio = run["wall_s"] / read
-        lines.append(
-            f"- {key}: time {ratio:.2f}× the read time (target ≤ 2×: "
-            f"**{'met' if ratio <= 2 else 'not met'}**); peak {run['peak_rss_mb']:.0f} MiB against "
-            f"4 × largest leaf + 1 GiB = {target_mem:.0f} MiB (**{'met' if run['peak_rss_mb'] <= target_mem else 'not met'}**)"
-        )
-    for ours, theirs in (
-        ("mats_jax_task_arithmetic", "mergekit_task_arithmetic"),
-        ("mats_jax_ties_per_leaf", "mergekit_ties"),
-    ):
-        if ours in runs and theirs in runs:
-            a, b = runs[ours], runs[theirs]
-            lines.append(
-                f"- {ours} against {theirs}: {a['wall_s'] / b['wall_s']:.2f}× its time "
-                f"({b['wall_s'] / a['wall_s']:.1f}× faster), peak memory {a['peak_rss_mb']:.0f} MiB "
-                f"against {b['peak_rss_mb']:.0f} MiB."
-            )
-    if r["comparisons"]:
-        lines += [
-            "",
-            "## Same tensors as mergekit",
-            "",
-            "| merge | leaves | max abs diff | entries beyond 1e-6 + 1e-5·|x| | of entries |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, c in r["comparisons"].items():
-            if "error" in c:
-                lines.append(f"| {name} | {c['error']} | | | |")
-                continue
-            lines.append(
-                f"| {name} | {c['leaves_compared']} | {c['max_abs_diff']:.3g} | "
-                f"{c['entries_beyond_tolerance']} | {c['entries']} |"
-            )
-    for name, c in r["comparisons"].items():
-        if "differing_entries_by_cause" in c:
-            causes = ", ".join(
-                f"{k}: {v}" for k, v in c["differing_entries_by_cause"].items()
-            )
-            lines += ["", f"{name}: differing entries by cause: {causes}."]
-    lines += ["", "## Notes", "", *notes(r)]
-    lines.append("")
     return "\n".join(lines)
 
 
 def notes(r: dict[str, Any]) -> list[str]:
-    """What the numbers mean, written from the measurements."""
+    """What the numbers mean, written from the measurements (medians)."""
     runs = r["runs"]
-    wall = {k: v["wall_s"] for k, v in runs.items()}
+    wall = {k: v["median_s"] for k, v in runs.items()}
     out = [
         f"- The read baseline: `dd` copied the four files ({sum(r['file_bytes'].values()) / 1e9:.2f} GB) "
         f"into one reused 16 MB buffer in {wall['read_dd']:.2f} s. mats-jax reads each tensor "
-        "through safetensors' API into a new numpy array (fresh memory, page faults): reading "
-        f"every tensor that way in one Python process took {wall['read_safetensors']:.2f} s, "
+        "through safetensors' API into a new numpy array: reading every tensor that way in "
+        f"one Python process took {wall['read_safetensors']:.2f} s, "
         f"{wall['read_safetensors'] / wall['read_dd']:.1f}× dd.",
-    ]
-    if "sha256_inputs" in wall and "mats_jax_task_arithmetic_no_checksums" in wall:
-        out.append(
-            f"- The model card's sha256 of every input: `sha256sum` alone took "
-            f"{wall['sha256_inputs']:.2f} s on the four files; mats-jax hashes in a thread beside "
-            f"the merge, and task arithmetic took {wall['mats_jax_task_arithmetic']:.2f} s with "
-            f"checksums and {wall['mats_jax_task_arithmetic_no_checksums']:.2f} s without "
-            "(`--no-checksums`)."
-        )
-    out.append(
+        f"- The model card's sha256 of every input: `sha256sum` alone took "
+        f"{wall['sha256_inputs']:.2f} s on the four files; mats-jax hashes in a thread beside "
+        f"the merge, and task arithmetic took {wall['mats_jax_task_arithmetic']:.2f} s with "
+        f"checksums and {wall['mats_jax_task_arithmetic_no_checksums']:.2f} s without "
+        "(`--no-checksums`).",
         "- Every mats-jax run includes starting Python and importing JAX, orbax and flax, "
         "and compiling the merge once per leaf shape (the compile cache is not kept between "
-        "processes); these are fixed costs, not per gigabyte."
-    )
-    if "mats_jax_ties_global" in wall:
-        out.append(
-            "- TIES with whole-model trimming reads the inputs three times: two streaming "
-            "passes of a radix select for each model's exact threshold, then the merge; "
-            f"it took {wall['mats_jax_ties_global']:.2f} s against "
-            f"{wall.get('mats_jax_ties_per_leaf', float('nan')):.2f} s per tensor."
-        )
+        "processes).",
+        "- TIES with whole-model trimming reads the inputs three times: two streaming "
+        "passes of a radix select for each model's exact threshold, then the merge; "
+        f"it took {wall['mats_jax_ties_global']:.2f} s against "
+        f"{wall['mats_jax_ties_per_leaf']:.2f} s per tensor.",
+    ]
     ties = r["comparisons"].get("ties_per_tensor", {})
     if "differing_entries_by_cause" in ties:
         c = ties["differing_entries_by_cause"]
@@ -560,10 +685,11 @@ def notes(r: dict[str, Any]) -> list[str]:
             "sum to exactly zero (mats-jax: no sign is elected and the base is kept; mergekit: "
             f"the positive sign wins), {c['unexplained']} otherwise."
         )
+    spread = {k: v["max_s"] / v["min_s"] for k, v in runs.items() if v["min_s"] > 0}
+    widest = max(spread, key=spread.__getitem__)
     out.append(
-        "- The load average shows other jobs on the same 2 cores during the run: the "
-        "timings are of a shared machine, and the ratios between runs are more telling than "
-        "the absolute times."
+        f"- Spread over the {r['repeats']} runs (slowest / fastest): widest for {widest} "
+        f"({spread[widest]:.2f}×); the load averages above show how busy the machine was."
     )
     return out
 

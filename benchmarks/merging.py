@@ -20,9 +20,11 @@ Run it from the repository root, after
     python benchmarks/merging.py --quick    # one seed, the MLP only (smoke run)
 
 Writes ``benchmarks/results/merging.{md,json}`` and the plots
-``merging_normalised.png`` and ``merging_cg_iterations.png`` (``--quick``:
-``merging_quick.*``, not meant to be committed). The markdown is generated from the
-measurements: nothing in it is typed in by hand.
+``merging_normalised.png`` and ``merging_cg_iterations.png``, from a committed
+tree only (``--allow-dirty`` to record anyway, said in the results); ``--quick``
+writes ``merging_quick.*`` under the temporary directory, ``--out DIR``
+anywhere. The markdown is generated from the measurements: nothing in it is
+typed in by hand; ``--render`` rewrites it from the JSON.
 """
 
 from __future__ import annotations
@@ -40,14 +42,19 @@ from typing import Any
 import flax
 import numpy as np
 import optax
-from provenance import git_revision, machine
+from provenance import (
+    QUICK_RESULTS,
+    RESULTS,
+    add_dirty_option,
+    check_destination,
+    git_revision,
+    machine,
+)
 
 from mats_experiment import pipeline, report
 from mats_experiment.methods import METHODS, Grids
 from mats_experiment.tasks import TaskSpec
 from mats_experiment.train import TrainConfig
-
-RESULTS = Path(__file__).parent / "results"
 
 _FASHION = (1000, 300, 500)
 _DIGITS = (1000, 300, 497)
@@ -395,14 +402,20 @@ def findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         worst = min(diffs, key=lambda t: diffs[t])
         line = (
             f"- **{arch.upper()}**: MaTS (K-FAC exact) − RegMean = {gap:+.2f} normalised points; "
-            f"the task it loses most on is `{worst}` ({diffs[worst]:+.1f} accuracy points)."
+            + (
+                f"the task it loses most on is `{worst}` ({diffs[worst]:+.1f} accuracy points)."
+                if diffs[worst] < 0
+                else f"it loses on no task (smallest margin: `{worst}`, "
+                f"{diffs[worst]:+.1f} accuracy points)."
+            )
         )
         small = smallest_statistics(results, arch, worst)
         if small:
             line += (
                 " That task's statistics are the weakest, relative to the other tasks' median, in "
                 + ", ".join(f"`{leaf}` ({ratio:.2g}×)" for leaf, ratio in small)
-                + ", so Σ_m C_m hardly weighs it in those leaves."
+                + f": in Σ_m C_m it weighs at most {max(r for _, r in small):.2g}× the "
+                "other tasks' median in those leaves."
             )
         equal = _row(rows, arch, "multitask", "mats_kfac_equalised")
         if equal is not None:
@@ -446,32 +459,149 @@ def timing_table(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 
 
-NOTES = [
-    "- Gains below 5 points are listed under Conclusions rather than hidden: on the MLP, a "
-    "head refitted on the MNIST-pretrained features already classifies the upsampled "
-    "scikit-learn digits well, so fine-tuning adds little there. The task set was chosen from "
-    "validation accuracies in exploratory runs; after the first full run the MLP's "
-    "fine-tuning was lengthened from 20 to 30 epochs because several of its tasks gained "
-    "under 5 points (the same tasks still do). Nothing about the merging methods or their "
-    "grids was changed after seeing test results; the two ablation variants (scales "
-    "equalised, kernels only) were added after the first run to investigate the ViT, and "
-    "like every method they are chosen on validation.",
-    "- Intermediate-task merging is close to saturated with these tasks: most methods land "
-    "within the seed spread of the target's own model, so this setting separates the methods "
-    "little here; the multitask setting carries the comparison.",
-    "- The preconditioned variants run the same CG iteration grid: the preconditioner brings "
-    "each block much closer to the exact solution in as many steps, and since stopping early "
-    "regularises, closer to convergence is not better for accuracy here (interpretation; the "
-    "measured differences are in the ablation table).",
-    "- The scale findings: a task's scale in a leaf is mean diag A × mean diag G (K-FAC) or the "
-    "mean diagonal Fisher. The ViT's inverted task has larger inputs to the patch embedding "
-    "(background pixels 1), so its small K-FAC scale there must come from a small G; a "
-    "plausible cause, not measured here, is the LayerNorm after the embedding dividing its "
-    "output gradients by the larger activations' spread. The Fisher weighs that task little "
-    "in exactly the layer that must change most to undo its input transform.",
-    "- The machine was shared with other jobs (load average in the header); wall times are "
-    "upper bounds for an idle 2-core CPU.",
-]
+HISTORY_NOTE = (
+    "- Gains below 5 points are listed under Conclusions rather than hidden. The task "
+    "set was chosen from validation accuracies in exploratory runs; after the first full "
+    "run the MLP's fine-tuning was lengthened from 20 to 30 epochs because several of its "
+    "tasks gained under 5 points. Nothing about the merging methods or their grids was "
+    "changed after seeing test results; the two ablation variants (scales equalised, "
+    "kernels only) were added after the first run to investigate the ViT, and like every "
+    "method they are chosen on validation."
+)
+
+
+def near_own_model(rows: list[dict[str, Any]], arch: str) -> tuple[int, int]:
+    """Intermediate setting: methods within one seed s.d. of the target's own model.
+
+    The target's own fine-tuned model scores 100 normalised.
+    """
+    mine = [
+        r for r in rows if r["architecture"] == arch and r["setting"] == "intermediate"
+    ]
+    close = sum(abs(r["normalised"][0] - 100.0) <= r["normalised"][1] for r in mine)
+    return close, len(mine)
+
+
+def notes(rows: list[dict[str, Any]]) -> list[str]:
+    out = [HISTORY_NOTE]
+    counts = {
+        a: near_own_model(rows, a)
+        for a in sorted({r["architecture"] for r in rows})
+        if any(
+            r["architecture"] == a and r["setting"] == "intermediate" and r["seeds"] > 1
+            for r in rows
+        )
+    }
+    if counts:
+        out.append(
+            "- Intermediate-task merging: methods whose average normalised test accuracy "
+            "is within one standard deviation over seeds of the target's own model (100): "
+            + ", ".join(f"{a.upper()} {k} of {n}" for a, (k, n) in counts.items())
+            + "."
+        )
+    out += [
+        "- The preconditioned variants run the same CG iteration grid as the "
+        "unpreconditioned ones; their differences are in the ablation table.",
+        "- A task's scale in a leaf is mean diag A × mean diag G (K-FAC) or the mean "
+        "diagonal Fisher (see the statistics tables).",
+    ]
+    return out
+
+
+# Grids of the chosen hyperparameters, by method and name (TIES and DARE-TIES
+# search their own λ grid).
+def grid_of(cfg: dict[str, Any], method: str, name: str) -> list[Any] | None:
+    key = "ties_scale" if name == "scale" and method in ("ties", "dare_ties") else name
+    return cfg["grids"].get(key)
+
+
+def chosen_by_seed(results: dict[str, Any], arch: str, method: str) -> list[str]:
+    out = []
+    for run in results["runs"]:
+        res = run["multitask"].get(method) if run["architecture"] == arch else None
+        if res is None:
+            continue
+        hp = {k: v for k, v in res["chosen"].items() if k != "weights"}
+        out.append(", ".join(f"{k}={v}" for k, v in hp.items()) or "—")
+    return out
+
+
+def marked(name: str, text: str) -> list[str]:
+    """``text`` between markers that the docs include (``:start-after:``)."""
+    return [
+        f"<!-- merging: BEGIN {name} -->",
+        "",
+        text,
+        "",
+        f"<!-- merging: END {name} -->",
+    ]
+
+
+def method_fragment(
+    results: dict[str, Any], rows: list[dict[str, Any]], method: str, cfg: dict
+) -> str:
+    """One method's scores, ranks and chosen hyperparameters, for its docs page."""
+    lines = [
+        "| model | setting | avg. normalised test accuracy (mean ± s.d. over seeds) "
+        "| rank | chosen on validation (multitask), per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        (r for r in rows if r["method"] == method),
+        key=lambda r: (r["architecture"], report.SETTINGS.index(r["setting"])),
+    ):
+        panel = [
+            x
+            for x in rows
+            if x["architecture"] == r["architecture"] and x["setting"] == r["setting"]
+        ]
+        rank = 1 + sum(x["normalised"][0] > r["normalised"][0] for x in panel)
+        per_seed = chosen_by_seed(results, r["architecture"], method)
+        chosen = (
+            "; ".join(per_seed)
+            if r["setting"] == "multitask" and set(per_seed) != {"—"}
+            else "–"
+        )
+        lines.append(
+            f"| {r['architecture'].upper()} | {r['setting']} | {r['normalised'][0]:.1f} ± "
+            f"{r['normalised'][1]:.1f} | {rank} of {len(panel)} | {chosen} |"
+        )
+    first = next(run for run in results["runs"] if method in run["multitask"])
+    grids = [
+        f"{k} ∈ {{{', '.join(map(str, g))}}}"
+        for k in first["multitask"][method]["chosen"]
+        if k != "weights" and (g := grid_of(cfg, method, k))
+    ]
+    label = first["multitask"][method]["label"]
+    return (
+        f"**{label}** on the merging benchmark"
+        + (f" (grids: {'; '.join(grids)})" if grids else "")
+        + ":\n\n"
+        + "\n".join(lines)
+    )
+
+
+def method_section(
+    results: dict[str, Any], rows: list[dict[str, Any]], cfg: dict
+) -> list[str]:
+    out = [
+        "## Per method",
+        "",
+        "Each method's average normalised test accuracy, its rank among the methods of "
+        "the same model and setting, and what validation chose (the documentation's "
+        "method pages include these).",
+        "",
+    ]
+    rankings = "\n".join(
+        f"- **{a.upper()}, {s}**: {ranking(rows, a, s)}"
+        for a in sorted({r["architecture"] for r in rows})
+        for s in report.SETTINGS
+        if any(r["architecture"] == a and r["setting"] == s for r in rows)
+    )
+    out += [*marked("rankings", rankings), ""]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        out += [*marked(method, method_fragment(results, rows, method, cfg)), ""]
+    return out
 
 
 def markdown(
@@ -526,10 +656,10 @@ def markdown(
             out.append(f"  - Ranking: {ranking(rows, arch, setting)}")
     out += [
         "",
-        "MaTS against RegMean per model, the task where MaTS does worst, and why (multitask; "
-        "all numbers from this run):",
+        "MaTS against RegMean per model, the task where MaTS does worst, and that task's "
+        "statistics (multitask; all numbers from this run):",
         "",
-        *findings(results, rows),
+        *marked("mats_vs_regmean", "\n".join(findings(results, rows))),
     ]
     warnings = report.gain_warnings(results)
     out += [
@@ -605,7 +735,7 @@ def markdown(
         "",
         "Reported for every iteration count (the choice above used validation only).",
         "",
-        curve_table(results),
+        *marked("cg_curve", curve_table(results)),
         "",
         f"![MaTS accuracy against CG iterations]({plots['cg']})",
         "",
@@ -615,7 +745,7 @@ def markdown(
         "diagonal; K-FAC: mean diag A × mean diag G), the median over leaves: how unevenly the "
         "tasks pull the merge in Σ_m C_m.",
         "",
-        scale_spread_table(results),
+        *marked("scale_spread", scale_spread_table(results)),
         "",
         "## Why MaTS wins or loses: ablations",
         "",
@@ -623,7 +753,7 @@ def markdown(
         "change in average normalised test accuracy (mean over seeds, and on how many seeds it "
         "went up); every variant's own CG iteration count is chosen on validation.",
         "",
-        ablation_table(rows),
+        *marked("ablations", ablation_table(rows)),
         "",
         "Multitask, per task: MaTS (K-FAC exact, init TA) minus RegMean, test accuracy points "
         "(mean over seeds):",
@@ -641,6 +771,7 @@ def markdown(
         "in Σ_m C_m.",
         "",
         *statistics_tables(results),
+        *method_section(results, rows, cfg),
         "## Chosen hyperparameters",
         "",
         chosen_table(results),
@@ -651,20 +782,22 @@ def markdown(
         "",
         "## Notes",
         "",
-        *NOTES,
+        *notes(rows),
         *(f"- {n}" for n in meta.get("notes", [])),
         "",
     ]
     return "\n".join(out)
 
 
-def render(stem: str, results: dict[str, Any], meta: dict[str, Any]) -> None:
+def render(
+    folder: Path, stem: str, results: dict[str, Any], meta: dict[str, Any]
+) -> None:
     """Writes the markdown and the plots from the raw results."""
     rows = report.summarise(results)
     plots = {"normalised": f"{stem}_normalised.png", "cg": f"{stem}_cg_iterations.png"}
-    report.plot_normalised(rows, RESULTS / plots["normalised"])
-    report.plot_cg_curve(results, RESULTS / plots["cg"])
-    (RESULTS / f"{stem}.md").write_text(markdown(results, meta, rows, plots))
+    report.plot_normalised(rows, folder / plots["normalised"])
+    report.plot_cg_curve(results, folder / plots["cg"])
+    (folder / f"{stem}.md").write_text(markdown(results, meta, rows, plots))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -679,12 +812,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="rewrite the markdown and plots from the JSON",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for the results (default benchmarks/results/; --quick: under "
+        "the temporary directory)",
+    )
+    add_dirty_option(parser)
     args = parser.parse_args(argv)
     stem = "merging_quick" if args.quick else "merging"
+    folder = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     if args.render:
-        saved = json.loads((RESULTS / f"{stem}.json").read_text())
-        render(stem, {"runs": saved["runs"]}, saved["meta"])
+        saved = json.loads((folder / f"{stem}.json").read_text())
+        render(folder, stem, {"runs": saved["runs"]}, saved["meta"])
         return
+    check_destination(folder / stem, args.allow_dirty)
     archs = (
         ("mlp",)
         if args.quick
@@ -693,7 +835,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = (0,) if args.quick else tuple(range(args.seeds))
     cfg = config(args.quick, seeds, archs)
     pipeline.validate(cfg)  # names, data packages, sizes: before any training
-    RESULTS.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     load_start = list(os.getloadavg())
     start = time.perf_counter()
     total = pipeline.count_units(cfg)
@@ -722,15 +864,15 @@ def main(argv: list[str] | None = None) -> None:
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
     }
     # The raw results first: the markdown can be re-rendered from them (--render).
-    (RESULTS / f"{stem}.json").write_text(
+    (folder / f"{stem}.json").write_text(
         json.dumps(
             {"meta": meta, "summary": report.summarise(results), **results},
             indent=1,
             default=float,
         )
     )
-    render(stem, results, meta)
-    print(f"wrote {RESULTS / stem}.md, .json and plots in {wall:.0f} s")
+    render(folder, stem, results, meta)
+    print(f"wrote {folder / stem}.md, .json and plots in {wall:.0f} s")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,21 @@
 Every script in ``benchmarks/`` records these in its results so that a number
 can be traced to the code and the hardware that produced it. Scripts run as
 ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``.
+
+Recorded results (``benchmarks/results/``) come from a committed tree: every
+script calls :func:`check_destination` before it measures anything and
+refuses to write there from a tree with uncommitted changes unless given
+``--allow-dirty``, in which case :func:`git_revision` says so in the results.
+Smoke runs write under the temporary directory (``QUICK_RESULTS``) by default.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,25 +76,87 @@ def machine(**versions: str) -> dict[str, Any]:
     }
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent  # the repository: benchmarks/ is at its top level
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "mats_jax_benchmarks"
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+
+
+def uncommitted_changes() -> list[str] | None:
+    """Paths with uncommitted changes, untracked files included; None without git.
+
+    ``benchmarks/results/`` is left out: it is what the benchmarks write, so a
+    second benchmark run after a first from the same commit still counts as
+    clean.
+    """
+    try:
+        status = _git(
+            "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"
+        )
+    except OSError:
+        return None
+    if status.returncode != 0:
+        return None
+    return [line[3:] for line in status.stdout.splitlines() if line.strip()]
+
+
 def git_revision() -> str:
-    """The short commit, marked when ``mats_jax/`` has uncommitted changes.
+    """The short commit, and whether the tree had uncommitted changes.
 
     A copy of the tree without ``.git`` (the device machine) passes the
-    revision in ``MATS_JAX_GIT_REV``.
+    revision in ``MATS_JAX_GIT_REV``; it cannot be checked there.
     """
     if "MATS_JAX_GIT_REV" in os.environ:
-        return os.environ["MATS_JAX_GIT_REV"]
+        return os.environ["MATS_JAX_GIT_REV"] + " (given, not checked)"
+    changes = uncommitted_changes()
+    if changes is None:
+        return "unknown (not a git checkout)"
+    revision = _git("rev-parse", "--short", "HEAD").stdout.strip()
+    if not changes:
+        return revision
+    shown = ", ".join(changes[:5]) + (", …" if len(changes) > 5 else "")
+    return f"{revision} with uncommitted changes ({len(changes)} paths: {shown})"
 
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).resolve().parent.parent,  # the repository root
-        ).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "mats_jax")
-    return git("rev-parse", "--short", "HEAD") + (
-        " (mats_jax has uncommitted changes)" if dirty else ""
+def add_dirty_option(parser: argparse.ArgumentParser) -> None:
+    """``--allow-dirty``: record results from a tree with uncommitted changes."""
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write into benchmarks/results/ even with uncommitted changes "
+        "(the provenance line then says so)",
     )
+
+
+def writes_results(out: Path) -> bool:
+    """Whether ``out`` (a file, a prefix or a folder) lies in benchmarks/results/."""
+    resolved = out.resolve()
+    return resolved == RESULTS or RESULTS in resolved.parents
+
+
+def check_destination(out: Path, allow_dirty: bool) -> None:
+    """Refuses, before any work, to record results that no commit could reproduce.
+
+    Results under ``benchmarks/results/`` must come from a committed tree
+    (outside ``benchmarks/results/`` itself), unless ``--allow-dirty``;
+    anywhere else (smoke runs, ``--out``) anything goes.
+    """
+    if allow_dirty or not writes_results(out):
+        return
+    changes = uncommitted_changes()
+    if changes is None:
+        raise SystemExit(
+            f"refusing to write {out}: not a git checkout, so the commit cannot be "
+            "recorded; pass --out elsewhere or --allow-dirty"
+        )
+    if changes:
+        raise SystemExit(
+            f"refusing to write {out}: the tree has uncommitted changes "
+            f"({', '.join(changes[:5])}{', …' if len(changes) > 5 else ''}); commit "
+            "them, or pass --out elsewhere or --allow-dirty"
+        )

@@ -25,9 +25,10 @@ Run from the repository root:
     .venv/bin/python benchmarks/sharding.py            # full
     .venv/bin/python benchmarks/sharding.py --quick    # smoke run, small shapes
 
-It writes ``benchmarks/results/sharding.{md,json}`` (``--quick``:
-``sharding_quick.{md,json}``, ignored by git); the markdown is generated from
-the measured numbers.
+It writes ``benchmarks/results/sharding.{md,json}``, from a committed tree
+only (``--allow-dirty`` to record anyway, said in the results; ``--quick``:
+under the temporary directory; ``--out PREFIX`` anywhere); the markdown is
+generated from the measured numbers (``--render`` rewrites it from the JSON).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,12 +53,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from provenance import git_revision, machine
+from provenance import (
+    QUICK_RESULTS,
+    RESULTS,
+    add_dirty_option,
+    check_destination,
+    git_revision,
+    machine,
+)
 
 from mats_jax import KFAC, lower_solve, mats, task_arithmetic
 from mats_jax.sharding import shard_statistics
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +205,81 @@ def mib(x: int) -> str:
     return f"{x / 2**20:.3f}"
 
 
+def agreement_line(cases: list[dict]) -> str:
+    worst = max((c["max_abs_diff_vs_one_device"] or 0.0) for c in cases)
+    if worst == 0:
+        return (
+            "- Every sharded merge equals the one-device merge of the same model bit for "
+            "bit (largest absolute difference 0)."
+        )
+    return (
+        f"- The sharded merges differ from the one-device merge of the same model by up "
+        f"to {worst:.3g} (largest absolute difference over every leaf)."
+    )
+
+
+def wall_time_line(cfg: Config, cases: list[dict], info: dict, base_time: float) -> str:
+    sharded = [
+        c["median_s"] for c in cases if c["layers"] == cfg.layers and c["devices"] > 1
+    ]
+    return (
+        f"- Wall time (medians): the fixed model took {base_time:.3f} s on one device and "
+        f"{min(sharded):.3f}–{max(sharded):.3f} s sharded, on simulated devices that "
+        f"share {info['cpu_count']} cores (see Notes)."
+    )
+
+
+def notes(cfg: Config, cases: list[dict]) -> list[str]:
+    """What the layouts do, with the checks that this run's figures allow."""
+    one = next(c for c in cases if c["devices"] == 1 and c["layers"] == cfg.layers)
+    outputs = [
+        c for c in cases if c["layout"] == "outputs" and c["layers"] == cfg.layers
+    ]
+    slower = all(
+        c["memory_per_device"]["total"]
+        > one["memory_per_device"]["total"] / c["devices"]
+        for c in outputs
+    )
+    peak_is_io = all(
+        c["memory_per_device"]["peak"]
+        == c["memory_per_device"]["arguments"] + c["memory_per_device"]["outputs"]
+        for c in cases
+    )
+    even = all(cfg.layers % n == 0 for n in cfg.devices)
+    return [
+        "- `layers`: with the layer axis split, statistics are split the same way "
+        "(`shard_statistics`), and each device solves its own layers: no resharding and "
+        "no communication inside the CG loop. `outputs`: the kernels' output axis is "
+        "split, G (out × out) by rows with it and A (in × in) by rows borrowing the same "
+        "split, so the arguments are 1/n as well; the solver reshards kernels and factors "
+        "to whole blocks per device at the start and back at the end (all-to-alls)"
+        + (
+            ", and per-device memory falls more slowly than 1/n at every device count "
+            "here (the reshards' temporaries)."
+            if slower
+            else "."
+        ),
+        "- `total` adds arguments, outputs and temporaries as if all were live at once "
+        "(an upper bound)"
+        + (
+            "; XLA's own `peak` figure equals arguments + outputs in every case here, "
+            "leaving the temporaries out."
+            if peak_is_io
+            else "."
+        ),
+        "- The solver pads each group of same-shaped blocks to a multiple of the device "
+        "count with empty blocks"
+        + (
+            f": with {cfg.layers} layers per group every device count here divides evenly."
+            if even
+            else "."
+        ),
+        "- Wall times on simulated devices measure nothing about real multi-device speed; "
+        "they are recorded to show the sharded program runs and what partitioning costs on "
+        "one CPU.",
+    ]
+
+
 def markdown(cfg: Config, results: dict) -> str:
     info = results["machine"]
     cases = results["cases"]
@@ -210,7 +292,7 @@ def markdown(cfg: Config, results: dict) -> str:
         f"- Command: `{results['command']}` (from the repository root)",
         f"- Date: {results['date']}; mats_jax {info['mats_jax']} at git {results['git']}",
         f"- Machine: {info['cpu_count']}-core CPU, `lscpu` model name “{info['cpu_model']}”, "
-        f"no accelerator (JAX backend `{info['jax_backend']}`, {info['device_count']} "
+        f"no accelerator (JAX backend `{info['jax_backend']}`, {info.get('device_count', info.get('simulated_devices'))} "
         f"simulated devices: `{info['xla_flags']}`); {info['platform']}",
         f"- Versions: Python {info['python']}, JAX {info['jax']}, jaxlib {info['jaxlib']}, "
         f"numpy {info['numpy']}",
@@ -218,7 +300,7 @@ def markdown(cfg: Config, results: dict) -> str:
         + " / ".join(f"{x:.1f}" for x in results["load_average_at_start"])
         + ", at end "
         + " / ".join(f"{x:.1f}" for x in info["load_average_1_5_15min"])
-        + f", on {info['cpu_count']} cores: other jobs ran too.",
+        + f", on {info['cpu_count']} cores.",
         f"- Total wall time: {results['total_s']:.1f} s",
         "",
         "## Conclusions",
@@ -254,17 +336,7 @@ def markdown(cfg: Config, results: dict) -> str:
             f"one device and {total / large_one['memory_per_device']['total']:.3f}× the "
             f"large model on one device ({mib(large_one['memory_per_device']['total'])} MiB)."
         )
-    worst = max((c["max_abs_diff_vs_one_device"] or 0.0) for c in cases)
-    lines.append(
-        f"- Every sharded merge equals the one-device merge of the same model: largest "
-        f"absolute difference {worst:.3g}."
-    )
-    slowest = max(c["median_s"] for c in cases if c["layers"] == cfg.layers)
-    lines.append(
-        f"- Wall time: the simulated devices share {info['cpu_count']} cores, so more devices "
-        f"bring no speed-up here; the fixed model took {base_time:.3f} s on one device and "
-        f"at most {slowest:.3f} s sharded (median), the partitioning overhead on a shared CPU."
-    )
+    lines += [agreement_line(cases), wall_time_line(cfg, cases, info, base_time)]
     h, f = cfg.hidden, cfg.ff
     lines += [
         "",
@@ -303,25 +375,17 @@ def markdown(cfg: Config, results: dict) -> str:
         "",
         "## Notes",
         "",
-        "- `layers`: with the layer axis split, statistics are split the same way "
-        "(`shard_statistics`), and each device solves its own layers: no resharding and "
-        "no communication inside the CG loop. `outputs`: the kernels' output axis is "
-        "split, G (out × out) by rows with it and A (in × in) by rows borrowing the same "
-        "split, so the arguments are 1/n as well; the solver reshards kernels and factors "
-        "to whole blocks per device at the start and back at the end (all-to-alls), whose "
-        "temporaries make per-device memory fall more slowly than 1/n.",
-        "- `total` adds arguments, outputs and temporaries as if all were live at once "
-        "(an upper bound); XLA's own `peak` figure on this CPU client equals arguments + "
-        "outputs and leaves the temporaries out.",
-        "- The solver pads each group of same-shaped blocks to a multiple of the device "
-        "count with empty blocks: with 8 layers per group every device count here divides "
-        "evenly.",
-        "- Wall times on simulated devices measure nothing about real multi-device speed; "
-        "they are recorded to show the sharded program runs and what partitioning costs on "
-        "one CPU.",
+        *notes(cfg, cases),
         "",
     ]
     return "\n".join(lines)
+
+
+def write(out: Path, cfg: Config, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(cfg, results))
+    print(f"wrote {out}.md and .json")
 
 
 def main() -> None:
@@ -329,7 +393,28 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small shapes, one run each"
     )
+    parser.add_argument("--out", type=Path, help="output prefix, without suffix")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the markdown from the recorded JSON",
+    )
+    add_dirty_option(parser)
     args = parser.parse_args()
+    out = args.out or (
+        QUICK_RESULTS / "sharding_quick" if args.quick else RESULTS / "sharding"
+    )
+    if args.render:
+        results = json.loads(out.with_suffix(".json").read_text())
+        cfg = Config(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in results["config"].items()
+            }
+        )
+        out.with_suffix(".md").write_text(markdown(cfg, results))
+        return
+    check_destination(out, args.allow_dirty)
     cfg = QUICK if args.quick else Config()
     load_at_start = list(os.getloadavg())
     started = time.perf_counter()
@@ -360,7 +445,7 @@ def main() -> None:
     for c in cases:
         del c["_result"]
     results = {
-        "command": "python benchmarks/sharding.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/sharding.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "git": git_revision(),
         "config": dataclasses.asdict(cfg),
@@ -369,11 +454,7 @@ def main() -> None:
         "total_s": time.perf_counter() - started,
         "machine": machine(),
     }
-    name = "sharding_quick" if args.quick else "sharding"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(cfg, results))
-    print(f"wrote {RESULTS / name}.md and .json")
+    write(out, cfg, results)
 
 
 if __name__ == "__main__":

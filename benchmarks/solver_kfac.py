@@ -20,31 +20,39 @@ synthetic but K-FAC-like factors, and measures, in one run:
    - the reference implementation's way: a Python loop over blocks of
      ``scipy.sparse.linalg.cg`` on a float32 ``LinearOperator`` whose matvec
      does ``Σ_m A_m V G_m`` in numpy (the right-hand side is formed inside the
-     timed region, as ``mats`` forms it inside its own).
+     timed region, as ``mats`` forms it inside its own);
+   - numpy's matmul floor: the scipy loop's matmuls alone, block by block.
    Compilation is timed separately (a first call with one iteration, minus a
    second one); the reported time is the median of several repetitions, run
    round-robin so that load on the shared machine hits every method alike.
 2. Time to solve to a relative residual of 1e-5 on every block: ``mats`` with
    and without its Kronecker preconditioner, with ``group_blocks`` True and
-   False, against the scipy loop with ``rtol=1e-5``. Reports wall time,
-   iterations per block, the true relative residuals (``mats``'s own report,
-   and recomputed here in float64), and the difference between the ``mats``
-   and scipy solutions. The preconditioner's setup cost is the difference of
-   ``maxiter=0`` calls with and without it.
+   False, each against the scipy loop (``rtol=1e-5``) preconditioned the same
+   way: without a preconditioner, or with the same nearest-Kronecker-product
+   inverse, written again in numpy here (checked against
+   ``KFAC.sum_preconditioner`` before anything is timed) and built inside the
+   timed solve as ``mats`` builds its own. Speed-ups are reported without and
+   with ``mats``'s compilation (each variant compiled from a cleared cache).
+   Reports wall time, iterations per block, the true relative residuals
+   (``mats``'s own report, and recomputed here in float64), and the
+   difference between the ``mats`` and scipy solutions. The preconditioner's
+   setup is timed on both sides: ``maxiter=0`` calls of ``mats`` with and
+   without it, and the numpy inverses built and applied once.
 
 jaxlib 0.10 hung in the preconditioned solve on a 2-core machine before
 d3f338e (see the notes in the results); ``--workaround`` applies what earlier
 runs needed (``NPROC=64``, one OpenBLAS thread for jaxlib's LAPACK calls). A
 full run also checks, in a separate process, whether the hang happens.
 
-Run from the repository root:
+Run from the repository root, from a committed tree (see ``provenance.py``;
+``--allow-dirty`` to record anyway):
 
-    .venv/bin/python benchmarks/solver_kfac.py            # full, 11 min on 2 idle cores
+    .venv/bin/python benchmarks/solver_kfac.py            # full, ~13 min on 2 idle cores
     .venv/bin/python benchmarks/solver_kfac.py --quick    # smoke run, small shapes
 
-It writes ``benchmarks/results/solver_kfac.{md,json}`` (``--quick``:
-``solver_kfac_quick.{md,json}``, ignored by git); the markdown is generated
-from the measured numbers.
+It writes ``benchmarks/results/solver_kfac.{md,json}`` (``--quick``: under
+the temporary directory; ``--out PREFIX`` anywhere); the markdown is
+generated from the measured numbers.
 """
 
 from __future__ import annotations
@@ -71,12 +79,18 @@ import numpy as np
 import scipy
 import scipy.linalg  # loads the OpenBLAS whose LAPACK jaxlib's CPU kernels call
 import scipy.sparse.linalg as spla
-from provenance import git_revision, machine
+from provenance import (
+    QUICK_RESULTS,
+    RESULTS,
+    add_dirty_option,
+    check_destination,
+    git_revision,
+    machine,
+)
 
 import mats_jax
 from mats_jax import KFAC, format_report, mats, task_arithmetic
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # jaxlib 0.10 runs a batched LAPACK call (eigh) by queueing the batch on XLA:CPU's
 # intra-op pool and blocking until it is done: as many concurrent calls as the pool
 # has threads (one per core) hang the process. mats's preconditioner runs two
@@ -424,16 +438,84 @@ def kfac_sum(a: list[np.ndarray], g: list[np.ndarray], v: np.ndarray) -> np.ndar
     return out
 
 
+# The same preconditioner as ``mats(..., preconditioner=True)``
+# (``KFAC.sum_preconditioner``), written again in numpy for the scipy loop, so
+# that the preconditioned pair compares like with like; ``run`` checks that the
+# two agree before anything is timed.
+KRONECKER_SWEEPS = 4  # alternating updates, as KFAC.sum_preconditioner runs
+PRECONDITIONER_AGREEMENT_TOL = 1e-4  # relative; float32 eigendecompositions
+
+
+def _frobenius_normalised(m: np.ndarray) -> np.ndarray:
+    return m / max(float(np.sqrt(np.sum(m * m))), np.finfo(m.dtype).tiny)
+
+
+def nearest_kronecker(
+    a: list[np.ndarray], g: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """σX and Y with σ X ⊗ Y nearest to Σ_m A_m ⊗ G_m in Frobenius norm.
+
+    Van Loan and Pitsianis's rank-one problem, by alternating
+    ``X ∝ Σ_m ⟨G_m, Y⟩ A_m`` and ``Y ∝ Σ_m ⟨A_m, X⟩ G_m`` from the sums.
+    """
+    x, y = _frobenius_normalised(sum(a)), _frobenius_normalised(sum(g))
+    for _ in range(KRONECKER_SWEEPS):
+        x = _frobenius_normalised(
+            sum(np.sum(gm * y) * am for am, gm in zip(a, g, strict=True))
+        )
+        y = _frobenius_normalised(
+            sum(np.sum(am * x) * gm for am, gm in zip(a, g, strict=True))
+        )
+    sigma = sum(np.sum(am * x) * np.sum(gm * y) for am, gm in zip(a, g, strict=True))
+    return sigma * x, y
+
+
+@dataclasses.dataclass
+class KroneckerInverse:
+    """``(σX ⊗ Y)⁺`` through the eigendecompositions of σX and Y."""
+
+    u_x: np.ndarray
+    u_y: np.ndarray
+    inv: np.ndarray  # 1 / (λ_x,i λ_y,j), 0 for numerically zero products
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        rotated = self.u_x.T @ v @ self.u_y
+        return self.u_x @ (self.inv * rotated) @ self.u_y.T
+
+
+def kronecker_inverse(a: list[np.ndarray], g: list[np.ndarray]) -> KroneckerInverse:
+    x, y = nearest_kronecker(a, g)
+    lam_x, u_x = np.linalg.eigh(x)
+    lam_y, u_y = np.linalg.eigh(y)
+    outer = lam_x[:, None] * lam_y[None, :]
+    # As mats: only numerically zero products are dropped.
+    keep = outer > outer.max() * np.finfo(outer.dtype).eps
+    inv = np.where(keep, 1.0 / np.where(keep, outer, 1.0), 0.0).astype(outer.dtype)
+    return KroneckerInverse(u_x, u_y, inv)
+
+
 def scipy_cg_block(
-    block: NumpyBlock, maxiter: int, rtol: float
+    block: NumpyBlock, maxiter: int, rtol: float, preconditioner: bool = False
 ) -> tuple[np.ndarray, int]:
-    """The reference's solve of one block: scipy CG over a LinearOperator."""
+    """The reference's solve of one block: scipy CG over a LinearOperator.
+
+    With ``preconditioner`` the Kronecker inverse is built here, inside the
+    timed region, as ``mats`` builds its own inside its call.
+    """
     shape, size = block.x0.shape, block.x0.size
 
     def matvec(v: np.ndarray) -> np.ndarray:
         return kfac_sum(block.a, block.g, v.reshape(shape)).ravel()
 
     operator = spla.LinearOperator((size, size), matvec=matvec, dtype=np.float32)
+    inverse = None
+    if preconditioner:
+        apply = kronecker_inverse(block.a, block.g)
+        inverse = spla.LinearOperator(
+            (size, size),
+            matvec=lambda v: apply(v.reshape(shape)).ravel(),
+            dtype=np.float32,
+        )
     b = sum(
         (a @ w) @ g for a, g, w in zip(block.a, block.g, block.w, strict=True)
     ).ravel()
@@ -449,15 +531,59 @@ def scipy_cg_block(
         rtol=rtol,
         atol=0.0,
         maxiter=maxiter,
+        M=inverse,
         callback=count,
     )
     return x.reshape(shape), steps[0]
 
 
 def run_scipy(
-    blocks: list[NumpyBlock], maxiter: int, rtol: float
+    blocks: list[NumpyBlock], maxiter: int, rtol: float, preconditioner: bool = False
 ) -> list[tuple[np.ndarray, int]]:
-    return [scipy_cg_block(block, maxiter, rtol) for block in blocks]
+    return [scipy_cg_block(block, maxiter, rtol, preconditioner) for block in blocks]
+
+
+def numpy_matmul_floor(blocks: list[NumpyBlock], n: int) -> list[np.ndarray]:
+    """The scipy loop's matmuls alone: n products ``Σ_m A_m V G_m`` per block."""
+    out = []
+    for block in blocks:
+        v = block.x0
+        for _ in range(n):
+            w = kfac_sum(block.a, block.g, v)
+            v = w / np.linalg.norm(w)
+        out.append(v)
+    return out
+
+
+def numpy_preconditioner_setup(blocks: list[NumpyBlock]) -> list[np.ndarray]:
+    """Every block's Kronecker inverse, built and applied once (as mats's maxiter=0)."""
+    return [kronecker_inverse(b.a, b.g)(b.x0) for b in blocks]
+
+
+def preconditioner_agreement(blocks: list[NumpyBlock]) -> dict[str, float]:
+    """The numpy Kronecker inverse against ``KFAC.sum_preconditioner``, per shape.
+
+    On the first block of each shape, both applied to one random matrix;
+    relative difference ‖P_numpy v − P_mats v‖ / ‖P_mats v‖.
+    """
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    for block in blocks:
+        name = "×".join(map(str, block.x0.shape))
+        if name in out:
+            continue
+        v = rng.standard_normal(block.x0.shape).astype(np.float32)
+        stats = [
+            KFAC(jnp.asarray(a)[None], jnp.asarray(g)[None])
+            for a, g in zip(block.a, block.g, strict=True)
+        ]
+        # As inside the solver: true float32 products whatever JAX's default.
+        with jax.default_matmul_precision("highest"):
+            apply = KFAC.sum_preconditioner(stats, jnp.zeros(1))
+            theirs = np.asarray(apply(jnp.asarray(v)[None])[0], np.float64)
+        ours = kronecker_inverse(block.a, block.g)(v).astype(np.float64)
+        out[name] = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -553,8 +679,14 @@ def fixed_iterations(
         "mats (check_every=0)": lambda n: run_mats(problem, n, 0.0, check_every=0),
         "matmul floor": lambda n: run_floor(groups, n),
         "scipy loop": lambda n: run_scipy(blocks, n, 0.0),
+        "numpy matmul floor": lambda n: numpy_matmul_floor(blocks, n),
     }
-    compiles = {name: compile_time(run) for name, run in steps.items()}
+    compiles = {}
+    for name, run in steps.items():
+        if name.startswith(("scipy", "numpy")):
+            run(1)  # nothing to compile: a warm-up only
+        else:
+            compiles[name] = compile_time(run)
     runs = {
         name: functools.partial(run, cfg.fixed_iters) for name, run in steps.items()
     }
@@ -610,29 +742,61 @@ def mats_to_tol(problem: Problem, options: dict) -> Callable[[int], Any]:
     return lambda n: run_mats(problem, n, TOL, **options)
 
 
+SCIPY_SOLVE_VARIANTS = {
+    "scipy loop": False,
+    "scipy loop (preconditioner)": True,
+}
+
+
+def scipy_counterpart(options: dict) -> str:
+    """The scipy loop with the same preconditioning as a mats variant."""
+    return next(
+        name
+        for name, pre in SCIPY_SOLVE_VARIANTS.items()
+        if pre == options["preconditioner"]
+    )
+
+
+def solve_compile_times(problem: Problem) -> dict[str, float]:
+    """Each variant's compilation from a cold cache, then every variant warm again.
+
+    Without clearing, a variant whose program section 1 (or another variant)
+    already compiled would show next to no compile time.
+    """
+    compiles = {}
+    for name, options in MATS_SOLVE_VARIANTS.items():
+        jax.clear_caches()
+        compiles[name] = compile_time(mats_to_tol(problem, options))
+    for options in MATS_SOLVE_VARIANTS.values():
+        timed(lambda options=options: mats_to_tol(problem, options)(1))
+    return compiles
+
+
 def time_to_solve(
     problem: Problem, blocks: list[NumpyBlock], cfg: Config
 ) -> dict[str, Any]:
     """Every variant to ``TOL``, ``solve_reps`` round-robin repetitions."""
-    compiles = {
-        name: compile_time(mats_to_tol(problem, options))
-        for name, options in MATS_SOLVE_VARIANTS.items()
-    }
+    compiles = solve_compile_times(problem)
     runs: dict[str, Callable[[], Any]] = {
-        "scipy loop": lambda: run_scipy(blocks, cfg.solve_maxiter, TOL)
+        name: functools.partial(run_scipy, blocks, cfg.solve_maxiter, TOL, pre)
+        for name, pre in SCIPY_SOLVE_VARIANTS.items()
     }
     for name, options in MATS_SOLVE_VARIANTS.items():
         runs[name] = functools.partial(
             run_mats, problem, cfg.solve_maxiter, TOL, **options
         )
     times, outputs = round_robin(runs, cfg.solve_reps)
-    out = {"scipy loop": describe_scipy(blocks, outputs["scipy loop"])}
+    out = {name: describe_scipy(blocks, outputs[name]) for name in SCIPY_SOLVE_VARIANTS}
+    for name, run in out.items():
+        run["options"] = {"preconditioner": SCIPY_SOLVE_VARIANTS[name]}
+        run["compile_s"] = 0.0  # nothing to compile
     for name, options in MATS_SOLVE_VARIANTS.items():
         run = describe_mats(problem, blocks, outputs[name])
         run["options"] = options
         run["compile_s"] = compiles[name]
+        run["scipy_counterpart"] = scipy_counterpart(options)
         run["relative_difference_vs_scipy"] = relative_difference(
-            run["solution"], out["scipy loop"]["solution"]
+            run["solution"], out[run["scipy_counterpart"]]["solution"]
         )
         out[name] = run
     for name, run in out.items():
@@ -641,21 +805,35 @@ def time_to_solve(
     return out
 
 
-def preconditioner_setup(problem: Problem, cfg: Config) -> dict[str, Any]:
-    """``maxiter=0`` calls with and without the preconditioner: setup + one application."""
+def preconditioner_setup(
+    problem: Problem, blocks: list[NumpyBlock], cfg: Config
+) -> dict[str, Any]:
+    """The preconditioner's setup and one application, on both sides.
+
+    mats: ``maxiter=0`` calls with and without it (their difference); the
+    scipy loop: building every block's numpy Kronecker inverse and applying it
+    once.
+    """
     runs = {
-        f"preconditioner={pre}": functools.partial(
+        f"mats, preconditioner={pre}": functools.partial(
             run_mats, problem, 0, 0.0, preconditioner=pre
         )
         for pre in (False, True)
     }
+    runs["numpy Kronecker inverses"] = functools.partial(
+        numpy_preconditioner_setup, blocks
+    )
     times, _ = round_robin(runs, cfg.reps)
     stats = stats_of(times)
     return {
         "times_s": times,
         "stats_s": stats,
-        "setup_s": stats["preconditioner=True"]["median"]
-        - stats["preconditioner=False"]["median"],
+        "mats_setup_s": stats["mats, preconditioner=True"]["median"]
+        - stats["mats, preconditioner=False"]["median"],
+        "scipy_setup_s": stats["numpy Kronecker inverses"]["median"],
+        # From the fastest runs, as the solves' times are: for the time per step.
+        "mats_setup_min_s": stats["mats, preconditioner=True"]["min"]
+        - stats["mats, preconditioner=False"]["min"],
     }
 
 
@@ -706,22 +884,61 @@ def finish_hang_probe(probe: subprocess.Popen | None, deadline: float) -> str:
 # --------------------------------------------------------------------------
 
 
-def solve_summary(name: str, run: dict[str, Any], scipy_s: float) -> dict[str, Any]:
+def solve_summary(
+    name: str, run: dict[str, Any], solved: dict[str, Any]
+) -> dict[str, Any]:
     iters = run["report"]["iterations"] if "report" in run else run["iterations"]
     residuals = run["report"]["final_residual"] if "report" in run else None
+    counterpart = run.get("scipy_counterpart")
     return {
         "method": name,
         "seconds": run["seconds"],
         "times_s": run["times_s"],
-        "compile_s": run.get("compile_s"),
+        "compile_s": run["compile_s"],
         "iters_max": int(max(iters)),
         "iters_median": float(median(iters)),
         "iters_total": int(sum(iters)),
         "report_residual_max": max(residuals) if residuals else None,
         "f64_residual_max": max(run["residual_f64"]),
+        "scipy_counterpart": counterpart,
         "rel_diff_vs_scipy": run.get("relative_difference_vs_scipy"),
-        "speedup_vs_scipy": scipy_s / run["seconds"],
+        "speedup_vs_scipy": (
+            solved[counterpart]["seconds"] / run["seconds"] if counterpart else None
+        ),
     }
+
+
+def solve_pairs(solved: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each mats variant against the scipy loop preconditioned as it is.
+
+    The speed-up is scipy's time over mats's, without and with mats's
+    compilation (scipy compiles nothing); both sides build their
+    preconditioner inside the timed call.
+    """
+    pairs = []
+    for name, run in solved.items():
+        counterpart = run.get("scipy_counterpart")
+        if counterpart is None:
+            continue
+        scipy_s = solved[counterpart]["seconds"]
+        warm = scipy_s / run["seconds"]
+        cold = scipy_s / (run["seconds"] + run["compile_s"])
+        pairs.append(
+            {
+                "mats": name,
+                "scipy": counterpart,
+                "preconditioner": run["options"]["preconditioner"],
+                "group_blocks": run["options"]["group_blocks"],
+                "scipy_s": scipy_s,
+                "mats_s": run["seconds"],
+                "compile_s": run["compile_s"],
+                "speedup": warm,
+                "speedup_with_compile": cold,
+                "met": warm >= SOLVE_TARGET_VS_SCIPY,
+                "met_with_compile": cold >= SOLVE_TARGET_VS_SCIPY,
+            }
+        )
+    return pairs
 
 
 def per_step(fixed: dict[str, Any]) -> dict[str, float]:
@@ -733,6 +950,7 @@ def per_step(fixed: dict[str, Any]) -> dict[str, float]:
         "mats loop (check_every=0)": (best["mats (check_every=0)"] - base) / n,
         "matmul floor": best["matmul floor"] / n,
         "scipy loop": best["scipy loop"] / n,
+        "numpy matmul floor": best["numpy matmul floor"] / n,
     }
 
 
@@ -751,11 +969,13 @@ def ratios(fixed: dict[str, Any], which: str) -> dict[str, float]:
 
 
 def summarise(
-    fixed: dict[str, Any], solved: dict[str, Any], setup: dict[str, Any]
+    fixed: dict[str, Any],
+    solved: dict[str, Any],
+    setup: dict[str, Any],
+    agreement: dict[str, float],
 ) -> dict[str, Any]:
-    scipy_s = solved["scipy loop"]["seconds"]
-    rows = [solve_summary(name, run, scipy_s) for name, run in solved.items()]
-    best = min(rows[1:], key=lambda r: r["seconds"])
+    rows = [solve_summary(name, run, solved) for name, run in solved.items()]
+    pairs = solve_pairs(solved)
     steps = per_step(fixed)
     by_median, by_min = ratios(fixed, "median"), ratios(fixed, "min")
     return {
@@ -765,11 +985,13 @@ def summarise(
         "seconds_per_step": steps,
         "gflops": {k: fixed["gflop_per_matvec"] / v for k, v in steps.items()},
         "solve_rows": rows,
-        "best_solve": best,
+        "solve_pairs": pairs,
         "fixed_target_met": by_median["mats_over_floor"] <= FIXED_TARGET_VS_FLOOR,
         "fixed_vs_scipy_target_met": by_median["mats_over_scipy"] <= 1.0,
-        "solve_target_met": best["speedup_vs_scipy"] >= SOLVE_TARGET_VS_SCIPY,
-        "preconditioner_setup_s": setup["setup_s"],
+        "preconditioner_setup_s": setup["mats_setup_s"],
+        "preconditioner_setup_min_s": setup["mats_setup_min_s"],
+        "scipy_preconditioner_setup_s": setup["scipy_setup_s"],
+        "preconditioner_agreement": agreement,
     }
 
 
@@ -836,8 +1058,8 @@ SOLVE_HEADER = [
     "iterations max / median / sum",
     "max residual (report)",
     "max residual (float64)",
-    "‖x − x_scipy‖/‖x_scipy‖",
-    "scipy ÷ method",
+    "‖x − x_scipy‖/‖x_scipy‖ (same preconditioning)",
+    "scipy (same preconditioning) ÷ method",
 ]
 
 
@@ -886,6 +1108,7 @@ MATVECS = {
     "mats (check_every=0)": "{n} + 2 + rhs",
     "matmul floor": "{n}",
     "scipy loop": "{n} + 1 + rhs",
+    "numpy matmul floor": "{n}",
     "mats, maxiter=0 (fixed cost)": "2 + rhs",
 }
 
@@ -922,9 +1145,11 @@ def fixed_section(fixed: dict[str, Any], summary: dict[str, Any]) -> str:
 
 {reps} round-robin repetitions after compilation; ratios from the medians and from the
 fastest runs. "rhs" is the right-hand side Σ A_m W_m G_m (one matvec's worth of matmuls),
-"2" the initial and final residuals; the floor does only the {n} matvecs. After {n} steps
-the mats and scipy iterates differ by {_e(fixed["mats_vs_scipy_relative_difference"])}
-(relative, worst block; scipy ran in {fixed["scipy_dtype"]}): the same iteration.
+"2" the initial and final residuals; the floors do only the {n} matvecs (XLA's batched as
+mats batches them; numpy's as the scipy loop does them, block by block). Both mats and scipy
+run CG from the same start: after {n} steps their iterates differ by
+{_e(fixed["mats_vs_scipy_relative_difference"])} (relative, worst block; scipy ran in
+{fixed["scipy_dtype"]}).
 
 {table}
 
@@ -949,25 +1174,35 @@ def solve_section(summary: dict[str, Any], setup: dict[str, Any], n_blocks: int)
         ]
         for r in summary["solve_rows"]
     ]
-    table = _table(
-        SOLVE_HEADER,
-        rows,
-    )
     stats = setup["stats_s"]
-    with_p, without = stats["preconditioner=True"], stats["preconditioner=False"]
+    with_p = stats["mats, preconditioner=True"]["median"]
+    without = stats["mats, preconditioner=False"]["median"]
+    agreement = ", ".join(
+        f"{shape} {_e(d)}" for shape, d in summary["preconditioner_agreement"].items()
+    )
     return f"""## 2. Time to solve to relative residual {TOL:g} on every block
 
 Round-robin repetitions after compilation; the fastest run counts (noise on a shared machine
-only adds time). `maxiter` is traced, so each variant compiles once, by a 1-step call; a
-compile time near 0 means section 1 had already compiled that variant. Residuals are
-‖b − Σ A_m X G_m‖/‖b‖ of the returned solution: mats's own report (float32), and recomputed
-here in float64 (worst block); iterations are per block ({n_blocks} blocks; scipy counts its own).
+only adds time). `maxiter` is traced, so each mats variant compiles once, by a 1-step call
+from a cleared compilation cache (its compile time is that call's time minus a second
+one's). Residuals are ‖b − Σ A_m X G_m‖/‖b‖ of the returned solution: mats's own report
+(float32), and recomputed here in float64 (worst block); iterations are per block
+({n_blocks} blocks; scipy counts its own). Each mats variant is compared with the scipy loop
+preconditioned as it is.
 
-{table}
+{_table(SOLVE_HEADER, rows)}
+
+The scipy loop's preconditioner is the same nearest Kronecker product
+({KRONECKER_SWEEPS} alternating updates from the sums, inverted through the eigendecompositions
+of its two factors), written again in numpy and built inside each block's timed solve, as
+mats builds its own inside its call. Applied to one random matrix, it agrees with mats's
+`KFAC.sum_preconditioner` to {agreement} (relative, the first block of each shape; checked
+≤ {PRECONDITIONER_AGREEMENT_TOL:g} before any timing).
 
 Preconditioner setup (nearest Kronecker product, two eigendecompositions per block, one
-application), from `maxiter=0` calls, medians: {_f(with_p["median"])} s with it,
-{_f(without["median"])} s without, so **{_f(setup["setup_s"])} s** of setup.
+application), medians: mats {_f(setup["mats_setup_s"])} s (`maxiter=0` calls:
+{_f(with_p)} s with it, {_f(without)} s without); numpy {_f(setup["scipy_setup_s"])} s
+(every block's inverse built and applied once).
 """
 
 
@@ -975,12 +1210,35 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def _pair(pairs: list[dict[str, Any]], preconditioner: bool, grouped: bool) -> dict:
+    return next(
+        p
+        for p in pairs
+        if p["preconditioner"] == preconditioner and p["group_blocks"] == grouped
+    )
+
+
+def solve_target_line(pairs: list[dict[str, Any]], preconditioner: bool) -> str:
+    grouped, ungrouped = (_pair(pairs, preconditioner, g) for g in (True, False))
+
+    def both(p: dict[str, Any]) -> str:
+        return (
+            f"{_f(p['speedup'])}× {_verdict(p['met'])}, counting compilation "
+            f"{_f(p['speedup_with_compile'])}× {_verdict(p['met_with_compile'])}"
+        )
+
+    which = "with" if preconditioner else "without"
+    return (
+        f"- Time to solve to {TOL:g}, ≥ {SOLVE_TARGET_VS_SCIPY:g}× faster than the scipy "
+        f"loop, both {which} the Kronecker preconditioner (the scipy loop: "
+        f"{_f(grouped['scipy_s'])} s): `group_blocks=True` (the default) {both(grouped)}; "
+        f"`group_blocks=False` {both(ungrouped)}."
+    )
+
+
 def target_lines(summary: dict[str, Any]) -> list[str]:
     med, fast = summary["median_ratios"], summary["min_ratios"]
-    rows = {r["method"]: r for r in summary["solve_rows"]}
-    best = summary["best_solve"]
-    plain = rows["mats (preconditioner=False, group_blocks=True)"]
-    ungrouped = rows["mats (preconditioner=False, group_blocks=False)"]
+    pairs = summary["solve_pairs"]
     return [
         f"- Fixed iterations, mats ≤ {FIXED_TARGET_VS_FLOOR}× the matmul floor: "
         f"{_verdict(summary['fixed_target_met'])}: {_f(med['mats_over_floor'])}× on "
@@ -989,46 +1247,112 @@ def target_lines(summary: dict[str, Any]) -> list[str]:
         f"- Fixed iterations, mats no slower than the scipy loop: "
         f"{_verdict(summary['fixed_vs_scipy_target_met'])}: {_f(med['mats_over_scipy'])}× "
         f"the scipy loop's time on medians ({_f(fast['mats_over_scipy'])}× fastest runs).",
-        f"- Time to solve to {TOL:g}, ≥ {SOLVE_TARGET_VS_SCIPY}× faster than the scipy "
-        f"loop: {_verdict(summary['solve_target_met'])}: {_f(best['speedup_vs_scipy'])}× "
-        f"with {best['method']}; without the preconditioner "
-        f"{_f(plain['speedup_vs_scipy'])}× (grouped) and "
-        f"{_f(ungrouped['speedup_vs_scipy'])}× (ungrouped).",
+        solve_target_line(pairs, preconditioner=False),
+        solve_target_line(pairs, preconditioner=True),
     ]
 
 
-def finding_lines(summary: dict[str, Any]) -> list[str]:
-    fast, steps, gflops = (
-        summary["min_ratios"],
-        summary["seconds_per_step"],
-        summary["gflops"],
+def loop_cost_line(summary: dict[str, Any]) -> str:
+    steps, gflops = summary["seconds_per_step"], summary["gflops"]
+    over = steps["mats loop (check_every=0)"] / steps["matmul floor"]
+    return (
+        f"- mats's CG loop (`check_every=0`) costs {_f(over)}× the XLA matmul floor per "
+        "step"
+        + (
+            ": within 5% of its matmuls alone."
+            if over <= 1.05
+            else f": {over - 1:.0%} more than its matmuls alone."
+        )
+        + f" The floors run at {_f(gflops['matmul floor'])} GFLOP/s (XLA) and "
+        f"{_f(gflops['numpy matmul floor'])} GFLOP/s (numpy)."
     )
+
+
+def scipy_gap_line(summary: dict[str, Any]) -> str:
+    """How much of the scipy loop's extra time per step its matmuls explain."""
+    steps = summary["seconds_per_step"]
+    scipy_step, mats_step = steps["scipy loop"], steps["mats loop (check_every=0)"]
+    share = steps["numpy matmul floor"] / scipy_step
+    text = (
+        f"- The scipy loop's matmuls alone (the numpy floor) take {share:.0%} of its "
+        f"time per step ({_f(1e3 * steps['numpy matmul floor'])} of "
+        f"{_f(1e3 * scipy_step)} ms)"
+    )
+    gap = scipy_step - mats_step
+    if gap <= 0:
+        return text + "; mats's loop is not faster per step here."
+    explained = (steps["numpy matmul floor"] - steps["matmul floor"]) / gap
+    return text + (
+        f"; of the {_f(1e3 * gap)} ms per step by which it trails mats, the difference "
+        f"between numpy's and XLA's matmuls accounts for {explained:.0%}"
+        + (
+            ": the scipy loop is slower mostly for its matmuls, not its Python loop."
+            if explained >= 0.5
+            else ": the rest is CG's vector work and Python outside the matmuls."
+        )
+    )
+
+
+def preconditioner_line(summary: dict[str, Any]) -> str:
     rows = {r["method"]: r for r in summary["solve_rows"]}
     plain = rows["mats (preconditioner=False, group_blocks=True)"]
-    ungrouped = rows["mats (preconditioner=False, group_blocks=False)"]
     pre = rows["mats (preconditioner=True, group_blocks=True)"]
-    mats_step = steps["mats loop (check_every=0)"]
-    pre_step = (pre["seconds"] - summary["preconditioner_setup_s"]) / pre["iters_max"]
+    scipy_plain, scipy_pre = rows["scipy loop"], rows["scipy loop (preconditioner)"]
+    # Fastest solve minus the fastest setup, over the worst block's iterations.
+    pre_step = (pre["seconds"] - summary["preconditioner_setup_min_s"]) / pre[
+        "iters_max"
+    ]
     plain_step = plain["seconds"] / plain["iters_max"]
+    per_step = (
+        f"for {_f(pre_step / plain_step)}× the time per step and"
+        if pre_step > 0
+        else "(its setup, measured apart, exceeds the solve's fastest run: no time "
+        "per step is given) for"
+    )
+    return (
+        f"- The Kronecker preconditioner cuts mats's worst block from "
+        f"{plain['iters_max']} to {pre['iters_max']} iterations (sum over blocks "
+        f"{plain['iters_total']} → {pre['iters_total']}) {per_step} "
+        f"{_f(summary['preconditioner_setup_s'])} s of setup (median), of a "
+        f"{_f(pre['seconds'])} s solve; the scipy loop's, from {scipy_plain['iters_max']} "
+        f"to {scipy_pre['iters_max']} (sum {scipy_plain['iters_total']} → "
+        f"{scipy_pre['iters_total']}), {_f(summary['scipy_preconditioner_setup_s'])} s of "
+        f"setup, {_f(scipy_plain['seconds'])} s → {_f(scipy_pre['seconds'])} s."
+    )
+
+
+def grouping_line(summary: dict[str, Any]) -> str:
+    rows = {r["method"]: r for r in summary["solve_rows"]}
+    parts = []
+    for pre in (False, True):
+        grouped = rows[f"mats (preconditioner={pre}, group_blocks=True)"]
+        alone = rows[f"mats (preconditioner={pre}, group_blocks=False)"]
+        faster = "grouped" if grouped["seconds"] < alone["seconds"] else "ungrouped"
+        parts.append(
+            f"{'with' if pre else 'without'} the preconditioner grouped "
+            f"{_f(grouped['seconds'])} s, ungrouped {_f(alone['seconds'])} s ({faster} "
+            f"faster; compilation {_f(grouped['compile_s'])} s and "
+            f"{_f(alone['compile_s'])} s)"
+        )
+    return (
+        "- `group_blocks=True` runs a group until its slowest block stops and keeps "
+        "paying the stopped blocks' matvecs, in fewer, larger programs: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def finding_lines(summary: dict[str, Any]) -> list[str]:
+    fast = summary["min_ratios"]
     return [
-        f"- mats's CG loop costs {_f(mats_step / steps['matmul floor'])}× the floor per "
-        f"step: the loop adds next to nothing to the matmuls. XLA's matmuls run at "
-        f"{_f(gflops['matmul floor'])} GFLOP/s here and numpy's at "
-        f"{_f(gflops['scipy loop'])} GFLOP/s, which is why the scipy loop is slower, not "
-        f"its Python loop.",
+        loop_cost_line(summary),
+        scipy_gap_line(summary),
         f"- The divergence check (a true-residual matvec every 20 steps) costs "
         f"{fast['check_overhead']:+.1%} (fastest runs); a call's fixed cost (input checks, "
         f"stacking the factors, right-hand side, residuals) is "
         f"{fast['fixed_cost_share']:.1%} of a {summary['fixed_iters']}-step solve.",
-        f"- The Kronecker preconditioner cuts the worst block's iterations from "
-        f"{plain['iters_max']} to {pre['iters_max']} (sum over blocks "
-        f"{plain['iters_total']} → {pre['iters_total']}) for "
-        f"{_f(pre_step / plain_step)}× the time per step and "
-        f"{_f(summary['preconditioner_setup_s'])} s of setup, of a "
-        f"{_f(pre['seconds'])} s solve.",
-        f"- `group_blocks=True` runs a group until its slowest block stops and keeps "
-        f"paying the converged blocks' matvecs: without the preconditioner grouped "
-        f"{_f(plain['seconds'])} s, ungrouped {_f(ungrouped['seconds'])} s.",
+        preconditioner_line(summary),
+        grouping_line(summary),
     ]
 
 
@@ -1037,32 +1361,44 @@ def conclusions(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-NOTES = """## Notes
-
-- **Hang in the preconditioned solve (jaxlib 0.10.2), fixed in d3f338e.** jaxlib 0.10's CPU
+HANG_NOTE = """- **Hang in the preconditioned solve (jaxlib 0.10.2), fixed in d3f338e.** jaxlib 0.10's CPU
   LAPACK kernels (here `eigh`) split a batch over XLA:CPU's intra-op thread pool and block
-  until the pieces are done. The pool has one thread per core (2 here); when as many batched
+  until the pieces are done. The pool has one thread per core; when as many batched
   `eigh` calls wait at once as the pool has threads, every thread waits and the process hangs
   for good, idle. `KFAC.sum_preconditioner` runs two `eigh` per group of blocks, so
-  `mats(..., preconditioner=True)` hung on this machine up to 9d832c2 (ordering the calls with
-  optimisation barriers was not enough). Since d3f338e the solver decomposes one matrix at a
-  time (`lax.map` over the batch), which gives the pool nothing to split. The probe below
+  `mats(..., preconditioner=True)` hung on a 2-core machine up to 9d832c2 (ordering the calls
+  with optimisation barriers was not enough). Since d3f338e the solver decomposes one matrix
+  at a time (`lax.map` over the batch), which gives the pool nothing to split. The probe
   (`HANG_PROBE` in the script: 12 small kernels, 4 tasks, run in a fresh process without any
-  workaround while the problem is built, given 90 s) checks it at the revision measured.
+  workaround while the problem is built) checks it at the revision measured.
   `--workaround` restores what earlier runs needed: `NPROC=64` before JAX starts (a 64-thread
-  pool) and one thread for scipy's bundled OpenBLAS, which jaxlib's LAPACK calls (an OpenBLAS
-  thread team inside each piece of a batched `eigh` made it 10 to 500× slower here).
-- Synthetic factors: the spectra are milder than many real K-FAC factors (whose condition
-  numbers often reach 1e6 and more per factor), so that unpreconditioned CG reaches 1e-5 in a
-  few hundred steps and the run stays near ten minutes. The Kronecker preconditioner is exact
-  when the tasks share a factor up to scale; here each task also has directions of its own,
-  which it cannot capture: they, not the shared spectrum, set its iteration count.
-- The mats and scipy solutions at 1e-5 can differ by up to about κ × (the two residuals), κ the
-  block's condition number: both meet the tolerance and differ in directions of small
-  curvature. After a fixed number of steps they run the same iteration and agree closely.
-- The machine is shared: the load averages above show other jobs. numpy's multithreaded
-  OpenBLAS suffers most from a busy core (its threads spin-wait for each other), so the
-  scipy loop's times spread the most.
+  pool) and one thread for scipy's bundled OpenBLAS, which jaxlib's LAPACK calls."""
+
+
+def notes(results: dict[str, Any]) -> str:
+    """What the set-up implies, with the figures of this run where there are any."""
+    rows = {r["method"]: r for r in results["summary"]["solve_rows"]}
+    plain = rows["mats (preconditioner=False, group_blocks=True)"]
+    spread = {
+        name: max(t) / min(t)
+        for name, t in results["fixed_iterations"]["times_s"].items()
+        if min(t) > 0
+    }
+    widest = max(spread, key=spread.__getitem__)
+    return f"""## Notes
+
+{HANG_NOTE}
+- Synthetic factors: each task's factor is a shared power-law covariance plus directions of
+  its own (see Problem); unpreconditioned CG needed at most {plain["iters_max"]} steps per
+  block to reach {TOL:g} here. The Kronecker preconditioner is exact when the tasks share a
+  factor up to scale; the task-own directions are what it cannot capture.
+- The mats and scipy solutions at {TOL:g} can differ by up to about κ × (the two residuals),
+  κ the block's condition number: both meet the tolerance and may differ in directions of
+  small curvature.
+- Spread of the fixed-iteration runs (slowest / fastest repetition): widest for {widest}
+  ({_f(spread[widest])}×); see the load averages in the header for other work on the machine.
+
+Hang probe at this revision, without the workaround: **{results["hang_probe_without_workaround"]}**.
 """
 
 
@@ -1098,10 +1434,7 @@ def markdown(
             problem_section(cfg, problem, blocks),
             fixed_section(results["fixed_iterations"], summary),
             solve_section(summary, results["preconditioner_setup"], len(blocks)),
-            NOTES,
-            f"Hang probe at this revision, without the workaround: "
-            f"**{results['hang_probe_without_workaround']}**.",
-            "",
+            notes(results),
             f"## `format_report` of the solve {pre_name}",
             "",
             "```",
@@ -1142,7 +1475,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-probe", action="store_true", help="skip the hang probe (jaxlib 0.10 CPU)"
     )
+    add_dirty_option(parser)
     return parser.parse_args()
+
+
+def checked_agreement(blocks: list[NumpyBlock]) -> dict[str, float]:
+    """The two preconditioners' agreement; stops the run if they are not the same."""
+    agreement = preconditioner_agreement(blocks)
+    worst = max(agreement.values())
+    print(f"numpy vs mats preconditioner: {worst:.2e} (relative, worst)", flush=True)
+    if worst > PRECONDITIONER_AGREEMENT_TOL:
+        raise SystemExit(
+            f"the scipy loop's preconditioner differs from mats's by {worst:.2e} "
+            f"(> {PRECONDITIONER_AGREEMENT_TOL:g}): the comparison would not be like "
+            "for like"
+        )
+    return agreement
 
 
 def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
@@ -1152,13 +1500,14 @@ def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
     print("building the problem…", flush=True)
     problem = build_problem(cfg)
     blocks = numpy_blocks(problem)
+    agreement = checked_agreement(blocks)
     hang = finish_hang_probe(probe, start + cfg.probe_timeout_s)
     print(f"fixed iterations ({cfg.fixed_iters} steps, {cfg.reps} reps)…", flush=True)
     fixed = fixed_iterations(problem, blocks, cfg)
     print(f"time to solve ({cfg.solve_reps} reps)…", flush=True)
     solved = time_to_solve(problem, blocks, cfg)
     print("preconditioner setup…", flush=True)
-    setup = preconditioner_setup(problem, cfg)
+    setup = preconditioner_setup(problem, blocks, cfg)
     results = {
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -1174,7 +1523,8 @@ def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
         "time_to_solve": solved,
         "preconditioner_setup": setup,
         "hang_probe_without_workaround": hang,
-        "summary": summarise(fixed, solved, setup),
+        "preconditioner_agreement": agreement,
+        "summary": summarise(fixed, solved, setup, agreement),
         "total_seconds": time.perf_counter() - start,
     }
     return problem, blocks, results
@@ -1213,7 +1563,10 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, reps=args.reps)
     if args.no_probe:
         cfg = dataclasses.replace(cfg, probe_timeout_s=0.0)
-    out = args.out or RESULTS / ("solver_kfac_quick" if args.quick else "solver_kfac")
+    out = args.out or (
+        QUICK_RESULTS / "solver_kfac_quick" if args.quick else RESULTS / "solver_kfac"
+    )
+    check_destination(out, args.allow_dirty)
     problem, blocks, results = run(cfg)
     results["workaround"] = workaround
     report = markdown(cfg, problem, blocks, results)
@@ -1221,6 +1574,7 @@ def main() -> None:
     out.with_suffix(".md").write_text(report)
     out.with_suffix(".json").write_text(json.dumps(to_json(results), indent=1))
     print(report)
+    print(f"wrote {out}.md and {out}.json")
 
 
 if __name__ == "__main__":
