@@ -4,9 +4,13 @@ Each process runs with 4 simulated CPU devices and joins the other through
 ``jax.distributed`` on localhost (gloo CPU collectives), so the mesh has 8
 devices: ("data", "model") = (2, 4), one data row per process. Each process
 holds half of every task's examples; the kernels are sharded over "model".
-The merged parameters, saved once by both processes together (and restored
-by each straight into the merge's shardings), must equal a plain
-single-device run over all the data.
+The statistics themselves (gathered from both processes) must equal a
+single-process estimate over the union of the data, and the merged
+parameters, saved once by both processes together (and restored by each
+straight into the merge's shardings), a plain single-device merge. The merge
+alone would not do: it does not change when every task's statistics are
+scaled alike, as a wrong example count (not summed over processes) scales
+them.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ COMMON = textwrap.dedent(
 WORKER = textwrap.dedent(
     """
     import os, sys
-    process, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    process, port, out, stats_out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -72,6 +76,7 @@ WORKER = textwrap.dedent(
         coordinator_address=f"localhost:{port}", num_processes=2, process_id=process
     )
     import numpy as np
+    from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from mats_jax import kfac, mats, task_arithmetic
     from mats_jax.io import load_orbax, save_orbax
@@ -93,6 +98,12 @@ WORKER = textwrap.dedent(
              mesh=mesh, progress=False)
         for t in range(TASKS)
     ]
+    # Every statistic gathered whole (each process holds only its shards).
+    gathered = multihost_utils.process_allgather(stats, tiled=True)
+    if process == 0:
+        np.savez(stats_out, **{f"{t}_{i}": np.asarray(x)
+                               for t, task in enumerate(gathered)
+                               for i, x in enumerate(jax.tree.leaves(task))})
     init = task_arithmetic(base, models, scale=0.5)
     result = mats(models, stats, init=init, maxiter=100, tol=1e-6)
     merged = result.params
@@ -122,8 +133,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_merge_like_one(tmp_path):
-    out = tmp_path / "merged"
+def test_two_processes_estimate_and_merge_like_one(tmp_path):
+    out, stats_out = tmp_path / "merged", tmp_path / "statistics.npz"
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -133,7 +144,7 @@ def test_two_processes_merge_like_one(tmp_path):
     port = str(_free_port())
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", script, str(p), port, str(out)],
+            [sys.executable, "-c", script, str(p), port, str(out), str(stats_out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -167,6 +178,22 @@ def test_two_processes_merge_like_one(tmp_path):
         stats.append(
             kfac(scope["fn"], models[t], batches, micro_batch_size=24, progress=False)
         )
+    # The statistics: each process saw half the examples, so a count of
+    # examples not summed over processes would double G and the diagonal
+    # Fisher of the bias (A is normalised by rows counted on the devices).
+    gathered = np.load(stats_out)
+    for t in range(2):
+        with_paths = jax.tree_util.tree_flatten_with_path(stats[t])[0]
+        for i, (path, want) in enumerate(with_paths):
+            # Partial sums per process, then an all-reduce: float32 rounding.
+            np.testing.assert_allclose(
+                gathered[f"{t}_{i}"],
+                want,
+                rtol=1e-5,
+                atol=1e-6 * float(np.max(np.abs(want))),
+                err_msg=f"task {t}, {jax.tree_util.keystr(path)}",
+            )
+    assert len(gathered.files) == sum(len(jax.tree.leaves(s)) for s in stats)
     init = task_arithmetic(base, models, scale=0.5)
     expected = mats(models, stats, init=init, maxiter=100, tol=1e-6).params
 

@@ -295,6 +295,55 @@ def test_fisher_merge_matches_hand_formula_with_floor():
     np.testing.assert_allclose(got, [2.5, 4.0, 0.0], rtol=1e-5, atol=1e-5)
 
 
+def fisher_formula(models, fishers, weights, floor):
+    """Σ_m w_m max(F_m, ε) θ_m / Σ_m w_m max(F_m, ε), entry by entry, in float64."""
+    w = np.asarray(weights, np.float64)[:, None]
+    f = np.maximum(np.stack([np.asarray(x, np.float64) for x in fishers]), floor)
+    theta = np.stack([np.asarray(m, np.float64) for m in models])
+    return np.sum(w * f * theta, axis=0) / np.sum(w * f, axis=0)
+
+
+def test_fisher_merge_floor_changes_the_answer_as_the_formula_says():
+    # Fisher values below, near and above a floor of 0.2, from two tasks of
+    # unequal weight: where a task's Fisher is under the floor it counts as 0.2.
+    thetas = [
+        np.array([1.0, 2.0, 3.0, -1.0, 4.0]),
+        np.array([5.0, -2.0, 0.0, 3.0, 8.0]),
+    ]
+    fishers = [
+        np.array([0.05, 0.0, 1.0, 0.3, 0.0]),
+        np.array([0.5, 0.1, 0.01, 0.19, 0.0]),
+    ]
+    weights = [1.0, 3.0]
+    floor = 0.2
+    got = fisher_merge(
+        [{"w": jnp.asarray(t)} for t in thetas],
+        [{"w": jnp.asarray(f)} for f in fishers],
+        weights=weights,
+        floor=floor,
+    ).params["w"]
+    expected = fisher_formula(thetas, fishers, weights, floor)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # The floor matters on this input: the unfloored merge (where some task
+    # sees the entry) and an additive floor, F + ε, give other answers.
+    seen = np.max(np.stack(fishers), axis=0) > 0
+    with np.errstate(invalid="ignore"):  # 0/0 where no task sees the entry
+        unfloored = fisher_formula(thetas, fishers, weights, 0.0)
+    assert np.count_nonzero(np.abs(expected - unfloored)[seen] > 0.1) >= 3
+    additive = fisher_formula(thetas, [f + floor for f in fishers], weights, 0.0)
+    assert np.max(np.abs(expected - additive)) > 0.1
+    # Floor 0: entries no task sees keep the start, the weighted average.
+    zero_floor = fisher_merge(
+        [{"w": jnp.asarray(t)} for t in thetas],
+        [{"w": jnp.asarray(f)} for f in fishers],
+        weights=weights,
+        floor=0.0,
+    ).params["w"]
+    average = (thetas[0] + 3 * thetas[1]) / 4
+    np.testing.assert_allclose(zero_floor[seen], unfloored[seen], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(zero_floor[~seen], average[~seen], rtol=1e-6)
+
+
 @pytest.mark.parametrize("preconditioner", [False, True])
 def test_mats_with_gram_statistics_equals_regmean(preconditioner):
     key = jax.random.PRNGKey(13)
@@ -471,6 +520,135 @@ def test_damping_pulls_toward_init_and_is_relative():
         models, scaled, init=init, damping=10.0, maxiter=500, tol=1e-7
     ).params["kernel"]
     np.testing.assert_allclose(rescaled, damped, rtol=1e-3, atol=1e-4)
+
+
+# --- damping toward init, checked against the dense damped system -----------------
+
+
+def blocks_of(stat, shape):
+    """C as dense float64 matrices, one per block (a Gram or KFAC leaf's leading axis)."""
+    if isinstance(stat, Diagonal):
+        return [np.diag(np.asarray(stat.f, np.float64).reshape(-1))]
+    if isinstance(stat, Dense):
+        return [np.asarray(stat.f, np.float64)]
+    a = np.asarray(stat.a, np.float64).reshape(-1, shape[-2], shape[-2])
+    if isinstance(stat, KFAC):
+        g = np.asarray(stat.g, np.float64).reshape(-1, shape[-1], shape[-1])
+    else:
+        g = np.broadcast_to(np.eye(shape[-1]), (a.shape[0], shape[-1], shape[-1]))
+    return [np.kron(a_b, g_b) for a_b, g_b in zip(a, g)]
+
+
+def damped_solution(models, stats, weights, init, damping, per_block=True, pull=True):
+    """Per block: (S + δI) θ = Σ_m w_m C_m θ_m + δ θ_init, S = Σ_m w_m C_m.
+
+    δ = damping · mean diag(S) of the block. ``per_block=False`` takes one δ
+    for the whole leaf and ``pull=False`` drops δ θ_init: the answers of two
+    plausible bugs, which the tests check their inputs tell apart.
+    """
+    shape = models[0]["k"].shape
+    per_task = [blocks_of(s["k"], shape) for s in stats]
+    n = per_task[0][0].shape[0]
+    thetas = [np.asarray(m["k"], np.float64).reshape(-1, n) for m in models]
+    start = np.asarray(init["k"], np.float64).reshape(-1, n)
+    totals = [
+        sum(w * c[b] for w, c in zip(weights, per_task)) for b in range(len(start))
+    ]
+    deltas = [damping * np.mean(np.diag(t)) for t in totals]
+    if not per_block:
+        deltas = [np.mean(deltas)] * len(deltas)
+    out = []
+    for b, (total, delta) in enumerate(zip(totals, deltas)):
+        rhs = sum(w * c[b] @ t[b] for w, c, t in zip(weights, per_task, thetas))
+        rhs = rhs + (delta * start[b] if pull else 0.0)
+        out.append(np.linalg.solve(total + delta * np.eye(n), rhs))
+    return np.concatenate(out).reshape(shape)
+
+
+def two_scales(build):
+    """A stacked statistic whose second block is 100 times the first."""
+    return lambda key: jax.tree.map(
+        lambda x, y: jnp.stack([x, 100 * y]),
+        build(key),
+        build(jax.random.fold_in(key, 7)),
+    )
+
+
+DAMPED_CASES = {
+    # name: (leaf shape, statistic builder, solve options)
+    "kfac cg": (
+        (4, 3),
+        lambda k: KFAC(spd(k, 4), spd(jax.random.fold_in(k, 1), 3)),
+        {},
+    ),
+    "kfac cg, two blocks of different scales": (
+        (2, 4, 3),
+        two_scales(lambda k: KFAC(spd(k, 4), spd(jax.random.fold_in(k, 1), 3))),
+        {},
+    ),
+    "kfac preconditioned": (
+        (4, 3),
+        lambda k: KFAC(spd(k, 4), spd(jax.random.fold_in(k, 1), 3)),
+        {"preconditioner": True},
+    ),
+    "gram closed form, two blocks": (
+        (2, 4, 3),
+        two_scales(lambda k: Gram(spd(k, 4))),
+        {"method": "closed_form"},
+    ),
+    "gram cg": ((4, 3), lambda k: Gram(spd(k, 4)), {}),
+    "dense closed form": ((6,), lambda k: Dense(spd(k, 6)), {"method": "closed_form"}),
+    "dense cg": ((6,), lambda k: Dense(spd(k, 6)), {}),
+    "diagonal closed form": (
+        (4, 3),
+        lambda k: Diagonal(jax.random.uniform(k, (4, 3)) + 0.1),
+        {"method": "closed_form"},
+    ),
+    "diagonal cg": (
+        (4, 3),
+        lambda k: Diagonal(jax.random.uniform(k, (4, 3)) + 0.1),
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", tuple(DAMPED_CASES))
+def test_damping_pulls_toward_a_nonzero_init(case):
+    # A non-zero init far from every model: "toward init" is not "toward zero",
+    # and blocks of different scales get different δ.
+    shape, build, options = DAMPED_CASES[case]
+    key = jax.random.PRNGKey(26)
+    models = make_models(key, {"k": shape}, 3)
+    stats = [{"k": build(jax.random.fold_in(key, 100 + t))} for t in range(3)]
+    weights = [1.0, 2.0, 0.5]
+    init = {"k": 3.0 + jax.random.normal(jax.random.fold_in(key, 9), shape)}
+    damping = 0.5
+    got = solve(
+        models,
+        stats,
+        init=init,
+        weights=weights,
+        damping=damping,
+        maxiter=500,
+        tol=1e-7,
+        **options,
+    ).params["k"]
+    expected = damped_solution(models, stats, weights, init, damping)
+    # The systems are well conditioned (damping adds half the mean curvature):
+    # every case's float32 solve is within 1.5e-6 of the solution (measured).
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    # The input tells the right answer from the plausible wrong ones by far more
+    # than the tolerance: δ θ_init dropped, and (with blocks) one δ per leaf.
+    toward_zero = damped_solution(models, stats, weights, init, damping, pull=False)
+    assert np.max(np.abs(expected - toward_zero)) > 0.1
+    if len(blocks_of(stats[0]["k"], shape)) > 1:
+        one_delta = damped_solution(
+            models, stats, weights, init, damping, per_block=False
+        )
+        assert np.max(np.abs(expected - one_delta)) > 0.1
+    # Damped, the merge lies between the undamped solution and init.
+    undamped = damped_solution(models, stats, weights, init, 0.0)
+    assert np.linalg.norm(got - init["k"]) < np.linalg.norm(undamped - init["k"])
 
 
 def test_init_and_early_stopping_matter():

@@ -101,6 +101,40 @@ CASES = [
         lambda k, s: Gram(spd(k, 4), in_axes=(0, 1), out_axes=(2,)),
     ),
     (
+        "gram scanned, layers of different scales",
+        (3, 3, 4),
+        lambda k, s: Gram(
+            jnp.stack([10.0**i * spd(jax.random.fold_in(k, i), 3) for i in range(3)])
+        ),
+    ),
+    (
+        "kfac two block axes (layers, experts, in, out)",
+        (2, 2, 3, 2),
+        lambda k, s: KFAC(
+            jnp.stack(
+                [
+                    jnp.stack(
+                        [spd(jax.random.fold_in(k, 2 * i + j), 3) for j in range(2)]
+                    )
+                    * (1.0 + 4 * i)
+                    for i in range(2)
+                ]
+            ),
+            jnp.stack(
+                [
+                    jnp.stack(
+                        [
+                            (1.0 + 9 * j)
+                            * spd(jax.random.fold_in(k, 10 + 2 * i + j), 2)
+                            for j in range(2)
+                        ]
+                    )
+                    for i in range(2)
+                ]
+            ),
+        ),
+    ),
+    (
         "kfac layer axis in the middle (in, layers, out)",
         (3, 2, 4),
         lambda k, s: KFAC(
@@ -133,18 +167,41 @@ def test_blocks_round_trip(name, shape, build):
     np.testing.assert_array_equal(stat.from_blocks(stat.to_blocks(w), shape), w)
 
 
+def block_numbers(stat, shape):
+    """Each entry of the leaf (row-major) numbered by its block, from the definition.
+
+    The block axes of a Gram or KFAC leaf are those neither in ``in_axes`` nor
+    in ``out_axes``; blocks are numbered row-major over them, in axis order.
+    A Diagonal or Dense leaf is one block.
+    """
+    if isinstance(stat, (Diagonal, Dense)):
+        return np.zeros(math.prod(shape), int)
+    named = [a % len(shape) for a in (*stat.in_axes, *stat.out_axes)]
+    blocks = [a for a in range(len(shape)) if a not in named]
+    if not blocks:
+        return np.zeros(math.prod(shape), int)
+    index = np.indices(shape)
+    return np.ravel_multi_index(
+        [index[a] for a in blocks], [shape[a] for a in blocks]
+    ).reshape(-1)
+
+
 @pytest.mark.parametrize(("name", "shape", "build"), CASES, ids=[c[0] for c in CASES])
-def test_diagonal_mean_equals_explicit(name, shape, build):
+def test_diagonal_mean_equals_explicit_per_block(name, shape, build):
     stat = build(jax.random.PRNGKey(0), shape)
     blocked = stat.blocked(shape)
-    n_blocks = stat.to_blocks(jnp.zeros(shape)).shape[0]
-    c = explicit_matrix(stat, shape)
-    # The blocks partition the leaf: the mean diagonal over all blocks is the mean
-    # of the per-block means (blocks have equal sizes).
+    diagonal = np.diag(explicit_matrix(stat, shape))
+    numbers = block_numbers(stat, shape)
+    expected = [np.mean(diagonal[numbers == b]) for b in range(numbers.max() + 1)]
+    np.testing.assert_allclose(blocked.diagonal_mean(), expected, rtol=1e-5)
+    # The solver scales damping by it: a weighted statistic's mean scales too.
     np.testing.assert_allclose(
-        np.mean(np.asarray(blocked.diagonal_mean())), np.mean(np.diag(c)), rtol=1e-5
+        stat.scaled(3.0).blocked(shape).diagonal_mean(),
+        3.0 * np.asarray(expected),
+        rtol=1e-5,
     )
-    assert blocked.diagonal_mean().shape == (n_blocks,)
+    if len(expected) > 1:  # blocks of one leaf differ: a mean over them is wrong
+        assert max(expected) > 1.01 * min(expected)
 
 
 CLOSED_FORM_CASES = [c for c in CASES if not c[0].startswith("kfac")]
