@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zoo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -203,8 +204,10 @@ def statistic(
     if kind is None:
         return None
     dead = dead or {}
-    if kind == "fisher":  # raw arrays for fisher_merge, which floors them
-        return jnp.asarray(draw(hnp.arrays(np.float32, shape, elements=POSITIVE)))
+    if kind == "fisher":  # Fisher merging floors them: zeros allowed
+        return mj.Diagonal(
+            jnp.asarray(draw(hnp.arrays(np.float32, shape, elements=POSITIVE)))
+        )
     if kind == "diagonal":
         return mj.Diagonal(draw(diagonal(shape, spectrum, dead.get("in"))))
     if kind == "dense":
@@ -466,66 +469,95 @@ class Method(NamedTuple):
     spectra: tuple[str, ...] = ("well",)  # of the statistics drawn for it
 
 
-def _mats(base: Any, models: list[Any], stats: list[Any], weights: Any) -> Any:
-    return mj.mats(models, stats, init=base, weights=weights, **CG).params
+def _registry_merge(case: zoo.Case, parameters: Callable[[Any], dict]) -> Merge:
+    """The registry's merge of ``case`` (``mats_jax.merge_pytrees``), parameters of the base."""
+
+    def merge(b: Any, ms: list[Any], s: list[Any], w: Any) -> Any:
+        return case(b, ms, s, weights=w, **parameters(b)).params
+
+    return merge
 
 
-METHODS = {
-    "average": Method(None, lambda b, ms, s, w: mj.average(ms, weights=w), EXACT_TOL),
-    "task_arithmetic": Method(
-        None,
-        lambda b, ms, s, w: mj.task_arithmetic(b, ms, scale=0.7, weights=w),
-        EXACT_TOL,
-    ),
-    "ties": Method(
-        None,
-        lambda b, ms, s, w: mj.ties(b, ms, density=0.5, scale=0.9, weights=w),
-        EXACT_TOL,
-        DYADIC,
-        DYADIC_WEIGHT,
-    ),
-    "ties_per_leaf": Method(
-        None,
-        lambda b, ms, s, w: mj.ties(b, ms, density=0.4, weights=w, trim="per_leaf"),
-        EXACT_TOL,
-        DYADIC,
-        DYADIC_WEIGHT,
-    ),
+def _method(
+    case: zoo.Case,
+    parameters: Callable[[Any], dict] = lambda b: {},
+    layout: str | None = None,
+    tol: dict[str, float] | None = None,
+    spectra: tuple[str, ...] = ("well",),
+) -> Method:
+    """A row for a registry case: layout from the statistic type it takes, exact
+    tolerance for data-free and closed-form merges (the conditioning's for CG),
+    dyadic values where a sign election is made."""
+    method = case.merge_method
+    record = method.parameters(**{**case.parameters, **parameters(None)})
+    elects = bool(getattr(record, "sign_election", False))
+    solved_by_cg = getattr(record, "method", None) == "cg"
+    return Method(
+        layout or DEFAULT_LAYOUTS[case.statistic_type],
+        _registry_merge(case, parameters),
+        tol if tol is not None else (None if solved_by_cg else EXACT_TOL),
+        DYADIC if elects else FLOATS,
+        DYADIC_WEIGHT if elects else WEIGHT,
+        spectra,
+    )
+
+
+DEFAULT_LAYOUTS = {
+    None: None,
+    mj.Diagonal: "fisher",
+    mj.Gram: "regmean",
+    mj.Statistic: "kfac",
+}
+"""The statistics a registry case gets, by the statistic type it takes."""
+
+# Rows that need more than their registry case's defaults; every other case of
+# tests/zoo.py (every registered method) gets a row by _method's defaults.
+PROPERTY_ROWS = {
+    "task_arithmetic": _method(zoo.CASES["task_arithmetic"], lambda b: {"scale": 0.7}),
+    "ties": _method(zoo.CASES["ties"], lambda b: {"density": 0.5, "scale": 0.9}),
     # drop_rate=0: with p > 0 each model's mask depends on its index.
-    "dare": Method(
-        None,
-        lambda b, ms, s, w: mj.dare(
-            b, ms, drop_rate=0.0, key=jax.random.key(0), scale=0.6, weights=w
-        ),
-        EXACT_TOL,
-    ),
-    "dare_ties": Method(
-        None,
-        lambda b, ms, s, w: mj.dare(
-            b, ms, drop_rate=0.0, key=jax.random.key(0), weights=w, sign_election=True
-        ),
-        EXACT_TOL,
-        DYADIC,
-        DYADIC_WEIGHT,
-    ),
-    "fisher_merge": Method(
-        "fisher",
-        lambda b, ms, s, w: mj.fisher_merge(ms, s, weights=w).params,
-        EXACT_TOL,
-    ),
+    "dare": _method(zoo.CASES["dare"], lambda b: {"drop_rate": 0.0, "scale": 0.6}),
+    "dare_ties": _method(zoo.CASES["dare_ties"], lambda b: {"drop_rate": 0.0}),
     # Not ill-conditioned: a closed-form solve's error is κ·ε too, and α < 1
     # changes the system whose κ would set the tolerance.
-    "regmean": Method(
-        "regmean",
-        lambda b, ms, s, w: mj.regmean(ms, s, alpha=0.8, weights=w).params,
-        {"rtol": 1e-4, "atol": 1e-4},
+    "regmean": _method(
+        zoo.CASES["regmean"],
+        lambda b: {"alpha": 0.8},
+        tol={"rtol": 1e-4, "atol": 1e-4},
         spectra=("well", "singular"),
     ),
+    "solve_closed_form": _method(
+        zoo.CASES["solve_closed_form"], tol={"rtol": 1e-4, "atol": 1e-4}
+    ),
     **{
-        f"mats_{layout}": Method(layout, _mats, None, spectra=SPECTRA)
+        f"mats_{layout}": _method(
+            zoo.CASES["mats"],
+            lambda b: {"init": b, **CG} if b is not None else CG,
+            layout=layout,
+            spectra=SPECTRA,
+        )
         for layout in MATS_LAYOUTS
     },
 }
+ROW_CASES = {
+    "mats_kfac": "mats",
+    "mats_gram": "mats",
+}
+"""Rows whose name is not their registry case's."""
+
+METHODS = {
+    **{
+        name: _method(case)
+        for name, case in zoo.CASES.items()
+        if name not in PROPERTY_ROWS and name not in ROW_CASES.values()
+    },
+    **PROPERTY_ROWS,
+}
+
+
+def test_every_registry_case_has_a_row() -> None:
+    covered = {ROW_CASES.get(name, name) for name in METHODS}
+    assert set(zoo.CASES) <= covered
 
 
 def assert_merges_close(
@@ -1156,3 +1188,15 @@ def test_jit_matches_eager(name: str, data: Any) -> None:
         assert_solved_close(actual, expected, tolerance)
     else:
         assert_trees_close(actual, expected, **EXACT_TOL)
+
+
+@pytest.mark.parametrize(
+    "table", ["FIXED_POINT", "JIT_CASES"], ids=["fixed_point", "jit"]
+)
+def test_every_registered_method_is_in_the_named_property_tables(table: str) -> None:
+    # These tables need per-method knowledge (the parameters under which
+    # copies merge to themselves; which hyperparameters are traced): a new
+    # method must say it here.
+    rows = globals()[table]
+    missing = [m for m in mj.METHODS if not any(r.startswith(m) for r in rows)]
+    assert not missing, f"add rows for {missing} to {table}"
