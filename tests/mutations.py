@@ -66,10 +66,17 @@ class Mutation(NamedTuple):
     tests: tuple[str, ...]
 
 
-SOLVER = "mats_jax/solver.py"
+SOLVER = "mats_jax/solver/solve.py"
+STATISTIC = "mats_jax/stats/statistic.py"
 FISHER = "mats_jax/merge/fisher.py"
 ACCUMULATE = "mats_jax/stats/accumulate.py"
 ESTIMATE = "mats_jax/stats/estimate.py"
+# The relative damping δ of a group of blocks, in the CG step.
+DAMPING = (
+    "        delta = jnp.asarray(options.damping, x0.dtype) * sum_of(\n"
+    "            s.diagonal_mean() for s in stats\n"
+    "        )\n"
+)
 SOLVER_TESTS = ("tests/test_solver.py", "tests/test_properties.py")
 ESTIMATOR_TESTS = ("tests/test_estimators.py",)
 
@@ -79,7 +86,7 @@ MUTATIONS = (
         "damping-rhs-without-init",
         "the damped right-hand side drops δ·θ_init (damping pulls toward zero)",
         SOLVER,
-        "        rhs = b + _per_block(delta, x0) * x0\n",
+        "        rhs = b + per_block(delta, x0) * x0\n",
         "        rhs = b\n",
         SOLVER_TESTS,
     ),
@@ -87,7 +94,7 @@ MUTATIONS = (
         "fisher-floor-ignored",
         "fisher_merge ignores its floor",
         FISHER,
-        "    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), floor))\n",
+        "    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), params.floor))\n",
         "    return Diagonal(stat.f.astype(jnp.float32))\n",
         SOLVER_TESTS,
     ),
@@ -104,26 +111,26 @@ MUTATIONS = (
         "damping-sign-in-matvec",
         "the matvec subtracts δ·x instead of adding it",
         SOLVER,
-        "            return sum_of(s.matvec(x) for s in stats) + _per_block(delta, x) * x\n",
-        "            return sum_of(s.matvec(x) for s in stats) - _per_block(delta, x) * x\n",
+        "    return sum_of(s.matvec(x) for s in stats) + per_block(delta, x) * x\n",
+        "    return sum_of(s.matvec(x) for s in stats) - per_block(delta, x) * x\n",
         SOLVER_TESTS,
     ),
     Mutation(
         "damping-one-delta-per-group",
         "one δ for every block of a group (mean of the blocks' mean diagonals)",
         SOLVER,
-        "        delta = jnp.asarray(damping, dtype) * sum_of(s.diagonal_mean() for s in stats)\n",
-        "        delta = jnp.asarray(damping, dtype) * jnp.mean(\n"
+        DAMPING,
+        "        delta = jnp.asarray(options.damping, x0.dtype) * jnp.mean(\n"
         "            sum_of(s.diagonal_mean() for s in stats)\n"
-        "        ) * jnp.ones(x0.shape[:1], dtype)\n",
+        "        ) * jnp.ones(x0.shape[:1], x0.dtype)\n",
         SOLVER_TESTS,
     ),
     Mutation(
         "damping-not-relative",
         "δ is the damping itself, not damping × mean diagonal",
         SOLVER,
-        "        delta = jnp.asarray(damping, dtype) * sum_of(s.diagonal_mean() for s in stats)\n",
-        "        delta = jnp.asarray(damping, dtype) * jnp.ones(x0.shape[:1], dtype)\n",
+        DAMPING,
+        "        delta = jnp.asarray(options.damping, x0.dtype) * jnp.ones(x0.shape[:1], x0.dtype)\n",
         SOLVER_TESTS,
     ),
     # The Fisher floor.
@@ -131,18 +138,18 @@ MUTATIONS = (
         "fisher-floor-added",
         "the floor is added to the Fisher (F + ε) instead of a maximum",
         FISHER,
-        "    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), floor))\n",
-        "    return Diagonal(stat.f.astype(jnp.float32) + floor)\n",
+        "    return Diagonal(jnp.maximum(stat.f.astype(jnp.float32), params.floor))\n",
+        "    return Diagonal(stat.f.astype(jnp.float32) + params.floor)\n",
         SOLVER_TESTS,
     ),
     Mutation(
         "fisher-floor-before-validation",
         "the floor is applied before validation (a negative Fisher is floored away)",
         FISHER,
-        "        [_as_diagonal(f) for f in fishers],\n",
-        "        [\n"
+        "        statistics=[_as_diagonal(f) for f in fishers],\n",
+        "        statistics=[\n"
         "            jax.tree.map(\n"
-        "                lambda s: _floor(s, floor),\n"
+        "                lambda s: floor_fisher(s, FisherParameters(floor=floor)),\n"
         "                _as_diagonal(f),\n"
         "                is_leaf=lambda x: x is None or isinstance(x, Statistic),\n"
         "            )\n"
@@ -163,19 +170,17 @@ MUTATIONS = (
     Mutation(
         "kfac-g-per-row",
         "G is divided by the rows (tokens, uses) instead of the examples",
-        ESTIMATE,
-        '            out[kern.leaf] = KFAC(a, entry["g"] / n, kern.in_axes, kern.out_axes)\n',
-        "            out[kern.leaf] = KFAC(\n"
-        '                a, entry["g"] / jnp.maximum(entry["rows"], 1.0), kern.in_axes, kern.out_axes\n'
-        "            )\n",
+        STATISTIC,
+        '            sums["output_gradients"] / examples,\n',
+        '            sums["output_gradients"] / jnp.maximum(sums["rows"], 1.0),\n',
         ESTIMATOR_TESTS,
     ),
     Mutation(
         "kfac-g-first-use-only",
         "G of a kernel used several times keeps only its first use",
         ESTIMATE,
-        "                    if g is not None:\n",
-        "                    if g is not None and t == kern.taps[0]:\n",
+        '                    if "output_gradients" in entry:\n',
+        '                    if "output_gradients" in entry and t == kern.taps[0]:\n',
         ESTIMATOR_TESTS,
     ),
     Mutation(
@@ -190,7 +195,7 @@ MUTATIONS = (
     Mutation(
         "kfac-diagonal-mean-over-all-blocks",
         "KFAC's mean diagonal is one value for all its blocks",
-        "mats_jax/stats/statistic.py",
+        STATISTIC,
         "        return mean_diag(self.a) * mean_diag(self.g)\n",
         "        return jnp.mean(mean_diag(self.a) * mean_diag(self.g)) * jnp.ones(\n"
         "            self.a.shape[:1]\n"
