@@ -936,3 +936,37 @@ def test_fisher_merge_takes_bare_fisher_arrays() -> None:
     got = mj.fisher_merge(models, [bare, bare]).params
     want = mj.fisher_merge(models, [wrapped, wrapped]).params
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+# The public functions wrap the registry's methods (some transform their
+# arguments first, e.g. fisher_merge wraps bare arrays): each must still check
+# the statistics it was given, before any transform or work.
+PUBLIC_WITH_STATISTICS: dict[str, Callable[..., Any]] = {
+    "fisher_merge": lambda ms, s: mj.fisher_merge(ms, s),
+    "regmean": lambda ms, s: mj.regmean(ms, s),
+    "mats": lambda ms, s: mj.mats(ms, s),
+    "solve": lambda ms, s: mj.solve(ms, s, method="closed_form"),
+}
+PUBLIC_BAD_STATISTICS = {
+    "fisher_merge": lambda v: nest_paths(
+        {
+            "dense/kernel": jnp.ones((3, 4)).at[0, 0].set(v),
+            "dense/bias": jnp.ones(4),
+            "nested/inner/scale": None,
+        }
+    ),
+    "regmean": lambda v: gram_stats(dense__kernel=mj.Gram(jnp.eye(3).at[0, 0].set(v))),
+    "mats": lambda v: kfac_stats(dense__bias=mj.Diagonal(jnp.ones(4).at[0].set(v))),
+    "solve": lambda v: gram_stats(dense__kernel=mj.Gram(jnp.eye(3).at[0, 0].set(v))),
+}
+
+
+@pytest.mark.parametrize("name", tuple(PUBLIC_WITH_STATISTICS))
+@pytest.mark.parametrize("value", [-1.0, -math.inf, math.nan])
+def test_public_functions_check_their_statistics_before_any_transform(
+    name: str, value: float, no_work: None
+) -> None:
+    good = PUBLIC_BAD_STATISTICS[name](1.0)
+    bad = PUBLIC_BAD_STATISTICS[name](value)
+    with rejects(r"\[1\] at '.*': (has negative|contains NaN or Inf)"):
+        PUBLIC_WITH_STATISTICS[name]([model(1), model(2)], [good, bad])
