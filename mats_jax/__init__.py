@@ -7,8 +7,6 @@ statistics C_m (MaTS, Tam, Bansal and Raffel, 2024); the data-free methods
 
 from mats_jax import tree
 from mats_jax.checks import MergeInputError
-from mats_jax.engine.select import magnitude_threshold
-from mats_jax.engine.stream import merge_recipe
 from mats_jax.io import (
     CheckpointError,
     Layout,
@@ -35,6 +33,7 @@ from mats_jax.merge import (
 )
 from mats_jax.method import MergeMethod, MethodCall
 from mats_jax.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from mats_jax.select import magnitude_threshold
 from mats_jax.sharding import shard_statistics
 from mats_jax.solver import (
     STATUS_NAMES,
@@ -62,6 +61,7 @@ from mats_jax.stats import (
     statistic_scales,
     statistics_table,
 )
+from mats_jax.stream import merge_recipe
 from mats_jax.tree import task_vectors
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The ``mats-jax`` command line: ``merge``, ``inspect`` and ``demo``.
 
 ``mats-jax merge RECIPE -o OUT [--overwrite]`` runs a YAML recipe
-(:mod:`mats_jax.recipe`) as a streaming merge (:mod:`mats_jax.engine.stream`) with
+(:mod:`mats_jax.recipe`) as a streaming merge (:mod:`mats_jax.stream`) with
 progress bars for reading, merging and writing; ``mats-jax inspect CHECKPOINT``
 prints a checkpoint's leaves, shapes, dtypes and size; ``mats-jax demo`` runs
 :mod:`mats_experiment.demo` (added by that package's ``mats_jax.commands``
@@ -30,7 +30,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mats_jax.checks import MergeInputError
-from mats_jax.engine.stream import Progress as MergeProgress
+from mats_jax.stream import Progress as MergeProgress
 
 __all__ = ["main"]
 
@@ -129,8 +129,8 @@ def merge(
     recipe: str, output: str | None, overwrite: bool, quiet: bool, no_checksums: bool
 ) -> None:
     """Merge the checkpoints a YAML RECIPE names, one leaf at a time."""
-    from mats_jax.engine.stream import merge_recipe
     from mats_jax.recipe import load_recipe
+    from mats_jax.stream import merge_recipe
 
     console = Console(stderr=True, quiet=quiet)
     # A terminated merge unwinds like an interrupted one, so the temporary

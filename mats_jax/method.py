@@ -11,7 +11,7 @@ mergekit's ``MergeMethod`` and optax's ``GradientTransformation``:
   statistics of given types, a PRNG key);
 - :meth:`~MergeMethod.whole_model_pass`: what it needs computed over the whole
   model before merging leaves (today TIES's magnitude threshold), as data the
-  engines know how to compute (:class:`~mats_jax.engine.select.MagnitudeQuantiles`);
+  engines know how to compute (:class:`~mats_jax.select.MagnitudeQuantiles`);
 - :meth:`~MergeMethod.merge`: the merge of any subset of leaves, a pure
   traced function of :class:`MergeInputs`, the parameters and the pass's
   result. No leaf's result depends on another leaf's inputs except through
@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 from mats_jax.checks import MergeInputError
-from mats_jax.engine.select import MagnitudeQuantiles
+from mats_jax.select import MagnitudeQuantiles
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import MergeResult
 from mats_jax.stats.statistic import Statistic
@@ -104,7 +104,7 @@ class MergeMethod:
 
       >>> import dataclasses, jax, jax.numpy as jnp
       >>> from mats_jax import LeafReport, MergeResult
-      >>> from mats_jax.engine.memory import run_in_memory
+      >>> from mats_jax.engine import run_in_memory
       >>> from mats_jax.tree import register_record
       >>> @register_record
       ... @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pytest
 from zoo import CASES
 
 import mats_jax as mj
-import mats_jax.engine.memory
+import mats_jax.engine
 from mats_jax.tree import nest_paths
 
 SHAPES = {"dense/kernel": (3, 4), "dense/bias": (4,), "nested/inner/scale": (2,)}
@@ -133,7 +133,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the merge started computing before rejecting its input")
 
     # Both engines run every method through merge_checked.
-    monkeypatch.setattr(mats_jax.engine.memory, "merge_checked", started)
+    monkeypatch.setattr(mats_jax.engine, "merge_checked", started)
 
 
 def rejects(match: str) -> Any:

@@ -13,10 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from mats_jax.engine.select import (
-    streaming_magnitude_threshold,
-    streaming_magnitude_thresholds,
-)
 from mats_jax.io import (
     HF_LINEAR,
     NNX_STATE,
@@ -32,6 +28,10 @@ from mats_jax.io import (
     save_orbax,
 )
 from mats_jax.io.safetensors import INDEX_NAME, SafetensorsWriter, write_safetensors
+from mats_jax.select import (
+    streaming_magnitude_threshold,
+    streaming_magnitude_thresholds,
+)
 
 
 def _tree(seed: int = 0) -> dict:

@@ -43,9 +43,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("mats_jax.solver.report", "mats_jax.solver.blocking"),
     ("mats_jax.solver.solve",),
     ("mats_jax.solver",),
-    ("mats_jax.engine.select",),
+    ("mats_jax.select",),
     ("mats_jax.method",),
-    ("mats_jax.engine.memory",),
+    ("mats_jax.engine",),
     ("mats_jax.merge.linear", "mats_jax.merge.subspace"),
     (
         "mats_jax.merge.sparse",
@@ -56,8 +56,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("mats_jax.merge.registry",),
     ("mats_jax.merge",),
     ("mats_jax.recipe",),
-    ("mats_jax.engine.stream",),
-    ("mats_jax.engine", "mats_jax.cli"),
+    ("mats_jax.stream",),
+    ("mats_jax.cli",),
     ("mats_jax",),
 ]
 """The layers, bottom first; a module imports only from layers below its own."""

@@ -14,9 +14,9 @@ import zoo
 
 import mats_jax
 from mats_jax import Diagonal, Gram
-from mats_jax.engine.stream import merge_recipe, plan_merge
 from mats_jax.io import CheckpointError, load_checkpoint, save_checkpoint
 from mats_jax.recipe import RecipeError, load_recipe, parse_recipe
+from mats_jax.stream import merge_recipe, plan_merge
 
 WEIGHTS = [1.0, 0.5]
 
@@ -543,7 +543,7 @@ def test_load_recipe_resolves_paths_next_to_the_file(checkpoints, tmp_path):
 def test_ties_merged_in_row_blocks_matches_in_memory(
     checkpoints, tmp_path, monkeypatch, trim
 ):
-    from mats_jax.engine import stream
+    from mats_jax import stream
 
     monkeypatch.setattr(stream, "ROW_BLOCK_ENTRIES", 7)  # blocks of one or two rows
     d, base, models, _ = checkpoints

@@ -1,4 +1,4 @@
-"""Merge methods: the method type, one module per family, and the registry."""
+"""Merge methods, one module per family, and the registry of them all."""
 
 from mats_jax.merge.fisher import fisher_merge
 from mats_jax.merge.linear import average, task_arithmetic

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mats_jax.checks import check_number
-from mats_jax.engine.memory import run_in_memory
+from mats_jax.engine import run_in_memory
 from mats_jax.method import MergeInputs, MergeMethod, Needs
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import LeafReport, MergeResult

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import jax
 
-from mats_jax.engine.memory import lower_in_memory, run_in_memory
+from mats_jax.engine import lower_in_memory, run_in_memory
 from mats_jax.merge.subspace import SubspaceMerge, check_fallback, check_init
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import MergeResult

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from mats_jax.checks import MergeInputError
-from mats_jax.engine.memory import lower_in_memory, run_in_memory
+from mats_jax.engine import lower_in_memory, run_in_memory
 from mats_jax.merge.fisher import FISHER_MERGE
 from mats_jax.merge.linear import AVERAGE, TASK_ARITHMETIC
 from mats_jax.merge.mats import MATS

@@ -32,7 +32,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from mats_jax.checks import check_fraction
-from mats_jax.engine.memory import run_in_memory
+from mats_jax.engine import run_in_memory
 from mats_jax.merge.subspace import SubspaceMerge, check_fallback
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import MergeResult

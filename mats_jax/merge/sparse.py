@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from mats_jax.checks import MergeInputError, check_fraction, check_number
-from mats_jax.engine.memory import run_in_memory
-from mats_jax.engine.select import MagnitudeQuantiles
+from mats_jax.engine import run_in_memory
 from mats_jax.merge.linear import add_scaled, named_report
 from mats_jax.method import MergeInputs, MergeMethod, Needs
+from mats_jax.select import MagnitudeQuantiles
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import MergeResult
 from mats_jax.tree import register_record, task_vectors

@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import jax
 
 from mats_jax.checks import MergeInputError
-from mats_jax.engine.select import MagnitudeQuantiles
 from mats_jax.method import MergeInputs, MergeMethod, MethodCall, Needs
+from mats_jax.select import MagnitudeQuantiles
 from mats_jax.sharding import Placement
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import ConvergenceWarning, MergeResult, unconverged_blocks

@@ -1,6 +1,6 @@
 """The one solve behind every data-dependent merge, as a traced function.
 
-:func:`solve_traced` runs inside the merge engine's jit (:mod:`mats_jax.engine.memory`)
+:func:`solve_traced` runs inside the merge engine's jit (:mod:`mats_jax.engine`)
 in five steps, each its own function here or in :mod:`~mats_jax.solver.blocking`:
 
 1. leaves without a statistic take the fallback rule (:func:`fallback_leaf`);

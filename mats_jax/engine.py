@@ -16,7 +16,7 @@ input's sharding.
 Examples:
   >>> import jax.numpy as jnp
   >>> import mats_jax
-  >>> from mats_jax.engine.memory import run_in_memory
+  >>> from mats_jax.engine import run_in_memory
   >>> ta = mats_jax.get_method("task_arithmetic")
   >>> result = run_in_memory(ta, ta.parameters(scale=0.5), base={"w": jnp.zeros(2)},
   ...                        models=[{"w": jnp.ones(2)}, {"w": jnp.ones(2)}])
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from mats_jax import checks
-from mats_jax.engine.select import MagnitudeQuantiles, keep_count, magnitude_thresholds
 from mats_jax.method import MergeInputs, MergeMethod
+from mats_jax.select import MagnitudeQuantiles, keep_count, magnitude_thresholds
 from mats_jax.sharding import Placement, input_mesh, keep_shardings, placement_of
 from mats_jax.solver.report import MergeResult
 from mats_jax.tree import leaf_paths, task_vectors

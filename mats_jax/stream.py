@@ -10,7 +10,7 @@ largest leaf, plus the merge's temporaries, whatever the model's size.
 Methods that say they are elementwise are merged in row blocks, so those
 temporaries stay block-sized. A whole-model pass (TIES's threshold with
 ``trim: global``) runs first, in two streaming passes of the radix select
-(:func:`~mats_jax.engine.select.streaming_magnitude_thresholds`), giving the
+(:func:`~mats_jax.select.streaming_magnitude_thresholds`), giving the
 threshold the in-memory engine computes. Data-dependent methods read each
 leaf's statistics as that leaf is merged. Methods that draw random numbers get
 the recipe's ``key(seed)`` and each leaf's path id, as in memory, so a
@@ -39,12 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mats_jax import checks
-from mats_jax.engine.memory import check_inputs, leaf_ids, merge_checked
-from mats_jax.engine.select import (
-    MagnitudeQuantiles,
-    keep_count,
-    streaming_magnitude_thresholds,
-)
+from mats_jax.engine import check_inputs, leaf_ids, merge_checked
 from mats_jax.io.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -56,6 +51,11 @@ from mats_jax.io.errors import CheckpointError
 from mats_jax.io.statistics import StatisticsReader
 from mats_jax.method import MergeInputs, MergeMethod
 from mats_jax.recipe import Recipe, load_recipe
+from mats_jax.select import (
+    MagnitudeQuantiles,
+    keep_count,
+    streaming_magnitude_thresholds,
+)
 from mats_jax.solver.report import format_report
 from mats_jax.tree import compute_dtype, pattern_matches
 
