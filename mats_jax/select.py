@@ -121,9 +121,11 @@ def radix_select(count: Histogram, ks: Any, *, bits: int, xp: Any) -> Any:
 
 
 def _float_bits(x: Any, xp: Any) -> Any:
-    magnitude = xp.abs(xp.asarray(x).astype(xp.float32)).ravel()
-    if xp is np:
-        return magnitude.view(np.uint32)
+    if xp is np:  # no copy of a float32 chunk before its magnitude
+        return (
+            np.abs(np.asarray(x).astype(np.float32, copy=False)).ravel().view(np.uint32)
+        )
+    magnitude = jnp.abs(jnp.asarray(x).astype(jnp.float32)).ravel()
     return jax.lax.bitcast_convert_type(magnitude, jnp.uint32)
 
 
@@ -287,12 +289,13 @@ def streaming_magnitude_thresholds(
             u = _float_bits(a, np)
             if not checked:
                 totals[s] += u.size
-            digits = (u >> np.uint32(shift)) & np.uint32(bins - 1)
             in_bucket = _in_bucket(u, prefixes[s], shift, _NUMPY_BITS)
             if in_bucket is not None:
-                digits = digits[in_bucket]
-            hist[s] += np.bincount(digits, minlength=bins)
-            del u, digits
+                u = u[in_bucket]  # select first: the bucket is a small part
+            hist[s] += np.bincount(
+                (u >> np.uint32(shift)) & np.uint32(bins - 1), minlength=bins
+            )
+            del u
         if not checked:
             checked = True
             for k, total in zip(ks, totals, strict=True):
