@@ -12,7 +12,7 @@ the matmul floor (the same 100 steps' matmuls alone), interleaved. The
 figure compared is MaTS ÷ floor per round; the report gives its median over
 every round of each tree, and their quotient.
 
-    python benchmarks/ab_solver.py TREE_A TREE_B [--labels A B] [--pairs 3] [--reps 1] [--out PREFIX]
+    python benchmarks/ab_solver.py TREE_A TREE_B [--labels A B] [--pairs 3] [--reps 1] [--out PREFIX] [--render]
 
 Writes ``PREFIX.json`` and ``PREFIX.md`` (default: under the temporary
 directory; under ``benchmarks/results/`` only from a committed tree, as every
@@ -130,11 +130,13 @@ def render(result: dict[str, Any]) -> str:
             f"({s[label]['min']:.3f}–{s[label]['max']:.3f}) |"
         )
     quotient = s[b]["median"] / s[a]["median"]
-    lines += [
-        "",
-        f"{b} ÷ {a}, medians: {quotient:.3f} "
-        f"({'slower' if quotient > 1 else 'not slower'} by this measure).",
-    ]
+    overlap = s[b]["min"] <= s[a]["max"] and s[a]["min"] <= s[b]["max"]
+    verdict = (
+        "the two trees' ranges overlap: a difference this run cannot resolve"
+        if overlap
+        else f"the ranges do not overlap: {b} is {'slower' if quotient > 1 else 'faster'}"
+    )
+    lines += ["", f"{b} ÷ {a}, medians: {quotient:.3f}; {verdict}."]
     return "\n".join(lines) + "\n"
 
 
@@ -145,8 +147,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="A B rounds of processes")
     parser.add_argument("--reps", type=int, default=1, help="timed runs per process")
     parser.add_argument("--out", type=Path, default=QUICK_RESULTS / "ab_solver")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite PREFIX.md from PREFIX.json"
+    )
     add_dirty_option(parser)
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(render(result))
+        return
     check_destination(args.out, args.allow_dirty)
     trees = [t.resolve() for t in args.trees]
     labels = list(args.labels)
