@@ -126,12 +126,19 @@ class MergeMethod:
       elementwise: each entry of a merged leaf depends only on the same entry
         of the inputs (and the whole-model pass), so an engine may merge a
         large leaf in pieces.
+      leaf_sized_temporaries: its merge of a leaf holds temporaries several
+        times the leaf's size (TIES: each model's trimmed task vector and its
+        signs), so the streaming engine merges a large leaf of an elementwise
+        method in row blocks. Without them (a weighted sum, which XLA fuses
+        into one pass over the entries) the whole leaf is merged at once:
+        pieces would only add allocations.
     """
 
     name: str
     Parameters: type
     statistics_name: str = "statistics"
     elementwise: ClassVar[bool] = False
+    leaf_sized_temporaries: ClassVar[bool] = False
     data_dependent: ClassVar[bool] = False
     """It merges with per-task statistics (whatever its parameters)."""
 

@@ -7,8 +7,8 @@ each model's copy of one leaf, merges them with the method's own
 in-memory engine runs, jitted once per leaf shape) and writes the result
 before reading the next leaf: peak memory is about ``(models + 1) ×`` the
 largest leaf, plus the merge's temporaries, whatever the model's size.
-Methods that say they are elementwise are merged in row blocks, so those
-temporaries stay block-sized. A whole-model pass (TIES's threshold with
+Elementwise methods whose merge holds leaf-sized temporaries (TIES) are
+merged in row blocks, so those temporaries stay block-sized. A whole-model pass (TIES's threshold with
 ``trim: global``) runs first, in two streaming passes of the radix select
 (:func:`~mats_jax.select.streaming_magnitude_thresholds`), giving the
 threshold the in-memory engine computes. Data-dependent methods read each
@@ -499,7 +499,7 @@ class _LeafMerger:
                 leaf_ids={_KEY: leaf_ids({leaf.path: 0})[leaf.path]}
             )
         prepared = self._prepared(leaf, base, models)
-        if method.elementwise:
+        if method.elementwise and method.leaf_sized_temporaries:
             return _merge_in_rows(method, params, inputs, prepared)
         result = merge_checked(method, params, inputs, prepared=prepared)
         if result.report[_KEY].status is not None:
@@ -542,7 +542,9 @@ def _merge_in_rows(
         j = min(i + rows, shape[0])
 
         def rows_of(tree: Any, i: int = i, j: int = j) -> Any:
-            return None if tree is None else {_KEY: tree[_KEY][i:j]}
+            # Sliced on the host (a view): slicing the device array would
+            # compile one slice per block start and hold its buffers.
+            return None if tree is None else {_KEY: np.asarray(tree[_KEY])[i:j]}
 
         piece = inputs._replace(
             models=[rows_of(m) for m in inputs.models], base=rows_of(inputs.base)

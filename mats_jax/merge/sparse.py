@@ -191,6 +191,8 @@ class SparseTaskArithmetic(MergeMethod):
 
     sparsify: Literal["magnitude", "random"] = "magnitude"
 
+    leaf_sized_temporaries: ClassVar[bool] = True
+
     @property
     def elementwise(self) -> bool:  # type: ignore[override]
         # Random masks are drawn for a whole leaf's shape.
