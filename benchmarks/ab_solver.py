@@ -35,7 +35,6 @@ from provenance import (
     QUICK_RESULTS,
     add_dirty_option,
     check_destination,
-    git_revision,
     machine,
 )
 
@@ -156,7 +155,7 @@ def main() -> None:
         result = json.loads(args.out.with_suffix(".json").read_text())
         args.out.with_suffix(".md").write_text(render(result))
         return
-    check_destination(args.out, args.allow_dirty)
+    revision = check_destination(args.out, args.allow_dirty)
     trees = [t.resolve() for t in args.trees]
     labels = list(args.labels)
     rounds: dict[str, list[dict[str, list[float]]]] = {label: [] for label in labels}
@@ -170,7 +169,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "git": git_revision(),
+        "git": revision,
         "machine": machine(),
         "labels": labels,
         "commits": {

@@ -85,7 +85,6 @@ from provenance import (
     RESULTS,
     add_dirty_option,
     check_destination,
-    git_revision,
     machine,
 )
 
@@ -1961,7 +1960,7 @@ def main() -> None:
     out = args.out or (
         QUICK_RESULTS / "estimators_quick" if args.quick else RESULTS / "estimators"
     )
-    check_destination(out, args.allow_dirty)
+    revision = check_destination(out, args.allow_dirty)
     start = time.perf_counter()
     results: dict[str, Any] = {
         "command": " ".join(
@@ -1970,7 +1969,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "git": git_revision(),
+        "git": revision,
         "machine": machine(flax=flax.__version__),
         "config": dataclasses.asdict(cfg),
         "quick": args.quick,

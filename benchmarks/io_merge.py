@@ -70,7 +70,6 @@ from provenance import (
     RESULTS,
     add_dirty_option,
     check_destination,
-    git_revision,
 )
 
 DENSITY, TA_WEIGHT = 0.25, 0.3
@@ -417,7 +416,7 @@ def main() -> None:
         result = json.loads(out.with_suffix(".json").read_text())
         out.with_suffix(".md").write_text(markdown(result))
         return
-    check_destination(out, args.allow_dirty)
+    revision = check_destination(out, args.allow_dirty)
     mergekit = args.mergekit
     if mergekit is not None and not (mergekit / "bin" / "mergekit-pytorch").exists():
         raise SystemExit(f"no mergekit-pytorch in {mergekit}")
@@ -458,7 +457,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "git": git_revision(),
+        "git": revision,
         "machine": _machine(),
         "cpu_count": os.cpu_count(),
         "versions": _versions(mergekit),

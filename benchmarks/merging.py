@@ -47,7 +47,6 @@ from provenance import (
     RESULTS,
     add_dirty_option,
     check_destination,
-    git_revision,
     machine,
 )
 
@@ -826,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads((folder / f"{stem}.json").read_text())
         render(folder, stem, {"runs": saved["runs"]}, saved["meta"])
         return
-    check_destination(folder / stem, args.allow_dirty)
+    revision = check_destination(folder / stem, args.allow_dirty)
     archs = (
         ("mlp",)
         if args.quick
@@ -856,7 +855,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "git": git_revision(),
+        "git": revision,
         "machine": machine(flax=flax.__version__, optax=optax.__version__),
         "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()),

@@ -139,15 +139,20 @@ def writes_results(out: Path) -> bool:
     return resolved == RESULTS or RESULTS in resolved.parents
 
 
-def check_destination(out: Path, allow_dirty: bool) -> None:
+def check_destination(out: Path, allow_dirty: bool) -> str:
     """Refuses, before any work, to record results that no commit could reproduce.
 
     Results under ``benchmarks/results/`` must come from a committed tree
     (outside ``benchmarks/results/`` itself), unless ``--allow-dirty``;
     anywhere else (smoke runs, ``--out``) anything goes.
+
+    Returns :func:`git_revision` as it is now, before the run: the commit
+    its code came from. (Read again at the end of a long run, it would name
+    whatever was committed meanwhile.)
     """
+    revision = git_revision()
     if allow_dirty or not writes_results(out):
-        return
+        return revision
     changes = uncommitted_changes()
     if changes is None:
         raise SystemExit(
@@ -160,3 +165,4 @@ def check_destination(out: Path, allow_dirty: bool) -> None:
             f"({', '.join(changes[:5])}{', …' if len(changes) > 5 else ''}); commit "
             "them, or pass --out elsewhere or --allow-dirty"
         )
+    return revision

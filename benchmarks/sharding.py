@@ -58,7 +58,6 @@ from provenance import (
     RESULTS,
     add_dirty_option,
     check_destination,
-    git_revision,
     machine,
 )
 
@@ -414,7 +413,7 @@ def main() -> None:
         )
         out.with_suffix(".md").write_text(markdown(cfg, results))
         return
-    check_destination(out, args.allow_dirty)
+    revision = check_destination(out, args.allow_dirty)
     cfg = QUICK if args.quick else Config()
     load_at_start = list(os.getloadavg())
     started = time.perf_counter()
@@ -447,7 +446,7 @@ def main() -> None:
     results = {
         "command": " ".join(["python", "benchmarks/sharding.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "git": git_revision(),
+        "git": revision,
         "config": dataclasses.asdict(cfg),
         "load_average_at_start": load_at_start,
         "cases": cases,

@@ -84,7 +84,6 @@ from provenance import (
     RESULTS,
     add_dirty_option,
     check_destination,
-    git_revision,
     machine,
 )
 
@@ -1493,7 +1492,7 @@ def checked_agreement(blocks: list[NumpyBlock]) -> dict[str, float]:
     return agreement
 
 
-def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
+def run(cfg: Config, revision: str) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
     start = time.perf_counter()
     load_at_start = list(os.getloadavg())
     probe = start_hang_probe() if cfg.probe_timeout_s > 0 else None
@@ -1513,7 +1512,7 @@ def run(cfg: Config) -> tuple[Problem, list[NumpyBlock], dict[str, Any]]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
-        "git": git_revision(),
+        "git": revision,
         "machine": machine(scipy=scipy.__version__),
         "load_average_at_start": load_at_start,
         "config": dataclasses.asdict(cfg),
@@ -1566,8 +1565,8 @@ def main() -> None:
     out = args.out or (
         QUICK_RESULTS / "solver_kfac_quick" if args.quick else RESULTS / "solver_kfac"
     )
-    check_destination(out, args.allow_dirty)
-    problem, blocks, results = run(cfg)
+    revision = check_destination(out, args.allow_dirty)
+    problem, blocks, results = run(cfg, revision)
     results["workaround"] = workaround
     report = markdown(cfg, problem, blocks, results)
     out.parent.mkdir(parents=True, exist_ok=True)
