@@ -8,8 +8,9 @@ in-memory engine runs, jitted once per leaf shape) and writes the result
 before reading the next leaf: peak memory is about ``(models + 1) ×`` the
 largest leaf, plus the merge's temporaries, whatever the model's size.
 Elementwise methods whose merge holds leaf-sized temporaries (TIES) are
-merged in row blocks, so those temporaries stay block-sized. A whole-model pass (TIES's threshold with
-``trim: global``) runs first, in two streaming passes of the radix select
+merged in row blocks, so those temporaries stay block-sized. A whole-model
+pass (TIES's threshold with ``trim: global``) runs first, in two streaming
+passes of the radix select
 (:func:`~mats_jax.select.streaming_magnitude_thresholds`), giving the
 threshold the in-memory engine computes. Data-dependent methods read each
 leaf's statistics as that leaf is merged. Methods that draw random numbers get
@@ -528,26 +529,37 @@ class _LeafMerger:
         return {_KEY: jnp.asarray(thresholds, jnp.float32)}
 
 
+def _rows(tree: Any, i: int, j: int) -> Any:
+    """Rows ``i:j`` of a one-leaf tree. On the CPU they are cut from a host
+    view of the array (no copy): cutting the device array block by block
+    held more memory (the IO benchmark's peak). Elsewhere from the array, so
+    that no block copies the leaf to the host."""
+    if tree is None:
+        return None
+    array = tree[_KEY]
+    if isinstance(array, jax.Array) and any(
+        d.platform != "cpu" for d in array.devices()
+    ):
+        return {_KEY: array[i:j]}
+    return {_KEY: np.asarray(array)[i:j]}
+
+
 def _merge_in_rows(
     method: MergeMethod, params: Any, inputs: MergeInputs, prepared: Any
 ) -> Any:
     """An elementwise method's merge over blocks of rows, so its temporaries
     stay block-sized."""
-    shape = np.shape(inputs.models[0][_KEY])
+    first = inputs.models[0][_KEY]
+    shape = np.shape(first)
     if len(shape) < 1 or int(np.prod(shape)) <= ROW_BLOCK_ENTRIES:
         return merge_checked(method, params, inputs, prepared=prepared).params[_KEY]
-    out = np.empty(shape, np.asarray(inputs.models[0][_KEY]).dtype)
+    out = np.empty(shape, first.dtype)
     rows = max(1, ROW_BLOCK_ENTRIES // max(1, int(np.prod(shape[1:]))))
     for i in range(0, shape[0], rows):
         j = min(i + rows, shape[0])
-
-        def rows_of(tree: Any, i: int = i, j: int = j) -> Any:
-            # Sliced on the host (a view): slicing the device array would
-            # compile one slice per block start and hold its buffers.
-            return None if tree is None else {_KEY: np.asarray(tree[_KEY])[i:j]}
-
         piece = inputs._replace(
-            models=[rows_of(m) for m in inputs.models], base=rows_of(inputs.base)
+            models=[_rows(m, i, j) for m in inputs.models],
+            base=_rows(inputs.base, i, j),
         )
         out[i:j] = merge_checked(method, params, piece, prepared=prepared).params[_KEY]
     return out
