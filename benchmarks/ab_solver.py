@@ -16,7 +16,7 @@ every round of each tree, and their quotient.
 
 Writes ``PREFIX.json`` and ``PREFIX.md`` (default: under the temporary
 directory; under ``benchmarks/results/`` only from a committed tree, as every
-benchmark here). Each tree's commit is read from its own git checkout.
+benchmark here). Each tree's commit is read from its own git checkout (``provenance.tree_revision``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from provenance import (
     add_dirty_option,
     check_destination,
     machine,
+    tree_revision,
 )
 
 # Run in each tree's own interpreter process: imports come from that tree.
@@ -60,24 +61,6 @@ for _ in range(int(sys.argv[1])):
         times[name].append(time.perf_counter() - start)
 print("AB_RESULT " + json.dumps(times))
 """
-
-
-def tree_commit(tree: Path) -> str:
-    run = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(tree), "status", "--porcelain", "--", "mats_jax"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    if run.returncode != 0:
-        return "unknown"
-    return run.stdout.strip() + (" (mats_jax modified)" if dirty else "")
 
 
 def run_tree(tree: Path, reps: int) -> dict[str, list[float]]:
@@ -173,7 +156,8 @@ def main() -> None:
         "machine": machine(),
         "labels": labels,
         "commits": {
-            label: tree_commit(tree) for label, tree in zip(labels, trees, strict=True)
+            label: tree_revision(tree)
+            for label, tree in zip(labels, trees, strict=True)
         },
         "rounds": rounds,
         "summary": summarise(rounds),

@@ -81,13 +81,13 @@ ROOT = RESULTS.parent.parent  # the repository: benchmarks/ is at its top level
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "mats_jax_benchmarks"
 
 
-def _git(*args: str) -> subprocess.CompletedProcess[str]:
+def _git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["git", *args], capture_output=True, text=True, check=False, cwd=ROOT
+        ["git", *args], capture_output=True, text=True, check=False, cwd=root
     )
 
 
-def uncommitted_changes() -> list[str] | None:
+def uncommitted_changes(root: Path = ROOT) -> list[str] | None:
     """Paths with uncommitted changes, untracked files included; None without git.
 
     ``benchmarks/results/`` is left out: it is what the benchmarks write, so a
@@ -96,7 +96,12 @@ def uncommitted_changes() -> list[str] | None:
     """
     try:
         status = _git(
-            "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"
+            "status",
+            "--porcelain",
+            "--",
+            ".",
+            ":(exclude)benchmarks/results",
+            root=root,
         )
     except OSError:
         return None
@@ -113,10 +118,15 @@ def git_revision() -> str:
     """
     if "MATS_JAX_GIT_REV" in os.environ:
         return os.environ["MATS_JAX_GIT_REV"] + " (given, not checked)"
-    changes = uncommitted_changes()
+    return tree_revision(ROOT)
+
+
+def tree_revision(root: Path) -> str:
+    """:func:`git_revision` of the checkout at ``root`` (another worktree)."""
+    changes = uncommitted_changes(root)
     if changes is None:
         return "unknown (not a git checkout)"
-    revision = _git("rev-parse", "--short", "HEAD").stdout.strip()
+    revision = _git("rev-parse", "--short", "HEAD", root=root).stdout.strip()
     if not changes:
         return revision
     shown = ", ".join(changes[:5]) + (", …" if len(changes) > 5 else "")
