@@ -6,7 +6,7 @@ statistics C_m (MaTS, Tam, Bansal and Raffel, 2024); the data-free methods
 """
 
 from mats_jax import tree
-from mats_jax.checks import MergeInputError
+from mats_jax.checks import FallbackWarning, MergeInputError
 from mats_jax.io import (
     CheckpointError,
     Layout,
@@ -14,6 +14,7 @@ from mats_jax.io import (
     load_orbax,
     open_checkpoint,
     save_checkpoint,
+    save_model_folder,
     save_orbax,
 )
 from mats_jax.merge import (
@@ -75,6 +76,7 @@ __all__ = [
     "ConvergenceWarning",
     "Dense",
     "Diagonal",
+    "FallbackWarning",
     "Gram",
     "Layout",
     "LeafReport",
@@ -111,6 +113,7 @@ __all__ = [
     "per_block_cg",
     "regmean",
     "save_checkpoint",
+    "save_model_folder",
     "save_orbax",
     "save_statistics",
     "shard_statistics",

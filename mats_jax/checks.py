@@ -25,6 +25,7 @@ from mats_jax.tree import path_str
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = [
+    "FallbackWarning",
     "MergeInputError",
     "check_fraction",
     "check_key",
@@ -33,6 +34,7 @@ __all__ = [
     "check_number",
     "check_statistics",
     "check_weights",
+    "is_traced",
     "warn",
 ]
 
@@ -41,12 +43,19 @@ class MergeInputError(ValueError):
     """Bad input to a merge: the message names the leaf path and what was expected."""
 
 
+class FallbackWarning(UserWarning):
+    """Leaves of a data-dependent merge that have no statistic in any model, so
+    the method's fallback (e.g. averaging) merges them; the message lists them."""
+
+
 def _flatten(tree: Params) -> tuple[list[tuple[str, Any]], Any]:
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [(path_str(p), leaf) for p, leaf in with_path], treedef
 
 
-def _is_traced(x: Any) -> bool:
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a tracer (its values unknown until run: checks of
+    values apply to concrete inputs only)."""
     return isinstance(x, jax.core.Tracer)
 
 
@@ -73,7 +82,7 @@ def _check_values(entries: Sequence[tuple[str, str, Array, str | None]]) -> None
 
     One fused device pass over every array; traced arrays are skipped.
     """
-    concrete = [e for e in entries if not _is_traced(e[2])]
+    concrete = [e for e in entries if not is_traced(e[2])]
     if not concrete:
         return
     rules = tuple(e[3] for e in concrete)
@@ -188,7 +197,7 @@ def check_weights(weights: Any, num_models: int) -> Array:
     """
     if weights is None:
         return jnp.ones((num_models,), jnp.float32)
-    if _is_traced(weights):
+    if is_traced(weights):
         if jnp.shape(weights) != (num_models,):
             raise MergeInputError(
                 f"weights has shape {jnp.shape(weights)}, expected ({num_models},): one per model"
@@ -229,7 +238,7 @@ def check_number(name: str, value: Any) -> None:
       ...
       mats_jax.checks.MergeInputError: scale must be a finite number, got nan
     """
-    if _is_traced(value):
+    if is_traced(value):
         return
     if not math.isfinite(_real(name, value)):
         raise MergeInputError(f"{name} must be a finite number, got {value!r}")
@@ -239,7 +248,7 @@ def check_fraction(
     name: str, value: Any, *, include_zero: bool, include_one: bool
 ) -> None:
     """Checks that a density or drop rate lies in its interval (skipped when traced)."""
-    if _is_traced(value):
+    if is_traced(value):
         return
     v = _real(name, value)
     low_ok = v >= 0 if include_zero else v > 0

@@ -29,17 +29,18 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mats_jax import checks
 from mats_jax.method import MergeInputs, MergeMethod
 from mats_jax.select import MagnitudeQuantiles, keep_count, magnitude_thresholds
 from mats_jax.sharding import Placement, input_mesh, keep_shardings, placement_of
-from mats_jax.solver.report import MergeResult
-from mats_jax.tree import leaf_paths, task_vectors
+from mats_jax.solver.report import LeafReport, MergeResult
+from mats_jax.tree import leaf_paths, path_str, task_vectors
 from mats_jax.typing import Array, Params, StatTree
 
 __all__ = [
@@ -107,6 +108,131 @@ def check_inputs(
     )
     method.check(inputs, params, paths)
     return inputs, paths, placement
+
+
+class _Passthrough(NamedTuple):
+    """Integer and boolean leaves set aside from a merge (see :func:`_set_aside`)."""
+
+    treedef: Any  # the models' full tree structure
+    kept: list[Any]  # per leaf: the value passed through, or None for merged leaves
+
+
+def _is_numeric_leaf(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is None or jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _set_aside(
+    models: Sequence[Params],
+    base: Params | None,
+    statistics: Sequence[StatTree] | None,
+) -> tuple[
+    Sequence[Params], Params | None, Sequence[StatTree] | None, _Passthrough | None
+]:
+    """Integer and boolean leaves (position ids, masks, step counters) are not
+    merged: each is replaced by None in every input and passes through from
+    the base (the first model without one), after checking that every input
+    holds the same values (for concrete values; traced ones pass unchecked)."""
+    if isinstance(models, dict) or not isinstance(models, Sequence) or not models:
+        return models, base, statistics, None  # check_models says what is wrong
+    flat, flat_def = jax.tree_util.tree_flatten_with_path(models[0])
+    treedef: Any = flat_def  # its stubs lack flatten_up_to
+    aside = [i for i, (_, leaf) in enumerate(flat) if not _is_numeric_leaf(leaf)]
+    if not aside:
+        return models, base, statistics, None
+    named = ([("base", base)] if base is not None else []) + [
+        (f"models[{m}]", model) for m, model in enumerate(models)
+    ]
+    columns = []
+    for who, tree in named:
+        try:
+            columns.append((who, treedef.flatten_up_to(tree)))
+        except (ValueError, TypeError):
+            return models, base, statistics, None  # check_models says what differs
+    kept: list[Any] = [None] * len(flat)
+    for i in aside:
+        path = path_str(flat[i][0])
+        first_who, first = columns[0][0], columns[0][1][i]
+        for who, leaves in columns[1:]:
+            other = leaves[i]
+            if getattr(other, "dtype", None) != first.dtype or np.shape(
+                other
+            ) != np.shape(first):
+                raise checks.MergeInputError(
+                    f"{who} at {path!r}: {getattr(other, 'dtype', type(other).__name__)} "
+                    f"{np.shape(other)} differs from {first_who}'s {first.dtype} {np.shape(first)}; "
+                    "integer and boolean leaves are not merged and must be alike in every input"
+                )
+            if not (
+                checks.is_traced(first) or checks.is_traced(other)
+            ) and not np.array_equal(np.asarray(first), np.asarray(other)):
+                raise checks.MergeInputError(
+                    f"{who} at {path!r}: this {first.dtype} leaf differs from {first_who}'s; "
+                    "integer and boolean leaves are not merged (they pass through when every "
+                    "input holds the same values): make them equal, or drop the leaf"
+                )
+        kept[i] = first
+
+    def strip(tree: Any) -> Any:
+        leaves = treedef.flatten_up_to(tree)
+        return jax.tree.unflatten(
+            treedef, [None if kept[i] is not None else x for i, x in enumerate(leaves)]
+        )
+
+    stripped_stats = statistics
+    if statistics is not None and not isinstance(statistics, dict):
+        try:
+            stripped_stats = [strip(s) for s in statistics]
+        except (ValueError, TypeError):
+            stripped_stats = statistics  # check_statistics says what differs
+    return (
+        [strip(m) for m in models],
+        strip(base) if base is not None else None,
+        stripped_stats,
+        _Passthrough(treedef, kept),
+    )
+
+
+def _put_back(result: MergeResult, aside: _Passthrough | None) -> MergeResult:
+    """The merge's result with the leaves :func:`_set_aside` kept, in place."""
+    if aside is None:
+        return result
+    merged = iter(jax.tree.leaves(result.params))
+    reports = iter(
+        jax.tree.leaves(result.report, is_leaf=lambda x: isinstance(x, LeafReport))
+    )
+    params, report = [], []
+    for value in aside.kept:
+        if value is None:
+            params.append(next(merged))
+            report.append(next(reports))
+        else:
+            params.append(value)
+            report.append(LeafReport("passthrough"))
+    return MergeResult(
+        jax.tree.unflatten(aside.treedef, params),
+        jax.tree.unflatten(aside.treedef, report),
+    )
+
+
+def _warn_fallbacks(inputs: MergeInputs, method: MergeMethod, paths: list[str]) -> None:
+    """One :class:`~mats_jax.FallbackWarning` listing the leaves of a
+    data-dependent merge that no model has a statistic for."""
+    if inputs.statistics is None:
+        return
+    treedef: Any = jax.tree.structure(inputs.models[0])  # stubs lack flatten_up_to
+    columns = [treedef.flatten_up_to(s) for s in inputs.statistics]
+    fallbacks = [
+        path for i, path in enumerate(paths) if all(c[i] is None for c in columns)
+    ]
+    if fallbacks:
+        shown = ", ".join(repr(p) for p in fallbacks[:8])
+        checks.warn(
+            f"{method.name}: {len(fallbacks)} of {len(paths)} leaves have no statistic in "
+            f"any model and are merged by the method's fallback: {shown}"
+            + (" …" if len(fallbacks) > 8 else ""),
+            checks.FallbackWarning,
+        )
 
 
 def whole_model_pass(
@@ -202,9 +328,16 @@ def run_in_memory(
       CG left short of its tolerance) are raised as warnings at the caller's
       line.
 
+    Integer and boolean leaves (position ids, step counters) are not merged:
+    they pass through from the base (the first model without one), checked
+    equal in every input (concrete values only); their report says
+    ``passthrough``. Leaves of a data-dependent method with no statistic in
+    any model are listed in a :class:`~mats_jax.FallbackWarning`.
+
     Raises:
       MergeInputError: on inputs that do not fit, before any work.
     """
+    models, base, statistics, aside = _set_aside(models, base, statistics)
     inputs, paths, placement = check_inputs(
         method,
         params,
@@ -214,10 +347,11 @@ def run_in_memory(
         weights=weights,
         key=key,
     )
+    _warn_fallbacks(inputs, method, paths)
     result = merge_checked(method, params, inputs, placement=placement)
     for category, message in method.diagnose(params, result.report, paths):
         checks.warn(message, category)
-    return result
+    return _put_back(result, aside)
 
 
 def lower_in_memory(
@@ -230,7 +364,12 @@ def lower_in_memory(
 
         memory = lower_in_memory(method, params, models=...).compile().memory_analysis()
     """
-    checked, _, placement = check_inputs(method, params, **inputs)
+    models, base, statistics, _ = _set_aside(
+        inputs.pop("models"), inputs.pop("base", None), inputs.pop("statistics", None)
+    )
+    checked, _, placement = check_inputs(
+        method, params, models=models, base=base, statistics=statistics, **inputs
+    )
     lowered: jax.stages.Lowered = _merge_jit.lower(
         checked, params, None, method=method, placement=placement
     )

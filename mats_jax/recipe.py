@@ -15,19 +15,35 @@ overrides and the output, as mergekit's do::
       - {pattern: "*/embedding", skip: true}        # keep the base's leaf
       - {pattern: "re:norm", method: average}       # its own parameters only
       - {pattern: "head/*", parameters: {density: 0.5}}  # over the recipe's
+      - {pattern: "head/*", take: 1}                 # copy models[1]'s leaf unmerged
     tied: {lm_head/weight: embed/weight} # a leaf some models store under another name
     vocab: refuse                        # or shared_rows (see below)
     seed: 0                              # DARE's random masks
     layouts:                             # named layouts (rules as in mats_jax.io.layout)
       hf: [{checkpoint: "{p*}.weight", tree: "{p*}/kernel", transpose: [1, 0], ndim: 2}]
-    output: {path: merged/, format: safetensors, max_shard_size: 2GB, layout: hf}
+    dtype: float32                       # arithmetic dtype (default: each leaf's, bf16/f16 in f32)
+    out_dtype: bfloat16                  # floating leaves written in it (default: their input dtype)
+    output: {path: merged/, format: safetensors, max_shard_size: 2GB, layout: hf,
+             copy_files: true}           # the base folder's config/tokenizer files
 
 Patterns are globs on the whole leaf path (``/``-separated, after the input's
 layout), or regular expressions searched in it with a ``re:`` prefix; a pattern
 that matches no leaf is an error. An override that keeps the recipe's method
 adds its parameters over the recipe's; one with another method takes only its
 own. ``skip`` copies the leaf from the base (from the first model without a
-base) unmerged.
+base) unmerged; ``take: base`` or ``take: <i>`` copies it from the base or
+from ``models[i]``.
+
+Integer and boolean leaves (position ids, masks, step counters) are not
+merged: they pass through from the base (the first model without one) when
+every input holds the same values, and are an error naming the leaf when they
+differ (then ``skip`` or ``take`` says which input's to keep). Floating leaves
+keep their input dtype unless ``out_dtype`` says otherwise.
+
+``output.copy_files`` (default true): a Hugging Face model folder as base
+has its other files (``config.json``, the tokenizer's files,
+``generation_config.json``, chat templates) copied into the output, so the
+output is a folder ``transformers`` loads.
 
 Every error names the recipe file and line (from PyYAML's node marks) and what
 is expected; misspelt keys get a suggestion. Method parameters are built into
@@ -53,7 +69,7 @@ Examples:
   >>> parse_recipe("method: average\\nmodels: [a]\\nparamters: {}", source="r.yaml")
   Traceback (most recent call last):
   ...
-  mats_jax.recipe.RecipeError: r.yaml:3: unknown key 'paramters' in the recipe; did you mean 'parameters'? Allowed: base, layouts, method, models, output, overrides, parameters, seed, tied, vocab
+  mats_jax.recipe.RecipeError: r.yaml:3: unknown key 'paramters' in the recipe; did you mean 'parameters'? Allowed: base, dtype, layouts, method, models, out_dtype, output, overrides, parameters, seed, tied, vocab
 """
 
 from __future__ import annotations
@@ -65,6 +81,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import yaml
 
 from mats_jax.checks import MergeInputError
@@ -140,18 +159,26 @@ class ModelSpec:
     layout: Layout = dataclasses.field(default_factory=Layout)
     format: str | None = None
     line: int = 0
+    written: str = ""  # the path as the recipe wrote it (for the model card)
 
 
 @dataclasses.dataclass(frozen=True)
 class Override:
     """A per-leaf rule: leaves whose path matches ``pattern`` use another method,
-    other parameters, or are skipped (copied from the base, else from the first model)."""
+    other parameters, or are skipped (copied from the base, else from the first
+    model) or taken from one input (``take``: ``"base"`` or a model's index)."""
 
     pattern: str
     method: str | None = None
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     skip: bool = False
     line: int = 0
+    take: str | int | None = None
+
+    @property
+    def unmerged(self) -> bool:
+        """Whether matching leaves are copied from one input rather than merged."""
+        return self.skip or self.take is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +190,7 @@ class OutputSpec:
     layout: Layout = dataclasses.field(default_factory=Layout)
     max_shard_size: int | None = None
     line: int = 0
+    copy_files: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +221,8 @@ class Recipe:
     text: str = ""
     method_line: int = 0
     tied_line: int = 0
+    dtype: np.dtype | None = None
+    out_dtype: np.dtype | None = None
 
     def where(self, line: int) -> str:
         """``file:line`` for messages."""
@@ -204,7 +234,7 @@ class Recipe:
         """The method's name (None: skip), parameters and override that apply to leaf ``path``."""
         for rule in self.overrides:
             if pattern_matches(rule.pattern, path):
-                if rule.skip:
+                if rule.unmerged:
                     return None, {}, rule
                 method = rule.method or self.method
                 params = dict(self.parameters) if method == self.method else {}
@@ -230,9 +260,11 @@ class Recipe:
 
 _TOP = (
     "base",
+    "dtype",
     "layouts",
     "method",
     "models",
+    "out_dtype",
     "output",
     "overrides",
     "parameters",
@@ -242,8 +274,8 @@ _TOP = (
 )
 _MODEL = ("format", "layout", "path", "statistics", "weight")
 _BASE = ("format", "layout", "path")
-_OVERRIDE = ("method", "parameters", "pattern", "skip")
-_OUTPUT = ("format", "layout", "max_shard_size", "path")
+_OVERRIDE = ("method", "parameters", "pattern", "skip", "take")
+_OUTPUT = ("copy_files", "format", "layout", "max_shard_size", "path")
 
 
 class _Parser:
@@ -320,7 +352,9 @@ class _Parser:
     def model(self, node: yaml.Node, what: str, allowed: tuple[str, ...]) -> ModelSpec:
         line = node.start_mark.line + 1
         if isinstance(node, yaml.ScalarNode):
-            return ModelSpec(path=self.path(node, what), line=line)
+            return ModelSpec(
+                path=self.path(node, what), line=line, written=self.value(node)
+            )
         keys = self.mapping(node, what, allowed, required=("path",))
         weight = 1.0
         if "weight" in keys:
@@ -349,7 +383,29 @@ class _Parser:
             else Layout(),
             format=fmt,
             line=line,
+            written=self.value(keys["path"]),
         )
+
+    def dtype(self, node: yaml.Node, what: str) -> np.dtype:
+        """A floating dtype by name (``float32``, ``bfloat16`` …)."""
+        name = self.typed(node, str, what)
+        try:
+            dtype = np.dtype(jnp.dtype(name))
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise self.fail(
+                node,
+                f"{what} must name a floating dtype (float32, bfloat16, float16, float64), "
+                f"got {name!r}",
+            )
+        if dtype.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+            raise self.fail(
+                node,
+                f"{what} float64 needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 "
+                "(or jax.config.update('jax_enable_x64', True)) before the merge",
+            )
+        return dtype
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -478,11 +534,19 @@ def parse_recipe(
                 if "skip" in o
                 else False,
                 line=item.start_mark.line + 1,
+                take=_take(parser, o["take"], f"{what} take", len(models), base)
+                if "take" in o
+                else None,
             )
-            if rule.skip and (rule.method or rule.parameters):
+            if rule.unmerged and (rule.method or rule.parameters):
                 raise parser.fail(
                     item,
-                    f"{what}: skip: true leaves the leaf unmerged; drop method/parameters",
+                    f"{what}: {'skip: true' if rule.skip else 'take'} leaves the leaf "
+                    "unmerged; drop method/parameters",
+                )
+            if rule.skip and rule.take is not None:
+                raise parser.fail(
+                    item, f"{what}: give skip or take, not both (skip is take: base)"
                 )
             if rule.method is not None and rule.method not in METHODS:
                 raise parser.fail(
@@ -535,6 +599,9 @@ def parse_recipe(
                 else Layout(),
                 max_shard_size=size,
                 line=node.start_mark.line + 1,
+                copy_files=parser.typed(o["copy_files"], bool, "output copy_files")
+                if "copy_files" in o
+                else True,
             )
 
     tied: dict[str, str] = {}
@@ -568,9 +635,35 @@ def parse_recipe(
         text=text,
         method_line=method_node.start_mark.line + 1,
         tied_line=keys["tied"].start_mark.line + 1 if "tied" in keys else 0,
+        dtype=parser.dtype(keys["dtype"], "dtype") if "dtype" in keys else None,
+        out_dtype=parser.dtype(keys["out_dtype"], "out_dtype")
+        if "out_dtype" in keys
+        else None,
     )
     _check_semantics(recipe, parser, keys)
     return recipe
+
+
+def _take(
+    parser: _Parser, node: yaml.Node, what: str, models: int, base: ModelSpec | None
+) -> str | int:
+    """``take: base`` or ``take: <model index>``, checked against the recipe's inputs."""
+    value = parser.value(node)
+    if value == "base":
+        if base is None:
+            raise parser.fail(node, f"{what}: base, but the recipe has no base")
+        return "base"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise parser.fail(
+            node,
+            f"{what} must be 'base' or a model's index (0..{models - 1}), got {value!r}",
+        )
+    if not 0 <= value < models:
+        raise parser.fail(
+            node,
+            f"{what}: no models[{value}]; the recipe has {models} models (0..{models - 1})",
+        )
+    return value
 
 
 def _check_semantics(
@@ -583,7 +676,7 @@ def _check_semantics(
     for rule, item in zip(
         recipe.overrides, getattr(keys.get("overrides"), "value", []), strict=False
     ):
-        if rule.skip:
+        if rule.unmerged:
             continue
         name = rule.method or recipe.method
         params = dict(recipe.parameters) if name == recipe.method else {}

@@ -29,11 +29,14 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +48,15 @@ from mats_jax.io.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     atomic_output,
+    copy_folder_files,
     file_sha256,
+    model_folder_files,
     open_checkpoint,
 )
 from mats_jax.io.errors import CheckpointError
 from mats_jax.io.statistics import StatisticsReader
 from mats_jax.method import MergeInputs, MergeMethod
-from mats_jax.recipe import Recipe, load_recipe
+from mats_jax.recipe import Override, Recipe, load_recipe
 from mats_jax.select import (
     MagnitudeQuantiles,
     keep_count,
@@ -92,7 +97,7 @@ class LeafPlan:
       path: the leaf's tree path.
       method: the merge method's name, or None to copy it unmerged (``skip``).
       parameters: the method's recipe parameters (as the recipe wrote them).
-      shape, dtype: of the output leaf.
+      shape, dtype: of the output leaf (``dtype``: as written).
       base: the base checkpoint's source (None without a base).
       models: each model's source.
       notes: what was done besides merging (tied leaf, vocabulary rows).
@@ -108,6 +113,8 @@ class LeafPlan:
     notes: tuple[str, ...] = ()
     merge_method: MergeMethod | None = None
     record: Any = None  # the method's parameters record
+    take: int | None = None  # a copied leaf's model index (None: the base)
+    compute: np.dtype | None = None  # the inputs' cast before merging (None: as read)
 
     @property
     def nbytes(self) -> int:
@@ -222,43 +229,26 @@ def plan_merge(recipe: Recipe) -> MergePlan:
                 f"{recipe.where(recipe.tied_line)}: tied: neither {leaf!r} nor {source!r} is a "
                 f"leaf of any input; leaves look like {order[:5]}"
             )
-    for rule in recipe.overrides:
-        if not any(pattern_matches(rule.pattern, p) for p in order):
+    for override in recipe.overrides:
+        if not any(pattern_matches(override.pattern, p) for p in order):
             raise CheckpointError(
-                f"{recipe.where(rule.line)}: override pattern {rule.pattern!r} matches no leaf; "
+                f"{recipe.where(override.line)}: override pattern {override.pattern!r} matches no leaf; "
                 f"leaf paths look like {order[:5]} (globs match the whole path; prefix "
                 "'re:' for a regular expression)"
             )
 
     leaves = []
     for path in order:
-        method, params, _ = recipe.leaf_rule(path)
+        method, params, rule = recipe.leaf_rule(path)
+        if method is None:
+            leaves.append(_copy_plan(path, rule, named, recipe))
+            continue
         merge_method, record = recipe.leaf_method(path)
-        sources: list[tuple[str, Checkpoint, str]] = []
-        for who, ckpt in named:
-            if path in ckpt.leaves:
-                sources.append((who, ckpt, path))
-            elif path in recipe.tied and recipe.tied[path] in ckpt.leaves:
-                sources.append((who, ckpt, recipe.tied[path]))
-            elif (
-                method is None
-                and who != "base"
-                and base is not None
-                and path in base.leaves
-            ):
-                continue  # skipped leaves are copied from the base; models may lack them
-            else:
-                have = [f"{w} ({c.path})" for w, c in named if path in c.leaves]
-                shape = next(
-                    (c.leaves[path].shape for _, c in named if path in c.leaves), None
-                )
-                raise CheckpointError(
-                    f"leaf {path!r} is in {', '.join(have)} but not in {who} ({ckpt.path})"
-                    f"{_tied_hint(path, ckpt, shape)}. If that model ties it to another leaf "
-                    "(an output head sharing the input embedding), declare it in the recipe: "
-                    f"`tied: {{{path}: <the shared leaf>}}`; to keep it out of the merge, add "
-                    f"`overrides: [{{pattern: {path}, skip: true}}]` (the output then copies the base's)."
-                )
+        sources = _sources(path, named, recipe)
+        first = sources[0][1].leaves[sources[0][2]].dtype
+        if not jnp.issubdtype(first, jnp.floating):
+            leaves.append(_passthrough_plan(path, sources, recipe))
+            continue
         leaves.append(
             dataclasses.replace(
                 _leaf_plan(recipe, path, method, params, sources, base is not None),
@@ -266,15 +256,199 @@ def plan_merge(recipe: Recipe) -> MergePlan:
                 record=record,
             )
         )
+    _check_statistics(recipe, leaves, statistics, order)
     return MergePlan(
         recipe=recipe, base=base, models=models, leaves=leaves, statistics=statistics
     )
 
 
+def _sources(
+    path: str, named: list[tuple[str, Checkpoint]], recipe: Recipe
+) -> list[tuple[str, Checkpoint, str]]:
+    """Where every input holds leaf ``path`` (its own path, or its tied leaf)."""
+    sources: list[tuple[str, Checkpoint, str]] = []
+    for who, ckpt in named:
+        if path in ckpt.leaves:
+            sources.append((who, ckpt, path))
+        elif path in recipe.tied and recipe.tied[path] in ckpt.leaves:
+            sources.append((who, ckpt, recipe.tied[path]))
+        else:
+            have = [f"{w} ({c.path})" for w, c in named if path in c.leaves]
+            shape = next(
+                (c.leaves[path].shape for _, c in named if path in c.leaves), None
+            )
+            raise CheckpointError(
+                f"leaf {path!r} is in {', '.join(have)} but not in {who} ({ckpt.path})"
+                f"{_tied_hint(path, ckpt, shape)}. If that model ties it to another leaf "
+                "(an output head sharing the input embedding), declare it in the recipe: "
+                f"`tied: {{{path}: <the shared leaf>}}`; to keep it out of the merge, add "
+                f"`overrides: [{{pattern: {path}, skip: true}}]` (the output then copies the base's)."
+            )
+    return sources
+
+
+def _copy_plan(
+    path: str,
+    rule: Override | None,
+    named: list[tuple[str, Checkpoint]],
+    recipe: Recipe,
+) -> LeafPlan:
+    """A leaf an override copies unmerged from one input (``skip``: the base,
+    else the first model; ``take``: the one it names)."""
+    has_base = recipe.base is not None
+    take = rule.take if rule is not None else None
+    if take is None or take == "base":
+        index = 0  # ``named`` starts with the base when there is one
+    else:
+        index = int(take) + has_base
+    who, ckpt = named[index]
+    src = path if path in ckpt.leaves else recipe.tied.get(path)
+    if src is None or src not in ckpt.leaves:
+        line = recipe.where(rule.line) if rule is not None else recipe.source
+        raise CheckpointError(
+            f"{line}: leaf {path!r} is copied from {who} ({ckpt.path}), which does not "
+            f"have it; take it from an input that does"
+        )
+    info = ckpt.leaves[src]
+    notes = [f"{'skipped' if take is None else 'taken'}: copied from {who}"]
+    if src != path:
+        notes.append(f"{who} reads it from its tied leaf {src!r}")
+    from_base = has_base and index == 0
+    return LeafPlan(
+        path,
+        None,
+        {},
+        info.shape,
+        info.dtype,
+        base=Source(src) if from_base else None,
+        models=() if from_base else (Source(src),),
+        notes=tuple(notes),
+        take=None if from_base else index - has_base,
+    )
+
+
+def _passthrough_plan(
+    path: str, sources: list[tuple[str, Checkpoint, str]], recipe: Recipe
+) -> LeafPlan:
+    """An integer or boolean leaf (position ids, a step counter): not merged,
+    copied from the first input, after checking every input holds the same
+    values (read here, before any tensor is merged: such buffers are small)."""
+    who, ckpt, src = sources[0]
+    info = ckpt.leaves[src]
+    reference = ckpt.read(src)
+    for other, c, s in sources[1:]:
+        theirs = c.leaves[s]
+        if theirs.dtype != info.dtype or theirs.shape != info.shape:
+            raise CheckpointError(
+                f"leaf {path!r}: {who} has {info.dtype} {info.shape} ({ckpt.file_of(src)}) "
+                f"but {other} has {theirs.dtype} {theirs.shape} ({c.file_of(s)}); integer and "
+                "boolean leaves are not merged and must be alike in every input; choose one "
+                f"input's with `overrides: [{{pattern: {path}, take: base}}]` (or `take: <model index>`)"
+            )
+        values = c.read(s)
+        if not np.array_equal(values, reference):
+            differ = int(np.count_nonzero(values != reference))
+            raise CheckpointError(
+                f"leaf {path!r} ({info.dtype} {list(info.shape)}: integer and boolean leaves "
+                f"are not merged) differs between {who} ({ckpt.file_of(src)}) and {other} "
+                f"({c.file_of(s)}) in {differ} of {reference.size} entries; choose one "
+                f"input's with `overrides: [{{pattern: {path}, take: base}}]` (or "
+                "`take: <model index>`), or skip it"
+            )
+    from_base = recipe.base is not None
+    return LeafPlan(
+        path,
+        None,
+        {},
+        info.shape,
+        info.dtype,
+        base=Source(src) if from_base else None,
+        models=() if from_base else (Source(src),),
+        notes=(f"{info.dtype}: not merged, equal in every input, copied from {who}",),
+        take=None if from_base else 0,
+    )
+
+
+def _check_statistics(
+    recipe: Recipe,
+    leaves: list[LeafPlan],
+    statistics: list[StatisticsReader | None],
+    order: list[str],
+) -> None:
+    """Every model's statistics against the merge's leaves, before any tensor is
+    read: no statistic for a leaf the checkpoints lack, each one of a type the
+    leaf's method takes, fitting the leaf's shape, alike in every model. Leaves
+    of a data-dependent method with no statistic in any model fall back (the
+    method's fallback): each is noted on its plan and listed in one warning."""
+    known = set(order)
+    for i, reader in enumerate(statistics):
+        if reader is None:
+            continue
+        unknown = [p for p in reader.leaves if p not in known]
+        if unknown:
+            raise CheckpointError(
+                f"{recipe.where(recipe.models[i].line)}: models[{i}] statistics "
+                f"({reader.path}) hold {len(unknown)} leaves the checkpoints do not have, "
+                f"e.g. {unknown[:3]}; the checkpoints' leaves look like {order[:3]}. "
+                "Statistics must be estimated on the parameter tree the merge reads "
+                "(the same paths after the checkpoint's layout; a `params/` prefix or "
+                "another model's statistics do not fit)"
+            )
+    fallbacks = []
+    for n, leaf in enumerate(leaves):
+        if leaf.merge_method is None:
+            continue
+        needs = leaf.merge_method.needs(leaf.record)
+        if not needs.statistics:
+            continue
+        column = [
+            (i, r.abstract(leaf.path))
+            for i, r in enumerate(statistics)
+            if r is not None
+        ]
+        kinds = {None if s is None else (s.kind, repr(s.layout())) for _, s in column}
+        if len(kinds) > 1:
+            listing = ", ".join(
+                f"models[{i}] {'none' if s is None else s.kind}" for i, s in column
+            )
+            raise CheckpointError(
+                f"leaf {leaf.path!r}: the models' statistics differ ({listing}); every "
+                "model needs the same statistic type and layout for a leaf (or none in all)"
+            )
+        for i, stat in column:
+            if stat is None:
+                continue
+            where = f"models[{i}] statistics ({statistics[i].path}) at {leaf.path!r}"  # type: ignore[union-attr]
+            if not isinstance(stat, needs.statistics):
+                names = ", ".join(t.__name__ for t in needs.statistics)
+                raise CheckpointError(
+                    f"{where}: {leaf.method} takes {names}, got {stat.kind}"
+                )
+            misfit = stat.fit_error(leaf.shape)
+            if misfit:
+                raise CheckpointError(f"{where}: {misfit}")
+        if kinds == {None}:
+            rule = getattr(leaf.record, "fallback", None)
+            how = rule if isinstance(rule, str) else "its fallback"
+            fallbacks.append(leaf.path)
+            leaves[n] = dataclasses.replace(
+                leaf, notes=(*leaf.notes, f"no statistic: merged by {how}")
+            )
+    if fallbacks:
+        shown = ", ".join(repr(p) for p in fallbacks[:8])
+        checks.warn(
+            f"{len(fallbacks)} leaves of a data-dependent merge have no statistic in any "
+            f"model and fall back to the method's fallback: {shown}"
+            + (" …" if len(fallbacks) > 8 else "")
+            + " (listed in the model card)",
+            checks.FallbackWarning,
+        )
+
+
 def _leaf_plan(
     recipe: Recipe,
     path: str,
-    method: str | None,
+    method: str,
     params: dict[str, Any],
     sources: list[tuple[str, Checkpoint, str]],
     has_base: bool,
@@ -285,29 +459,36 @@ def _leaf_plan(
         for who, _, src, _ in infos
         if src != path
     ]
-    if method is None:
-        who, _ckpt, src, info = infos[0]
-        source = Source(src)
-        return LeafPlan(
-            path,
-            None,
-            {},
-            info.shape,
-            info.dtype,
-            base=source if has_base else None,
-            models=() if has_base else (source,),
-            notes=(f"skipped: copied from {who}", *notes),
-        )
-    dtypes = {info.dtype for *_, info in infos}
-    if len(dtypes) > 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
-        listing = ", ".join(
-            f"{who} {info.dtype} ({ckpt.file_of(src)})"
-            for who, ckpt, src, info in infos
-        )
+    dtypes = list(dict.fromkeys(info.dtype for *_, info in infos))
+    listing = ", ".join(
+        f"{who} {info.dtype} ({ckpt.file_of(src)})" for who, ckpt, src, info in infos
+    )
+    if not all(jnp.issubdtype(d, jnp.floating) for d in dtypes):
         raise CheckpointError(
-            f"leaf {path!r}: merging needs one floating dtype in every input, got {listing}; "
-            f"convert the checkpoints, or add `overrides: [{{pattern: {path}, skip: true}}]`"
+            f"leaf {path!r}: floating in some inputs and not in others ({listing}); "
+            f"these are not the same model, or choose one input's leaf with "
+            f"`overrides: [{{pattern: {path}, take: <base or a model index>}}]`"
         )
+    if len(dtypes) > 1 and recipe.out_dtype is None:
+        raise CheckpointError(
+            f"leaf {path!r}: the inputs' dtypes differ ({listing}); say which dtype to "
+            "write with `out_dtype: <dtype>` in the recipe (the merge then computes in "
+            "`dtype:`, by default the widest of them)"
+        )
+    out_dtype = recipe.out_dtype if recipe.out_dtype is not None else dtypes[0]
+    compute = recipe.dtype
+    if compute is None and len(dtypes) > 1:
+        compute = np.dtype(compute_dtype(functools.reduce(jnp.promote_types, dtypes)))
+    widest = compute if compute is not None else dtypes[0]
+    if np.dtype(widest).itemsize == 8 and not jax.config.read("jax_enable_x64"):
+        notes.append(
+            "computed in float32 (JAX's 64-bit mode is off: JAX_ENABLE_X64=1 computes "
+            f"in float64), written as {out_dtype}"
+        )
+    if compute is not None:
+        notes.append(f"computed in {compute}")
+    if out_dtype not in dtypes or len(dtypes) > 1:
+        notes.append(f"written as {out_dtype}")
     shapes = [info.shape for *_, info in infos]
     rows = None
     shape = shapes[0]
@@ -353,10 +534,11 @@ def _leaf_plan(
         method,
         params,
         shape,
-        next(iter(dtypes)),
+        out_dtype,
         base=base_src,
         models=tuple(srcs[1:] if has_base else srcs),
         notes=tuple(notes),
+        compute=compute,
     )
 
 
@@ -364,8 +546,34 @@ def _leaf_plan(
 # Running.
 
 
-def _to_device(array: np.ndarray) -> jax.Array:
+def _to_device(array: np.ndarray, dtype: np.dtype | None = None) -> jax.Array:
+    if dtype is not None and array.dtype != dtype:
+        array = array.astype(dtype)
     return jax.device_put(array, may_alias=True)
+
+
+def _copied(plan: MergePlan, leaf: LeafPlan) -> np.ndarray:
+    """A leaf copied unmerged, as its input stores it."""
+    if leaf.base is not None:
+        assert plan.base is not None
+        return _read(plan.base, leaf.base)
+    return _read(plan.models[leaf.take or 0], leaf.models[0])
+
+
+def _as_written(leaf: LeafPlan, merged: np.ndarray) -> np.ndarray:
+    """The merged leaf in its output dtype; a cast that overflows (values past
+    float16's range, say) is an error naming the leaf, not infinities on disk."""
+    if merged.dtype == leaf.dtype:
+        return merged
+    with np.errstate(over="ignore"):  # an overflow is reported below, by leaf
+        out = merged.astype(leaf.dtype)
+    if not np.all(np.isfinite(out)) and np.all(np.isfinite(merged)):
+        largest = float(np.max(np.abs(merged)))
+        raise CheckpointError(
+            f"leaf {leaf.path!r}: the merge does not fit {leaf.dtype} (largest magnitude "
+            f"{largest:.6g} overflows it); write a wider out_dtype"
+        )
+    return out
 
 
 def _read(ckpt: Checkpoint, source: Source) -> np.ndarray:
@@ -565,6 +773,132 @@ def _merge_in_rows(
     return out
 
 
+class InputDigest(NamedTuple):
+    """One input checkpoint's record in the model card."""
+
+    who: str  # base, models[i], models[i] statistics
+    written: str  # its path as the recipe wrote it
+    files: int
+    size: int
+    sha256: str  # of its one file, or combined over its files
+
+
+def combined_sha256(files: Sequence[str], digests: Sequence[str]) -> str:
+    """One digest for a checkpoint of several files (sharded safetensors, an
+    orbax directory): the sha256 of its ``<sha256>  <relative name>`` lines, in
+    name order (what ``sha256sum`` prints for them); a single file's own sha256.
+
+    Examples:
+      >>> combined_sha256(["d/a"], ["ab12"])
+      'ab12'
+    """
+    if len(files) == 1:
+        return digests[0]
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    lines = sorted(
+        f"{d}  {os.path.relpath(f, root)}\n"
+        for f, d in zip(files, digests, strict=True)
+    )
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def input_checkpoints(plan: MergePlan) -> list[tuple[str, str, list[str]]]:
+    """``(who, path as written, files)`` of every input: checkpoints and statistics."""
+    recipe = plan.recipe
+    out = []
+    if plan.base is not None and recipe.base is not None:
+        out.append(("base", recipe.base.written or recipe.base.path, plan.base.files))
+    for i, (spec, ckpt) in enumerate(zip(recipe.models, plan.models, strict=True)):
+        out.append((f"models[{i}]", spec.written or spec.path, ckpt.files))
+    for i, spec in enumerate(recipe.models):
+        if spec.statistics is not None:
+            files = [
+                os.path.join(root, f)
+                for root, _, names in sorted(os.walk(spec.statistics))
+                for f in sorted(names)
+            ]
+            out.append((f"models[{i}] statistics", spec.statistics, files))
+    return out
+
+
+def base_folder_files(plan: MergePlan) -> tuple[str, list[str]]:
+    """The base model folder (the first model's without a base) and the names
+    of its files to copy (:func:`~mats_jax.io.checkpoint.model_folder_files`),
+    when it is a directory of safetensors weights and the output is
+    safetensors: the output is then a model folder its own tools load."""
+    source = plan.base if plan.base is not None else plan.models[0]
+    if (
+        plan.recipe.output.format != "safetensors"
+        or source.format != "safetensors"
+        or not os.path.isdir(source.path)
+    ):
+        return source.path, []
+    return source.path, model_folder_files(source.path)
+
+
+def _tensor_format(plan: MergePlan) -> str:
+    """The safetensors ``format`` metadata: the base's (the first model's
+    without a base), else ``pt``, which ``transformers`` requires (it refuses
+    files whose format is not pt, tf, flax or mlx)."""
+    source = plan.base if plan.base is not None else plan.models[0]
+    return (
+        source.metadata.get("format", "pt") if source.format == "safetensors" else "pt"
+    )
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or inside it (symbolic links resolved)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_output(plan: MergePlan, output: str) -> None:
+    """Refuses, before any work, an output that would destroy or mix with an
+    input: the output path is an input, the recipe or a statistics directory,
+    holds one of them, or lies inside an input directory; or it names a file
+    (the output is a directory: weights, model card, copied files).
+
+    Raises:
+      CheckpointError: naming the input and the output.
+    """
+    recipe = plan.recipe
+    if output.endswith((".safetensors", ".msgpack", ".json")):
+        raise CheckpointError(
+            f"output {output}: the output is a directory (the weights, a model card "
+            "README.md and the base's config files); give a directory path, e.g. "
+            f"{os.path.splitext(output)[0]}/"
+        )
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise CheckpointError(
+            f"output {output} exists and is not a directory; refusing to replace a file"
+        )
+    protected = [("the recipe", recipe.source)] if os.path.exists(recipe.source) else []
+    protected += [
+        (who, path)
+        for who, path in [
+            *([("base", plan.base.path)] if plan.base is not None else []),
+            *((f"models[{i}]", m.path) for i, m in enumerate(plan.models)),
+            *(
+                (f"models[{i}] statistics", s.statistics)
+                for i, s in enumerate(recipe.models)
+                if s.statistics is not None
+            ),
+        ]
+    ]
+    for who, path in protected:
+        if _inside(path, output):
+            raise CheckpointError(
+                f"output {output} holds {who} ({path}); an output (with --overwrite) "
+                "replaces its whole directory, so it must not contain any input: "
+                "choose another output path"
+            )
+        if os.path.isdir(path) and _inside(output, path):
+            raise CheckpointError(
+                f"output {output} is inside {who} ({path}); inputs are never written "
+                "into: choose an output outside it"
+            )
+
+
 def run_merge(
     plan: MergePlan,
     output: str | os.PathLike[str],
@@ -585,32 +919,41 @@ def run_merge(
     progress = progress or Progress()
     recipe = plan.recipe
     output = os.path.abspath(os.fspath(output))
-    inputs = [("base", f) for f in plan.base.files] if plan.base is not None else []
-    inputs += [(f"models[{i}]", f) for i, m in enumerate(plan.models) for f in m.files]
-    for i, spec in enumerate(recipe.models):
-        if spec.statistics is not None:
-            inputs += [
-                (f"models[{i}] statistics", os.path.join(root, f))
-                for root, _, names in sorted(os.walk(spec.statistics))
-                for f in sorted(names)
-            ]
+    check_output(plan, output)
+    inputs = input_checkpoints(plan)
+    folder, extra_files = base_folder_files(plan)
+    if not recipe.output.copy_files:
+        extra_files = []
     with (
         concurrent.futures.ThreadPoolExecutor(1) as pool,
         atomic_output(output, overwrite=overwrite) as tmp,
     ):
         # Checksums run beside the merge (hashlib releases the GIL).
-        def digest_inputs() -> list[tuple[str, str, int, str]]:
+        def digest_inputs() -> list[InputDigest]:
             out = []
-            for who, f in inputs:
-                size = os.path.getsize(f)
+            for who, written, files in inputs:
+                size = sum(os.path.getsize(f) for f in files)
+                digests = []
+                for f in files:
+                    digests.append(file_sha256(f) if checksums else "")
+                    progress.advance("checksum", os.path.getsize(f))
                 out.append(
-                    (who, f, size, file_sha256(f) if checksums else "not computed")
+                    InputDigest(
+                        who,
+                        written,
+                        len(files),
+                        size,
+                        combined_sha256(files, digests)
+                        if checksums
+                        else "not computed",
+                    )
                 )
-                progress.advance("checksum", size)
             return out
 
         if checksums:
-            progress.start("checksum", sum(os.path.getsize(f) for _, f in inputs))
+            progress.start(
+                "checksum", sum(os.path.getsize(f) for *_, fs in inputs for f in fs)
+            )
         digests = pool.submit(digest_inputs)
         thresholds = _whole_model_passes(plan, progress)
         merger = _LeafMerger(plan, thresholds)
@@ -620,7 +963,10 @@ def run_merge(
             format=recipe.output.format,
             layout=recipe.output.layout,
             max_shard_size=recipe.output.max_shard_size,
-            metadata={"format": "np", "merged_by": f"mats_jax {_version()}"},
+            metadata={
+                "format": _tensor_format(plan),
+                "merged_by": f"mats_jax {_version()}",
+            },
         )
         for stage, total in (
             ("read", plan.read_bytes),
@@ -637,25 +983,29 @@ def run_merge(
 
         try:
             for leaf in plan.leaves:
-                # Each input goes to the device as soon as it is read (aliased
-                # where numpy's buffer allows), so the host copies are freed.
-                # (Reading ahead in a thread was measured: no faster on two
-                # cores, and more memory.)
-                base = None
-                if _needs_base(leaf):
-                    assert plan.base is not None and leaf.base is not None
-                    base = _to_device(_read(plan.base, leaf.base))
-                models = [
-                    _to_device(_read(c, s))
-                    for c, s in zip(plan.models, leaf.models, strict=False)
-                ]
-                progress.advance(
-                    "read", leaf.nbytes * (len(models) + (base is not None))
-                )
-                merged = merger(leaf, base, models)
-                del base, models
-                out = np.asarray(merged)  # waits for the merge; no copy on CPU
-                del merged
+                if leaf.merge_method is None:
+                    out = _copied(plan, leaf)  # as stored: no device, no cast
+                    progress.advance("read", leaf.nbytes)
+                else:
+                    # Each input goes to the device as soon as it is read
+                    # (aliased where numpy's buffer allows), so the host copies
+                    # are freed. (Reading ahead in a thread was measured: no
+                    # faster on two cores, and more memory.)
+                    base = None
+                    if _needs_base(leaf):
+                        assert plan.base is not None and leaf.base is not None
+                        base = _to_device(_read(plan.base, leaf.base), leaf.compute)
+                    models = [
+                        _to_device(_read(c, s), leaf.compute)
+                        for c, s in zip(plan.models, leaf.models, strict=False)
+                    ]
+                    progress.advance(
+                        "read", leaf.nbytes * (len(models) + (base is not None))
+                    )
+                    merged = merger(leaf, base, models)
+                    del base, models
+                    out = _as_written(leaf, np.asarray(merged))  # waits for the merge
+                    del merged
                 progress.advance("merge", leaf.nbytes)
                 if pending is not None:
                     pending.result()  # one write in flight: memory stays bounded
@@ -669,7 +1019,10 @@ def run_merge(
             writer.abort()
         for stage in ("read", "merge", "write"):
             progress.finish(stage)
-        card = model_card(plan, digests.result(), merger.report, thresholds)
+        copy_folder_files(folder, extra_files, tmp)
+        card = model_card(
+            plan, digests.result(), merger.report, thresholds, extra_files
+        )
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
     return MergeSummary(
@@ -750,18 +1103,35 @@ def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(params.items())) or "-"
 
 
+def _yaml_string(text: str) -> str:
+    """``text`` as a double-quoted YAML scalar (JSON's quoting is valid YAML)."""
+    return json.dumps(text)
+
+
 def model_card(
     plan: MergePlan,
-    digests: Sequence[tuple[str, str, int, str]],
+    digests: Sequence[InputDigest],
     report: dict[str, Any],
     thresholds: dict[str, list[float]],
+    copied: Sequence[str] = (),
 ) -> str:
-    """The output's README.md: recipe, input checksums, versions, per-leaf methods and solver report."""
+    """The output's README.md, a Hugging Face model card: front matter
+    (``base_model`` listing the inputs as the recipe wrote them, ``tags``,
+    ``library_name``), then the recipe, one digest per input checkpoint,
+    versions, per-leaf methods and notes (fallbacks, dtypes, copies), the
+    files copied from the base folder and the solver report."""
     recipe = plan.recipe
+    names = [d.written for d in digests if not d.who.endswith("statistics")]
+    library = "transformers" if "config.json" in copied else "mats_jax"
     lines = [
         "---",
-        "library_name: mats_jax",
-        "tags: [merge, mats_jax]",
+        "base_model:",
+        *(f"- {_yaml_string(n)}" for n in names),
+        "tags:",
+        "- merge",
+        "- mats_jax",
+        f"- {_yaml_string(recipe.method)}",
+        f"library_name: {library}",
         "---",
         "",
         "# Merged model",
@@ -780,12 +1150,32 @@ def model_card(
         "",
         "## Inputs",
         "",
-        "| input | file | bytes | sha256 |",
-        "|---|---|---:|---|",
+        "One sha256 per input: of its file, or, for a checkpoint of several files, "
+        "of their `sha256  name` lines in name order.",
+        "",
+        "| input | path | files | bytes | sha256 |",
+        "|---|---|---:|---:|---|",
     ]
     lines += [
-        f"| {who} | `{f}` | {size} | `{digest}` |" for who, f, size, digest in digests
+        f"| {d.who} | `{d.written}` | {d.files} | {d.size} | `{d.sha256}` |"
+        for d in digests
     ]
+    if copied:
+        lines += [
+            "",
+            "Copied from the base folder: " + ", ".join(f"`{n}`" for n in copied),
+        ]
+    fallbacks = [
+        leaf.path
+        for leaf in plan.leaves
+        if any(n.startswith("no statistic") for n in leaf.notes)
+    ]
+    if fallbacks:
+        lines += [
+            "",
+            f"**{len(fallbacks)} leaves had no statistic in any model** and were merged "
+            "by the method's fallback: " + ", ".join(f"`{p}`" for p in fallbacks),
+        ]
     if thresholds:
         lines += [
             "",

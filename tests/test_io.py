@@ -81,7 +81,7 @@ def test_streamed_safetensors_file_equals_the_library_file(tmp_path):
     tensors = {
         f"t{i}": rng.normal(size=(i + 1, 3)).astype(np.float32) for i in range(5)
     }
-    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "np"})
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     write_safetensors(tmp_path / "ours.safetensors", sorted(tensors.items()))
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "ref.safetensors").read_bytes()

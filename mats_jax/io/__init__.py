@@ -8,8 +8,10 @@ from mats_jax.io.checkpoint import (
     atomic_output,
     detect_format,
     load_checkpoint,
+    model_folder_files,
     open_checkpoint,
     save_checkpoint,
+    save_model_folder,
 )
 from mats_jax.io.errors import CheckpointError
 from mats_jax.io.layout import HF_LINEAR, IDENTITY, NNX_STATE, Layout, LayoutError, Rule
@@ -37,9 +39,11 @@ __all__ = [
     "detect_format",
     "load_checkpoint",
     "load_orbax",
+    "model_folder_files",
     "open_checkpoint",
     "read_msgpack",
     "save_checkpoint",
+    "save_model_folder",
     "save_orbax",
     "write_msgpack",
 ]

@@ -45,12 +45,15 @@ __all__ = [
     "CheckpointWriter",
     "LeafInfo",
     "atomic_output",
+    "copy_folder_files",
     "detect_format",
     "file_sha256",
     "load_checkpoint",
+    "model_folder_files",
     "open_checkpoint",
     "resolve_layout",
     "save_checkpoint",
+    "save_model_folder",
 ]
 
 Format = Literal["safetensors", "msgpack", "orbax"]
@@ -138,6 +141,7 @@ class Checkpoint:
       path: the checkpoint's path.
       format: ``"safetensors"``, ``"msgpack"`` or ``"orbax"``.
       files: the files it is made of (for checksums).
+      metadata: the file's own metadata (safetensors ``__metadata__``).
       leaves: tree path -> :class:`LeafInfo`, in the checkpoint's order.
       names: tree path -> the checkpoint's own name for the leaf.
     """
@@ -147,6 +151,7 @@ class Checkpoint:
         self.path = reader.path
         self.format = reader.format
         self.files = list(reader.files)
+        self.metadata: dict[str, str] = dict(reader.metadata or {})
         self.layout = layout
         self.leaves: dict[str, LeafInfo] = {}
         self.names: dict[str, str] = {}
@@ -306,6 +311,133 @@ def save_checkpoint(
         )
 
 
+# A model folder's weight files, which a merge writes anew rather than copies.
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".safetensors.index.json",
+    ".bin",
+    ".bin.index.json",
+    ".msgpack",
+    ".msgpack.index.json",
+    ".h5",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gguf",
+    ".onnx",
+)
+
+
+def model_folder_files(directory: str | os.PathLike[str]) -> list[str]:
+    """The names of a model folder's files other than its weights and model card.
+
+    What makes a Hugging Face folder loadable besides the weights:
+    ``config.json``, the tokenizer's files, ``generation_config.json``, chat
+    templates, and subfolders holding no weights (sentence-transformers'
+    ``1_Pooling``). Hidden files and ``README.md`` (the card is written anew)
+    are left out.
+
+    Examples:
+      >>> import os, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> for name in ["config.json", "model.safetensors", "tokenizer.json", "README.md"]:
+      ...     _ = open(os.path.join(d, name), "w").write("{}")
+      >>> model_folder_files(d)
+      ['config.json', 'tokenizer.json']
+    """
+    directory = os.fspath(directory)
+    out = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if (
+            name == "README.md"
+            or name.startswith(".")
+            or name.endswith(WEIGHT_SUFFIXES)
+        ):
+            continue
+        if os.path.isdir(path):
+            if any(
+                f.endswith(WEIGHT_SUFFIXES) for _, _, fs in os.walk(path) for f in fs
+            ):
+                continue
+        elif not os.path.isfile(path):
+            continue
+        out.append(name)
+    return out
+
+
+def copy_folder_files(source: str, names: Sequence[str], target: str) -> None:
+    """Copies ``names`` (files or folders) from directory ``source`` into ``target``."""
+    for name in names:
+        src = os.path.join(source, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(target, name))
+        else:
+            shutil.copy2(src, os.path.join(target, name))
+
+
+def save_model_folder(
+    path: str | os.PathLike[str],
+    tree: Any,
+    *,
+    like: str | os.PathLike[str],
+    layout: Layout | str | Any = None,
+    max_shard_size: int | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes parameters as a model folder like ``like``, completely or not at all.
+
+    The weights go to ``model.safetensors`` (or shards and an index), with the
+    ``format`` metadata of ``like``'s weights (``pt`` when it has none, which
+    ``transformers`` requires), names and orientations from ``layout``; the
+    folder's other files (:func:`model_folder_files`: config, tokenizer …)
+    are copied from ``like``. For merged parameters that a tool of the
+    original model (``transformers.AutoModel.from_pretrained``) should load.
+
+    Raises:
+      CheckpointError: if ``like`` is not a directory, or ``path`` is inside it.
+      FileExistsError: if ``path`` exists and ``overwrite`` is False.
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> d = tempfile.mkdtemp()
+      >>> base = os.path.join(d, "base")
+      >>> save_checkpoint(base, {"w": np.zeros(2, np.float32)}, format="safetensors")
+      >>> _ = open(os.path.join(base, "config.json"), "w").write("{}")
+      >>> save_model_folder(os.path.join(d, "merged"), {"w": np.ones(2, np.float32)}, like=base)
+      >>> sorted(os.listdir(os.path.join(d, "merged")))
+      ['config.json', 'model.safetensors']
+    """
+    like = os.path.abspath(os.fspath(like))
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(like):
+        raise CheckpointError(f"like={like}: not a model folder (a directory)")
+    if path == like or path.startswith(like.rstrip(os.sep) + os.sep):
+        raise CheckpointError(f"{path}: inside the model folder it copies ({like})")
+    metadata = {"format": "pt"}
+    try:
+        metadata = {"format": open_checkpoint(like).metadata.get("format", "pt")}
+    except CheckpointError:
+        pass  # a folder with no readable weights: its other files still apply
+    flat = {p: np.asarray(x) for p, x in flatten(tree).items()}
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        writer = CheckpointWriter(
+            tmp,
+            [(p, x.shape, x.dtype) for p, x in flat.items()],
+            format="safetensors",
+            layout=layout,
+            max_shard_size=max_shard_size,
+            metadata=metadata,
+        )
+        try:
+            for p, x in flat.items():
+                writer.write(p, x)
+            writer.close()
+        finally:
+            writer.abort()
+        copy_folder_files(like, model_folder_files(like), tmp)
+
+
 class CheckpointWriter:
     """Writes a parameter checkpoint one leaf at a time, in a declared order.
 
@@ -353,8 +485,16 @@ class CheckpointWriter:
         if format == "safetensors":
             lay = resolve_layout(layout)
             specs = []
+            written: dict[str, str] = {}
             for leaf, shape, dtype in leaves:
                 name, perm = lay.to_checkpoint(leaf, ndim=len(shape))
+                if name in written:
+                    raise CheckpointError(
+                        f"leaves {written[name]!r} and {leaf!r} are both written as tensor "
+                        f"{name!r} (a dotted key and a nested one name the same tensor); "
+                        "rename one of them"
+                    )
+                written[name] = leaf
                 inverse = None if perm is None else inverse_permutation(perm)
                 self._names[leaf] = (name, inverse)
                 stored = shape if inverse is None else tuple(shape[i] for i in inverse)

@@ -261,7 +261,7 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.path = os.fspath(path)
-        self._metadata = dict(metadata or {"format": "np"})
+        self._metadata = dict(metadata or {"format": "pt"})
         self._shards = plan_shards(
             [(n, tuple(s), np.dtype(d)) for n, s, d in specs], max_shard_size
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
@@ -72,6 +73,21 @@ class StatisticsReader:
         self._arrays = (
             OrbaxReader(os.path.join(self.path, "arrays")) if has_arrays else None
         )
+
+    def abstract(self, leaf: str) -> Statistic | None:
+        """The statistic saved for ``leaf`` with shapes in place of arrays
+        (:class:`jax.ShapeDtypeStruct`), read from the metadata alone: for
+        checking it against a leaf before any array is restored."""
+        entry = self._layout.get(leaf)
+        if entry is None:
+            return None
+        assert self._arrays is not None
+        kind = Statistic.by_kind(entry["type"])
+        arrays = {}
+        for f in kind.array_fields:
+            shape, dtype, _ = self._arrays.specs[f"{leaf}/{f}"]
+            arrays[f] = jax.ShapeDtypeStruct(shape, dtype)
+        return kind.from_saved(arrays, entry)
 
     def read(self, leaf: str) -> Statistic | None:
         """The statistic saved for ``leaf``, or None (saved as None, or not saved)."""

@@ -76,14 +76,11 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
         layout[name] = stat.layout()
     meta = {"format": FORMAT, "order": [path_str(p) for p, _ in flat], "layout": layout}
     del treedef
+    items: dict[str, Any] = {"layout": ocp.args.JsonSave(meta)}
+    if arrays:  # orbax refuses an empty item: a tree of None saves its layout only
+        items["arrays"] = ocp.args.StandardSave(arrays)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(
-            path,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(arrays),
-                layout=ocp.args.JsonSave(meta),
-            ),
-        )
+        checkpointer.save(path, args=ocp.args.Composite(**items))
 
 
 def load_statistics(
@@ -123,9 +120,14 @@ def load_statistics(
             raise ValueError(
                 f"{path} is not a mats_jax statistics checkpoint (format {FORMAT})"
             )
-        arrays = checkpointer.restore(
-            path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
-        )["arrays"]
+        has_arrays = any(e is not None for e in meta["layout"].values())
+        arrays = (
+            checkpointer.restore(
+                path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+            )["arrays"]
+            if has_arrays
+            else {}
+        )
     stats: dict[str, Statistic | None] = {}
     for name in meta["order"]:
         entry = meta["layout"][name]
