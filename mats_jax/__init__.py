@@ -49,10 +49,12 @@ from mats_jax.solver import (
 )
 from mats_jax.stats import (
     KFAC,
+    MAX_FACTOR_SIZE,
     Dense,
     Diagonal,
     Gram,
     Statistic,
+    StatisticsFallbackWarning,
     StatisticsInputError,
     diagonal_fisher,
     gram,
@@ -69,6 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KFAC",
+    "MAX_FACTOR_SIZE",
     "METHODS",
     "STATUS_NAMES",
     "CGInfo",
@@ -88,6 +91,7 @@ __all__ = [
     "RecipeError",
     "SolverOptions",
     "Statistic",
+    "StatisticsFallbackWarning",
     "StatisticsInputError",
     "average",
     "dare",

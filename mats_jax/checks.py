@@ -203,7 +203,19 @@ def check_weights(weights: Any, num_models: int) -> Array:
                 f"weights has shape {jnp.shape(weights)}, expected ({num_models},): one per model"
             )
         return jnp.asarray(weights, jnp.float32)
-    values = np.asarray(weights, dtype=np.float64)
+    if isinstance(weights, (str, bytes)) or (
+        isinstance(weights, Sequence)
+        and any(w is None or isinstance(w, (bool, str, bytes)) for w in weights)
+    ):
+        raise MergeInputError(
+            f"weights must be one number per model, got {type(weights).__name__} {weights!r}"
+        )
+    try:
+        values = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MergeInputError(
+            f"weights must be one number per model, got {type(weights).__name__} {weights!r}"
+        ) from None
     if values.shape != (num_models,):
         raise MergeInputError(
             f"weights has shape {values.shape}, expected ({num_models},): one per model"
@@ -214,7 +226,23 @@ def check_weights(weights: Any, num_models: int) -> Array:
         raise MergeInputError(f"weights must be non-negative, got {values.tolist()}")
     if not np.any(values > 0):
         raise MergeInputError(f"weights are all zero: {values.tolist()}")
-    return jnp.asarray(values, jnp.float32)
+    with np.errstate(over="ignore"):
+        single = values.astype(np.float32)
+        total = np.sum(single, dtype=np.float32)
+    tiny = np.finfo(np.float32).tiny
+    if (
+        np.any(np.isinf(single))
+        or np.isinf(total)
+        or np.any((values > 0) & (single < tiny))
+    ):
+        # Merges compute in float32: such weights would overflow to inf or
+        # vanish, and the merged model would be NaN.
+        raise MergeInputError(
+            f"weights {values.tolist()} lie outside float32's range ({tiny:.3g} to "
+            f"{np.finfo(np.float32).max:.3g}) in which merges compute; rescale them "
+            "(only their ratios matter to an average)"
+        )
+    return jnp.asarray(single)
 
 
 def _real(name: str, value: Any) -> float:

@@ -188,8 +188,8 @@ MUTATIONS = (
         "a kernel's several input axes (an output projection's heads, head_dim) "
         "are flattened in reverse order for A",
         "mats_jax/stats/capture.py",
-        "            lead + a for a in self.x_free + self.x_contract\n",
-        "            lead + a for a in self.x_free + tuple(reversed(self.x_contract))\n",
+        "            + tuple(lead + a for a in self.x_free + self.x_contract)\n",
+        "            + tuple(lead + a for a in self.x_free + tuple(reversed(self.x_contract)))\n",
         ESTIMATOR_TESTS,
     ),
     Mutation(

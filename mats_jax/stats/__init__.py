@@ -5,10 +5,11 @@ Types (:mod:`~mats_jax.stats.statistic`), estimators from any JAX model
 (:mod:`~mats_jax.stats.io`) and a summary of what each leaf got.
 """
 
+from mats_jax.stats.estimate import MAX_FACTOR_SIZE
 from mats_jax.stats.fisher import diagonal_fisher
 from mats_jax.stats.io import load_statistics, save_statistics
 from mats_jax.stats.kronecker import gram, kfac
-from mats_jax.stats.likelihood import StatisticsInputError
+from mats_jax.stats.likelihood import StatisticsFallbackWarning, StatisticsInputError
 from mats_jax.stats.statistic import (
     KFAC,
     Dense,
@@ -21,10 +22,12 @@ from mats_jax.stats.summary import statistic_scales, statistics_table
 
 __all__ = [
     "KFAC",
+    "MAX_FACTOR_SIZE",
     "Dense",
     "Diagonal",
     "Gram",
     "Statistic",
+    "StatisticsFallbackWarning",
     "StatisticsInputError",
     "diagonal_fisher",
     "gram",

@@ -3,8 +3,11 @@
 Every estimator is a *step* ``acc ← step(acc, params, micro_batch, key)`` that adds
 one micro-batch's sums to an accumulator pytree keyed by parameter path. This
 module jits it and runs it over a Python iterable of batches: it validates each
-batch, cuts it into micro-batches of one fixed size (the last one padded with
-masked-out examples, so the step compiles once), shards each micro-batch's
+batch, asks the estimator for the step of that batch (batches of different
+shapes, such as text padded per batch to its own length, get their own
+steps, all adding to the one accumulator), cuts it into micro-batches of one
+fixed size (the last one padded with masked-out examples, so each step
+compiles once per distinct shape), shards each micro-batch's
 examples over a device mesh when one is given (data parallel: XLA sums across
 devices), shows a progress bar, and raises a clear error on an empty iterator
 or a non-finite sum. The finiteness test runs on the device once per batch (it
@@ -45,6 +48,7 @@ from mats_jax.typing import Array
 __all__ = ["accumulate", "record_first_bad"]
 
 Step = Callable[[Any, Any, Mapping[str, Any], Array], Any]
+StepFor = Callable[[Mapping[str, Any], int], Step]
 
 
 def _micro_batches(
@@ -76,7 +80,7 @@ def _micro_batches(
 
 
 def accumulate(
-    step: Step,
+    step_for: StepFor,
     init: Any,
     params: Any,
     batches: Iterable[Mapping[str, Any]],
@@ -92,8 +96,12 @@ def accumulate(
     """Runs ``step`` over every micro-batch of ``batches``.
 
     Args:
-      step: ``(acc, params, micro_batch, key) -> acc``, traceable (it is
-        jitted here, with the parameters as an argument, not as constants).
+      step_for: ``step_for(batch, index) -> step`` gives the step for the
+        micro-batches of batch ``index`` (validated, before it is cut; the
+        index is for its errors): ``step(acc, params, micro_batch, key) ->
+        acc``, traceable (it is jitted here, once per step function, with the
+        parameters as an argument, not as constants). Every step adds to the
+        same accumulator.
       init: the zero accumulator.
       params: the model's parameters, passed to ``step``.
       batches: an iterable of batch mappings (see
@@ -141,12 +149,12 @@ def accumulate(
         }
         params = jax.tree.map(lambda x: _on_mesh(x, mesh, replicated), params)
 
-    jitted_step = _jitted(step)
     seen = 0
     steps = 0
     with _progress(progress, description) as advance:
         for index, batch in enumerate(batches):
             batch_size = check_batch(batch, index, needs_labels=needs_labels)
+            jitted_step = _jitted(step_for(batch, index))
             for micro in _micro_batches(batch, local_size, batch_size):
                 if sharding is not None:
                     micro = _put_examples(micro, sharding)

@@ -9,39 +9,48 @@ them off the model function itself:
    as an input.
 2. Parameter leaves are followed through the operations that do not change
    their values (dtype casts, nested ``jit`` calls, remat, custom-derivative
-   wrappers) and through ``scan`` (a leaf sliced by a scan over its leading
-   axis is a stack of per-layer kernels, as ``nn.scan`` makes them).
+   wrappers), through transposes (a kernel kept in PyTorch's (out, in)
+   orientation and used as ``x @ w.T``: the tap records which of the leaf's
+   own axes are its inputs and outputs), and through ``scan`` (a leaf sliced
+   by a scan over its leading axis is a stack of per-layer kernels, as
+   ``nn.scan`` makes them).
 3. Every ``dot_general`` that contracts a parameter leaf with an activation is
-   a *tap*. An interpreter re-evaluates the jaxpr, adding a zero perturbation
-   ε to each tap's output and returning each tap's activation input. The
-   gradient of any function of the outputs with respect to ε is the gradient
-   g at the tap's output, so one jitted forward and backward pass yields every
-   layer's (x, g) at once.
+   a *tap*. A product with batch dimensions on the parameter (per-head
+   projections, ``einsum("bthd,hde->bthe", x, w)``) is a tap too: each batch
+   index is its own kernel, so the leaf's batch axes are block axes of its
+   statistic (block-diagonal over heads). An interpreter re-evaluates the
+   jaxpr, adding a zero perturbation ε to each tap's output and returning
+   each tap's activation input. The gradient of any function of the outputs
+   with respect to ε is the gradient g at the tap's output, so one jitted
+   forward and backward pass yields every layer's (x, g) at once.
 
-A leaf with any other use (a gather for an embedding, a convolution, a batched
-``dot_general``, a ``while`` loop) is *unrecognised*: its statistic falls back
-to another kind (the callers decide, and say which leaves got what). A leaf
-used by several taps (tied weights, a layer applied twice, a kernel that is a
-scan constant) accumulates over its uses.
+A leaf with any other use (a gather for an embedding, a convolution, a
+product with another parameter, a ``while`` loop) is *unrecognised*, and
+:attr:`Layers.uses` says what the uses were: its statistic falls back to
+another kind (the callers decide, and say which leaves got what). A leaf used
+by several taps (tied weights, a layer applied twice, a kernel that is a scan
+constant) accumulates over its uses. A leaf used both by taps and otherwise
+(an embedding table that is also the output head) is unrecognised, and its
+taps are still listed.
 
 Examples:
   >>> import jax, jax.numpy as jnp, mats_jax
-  >>> params = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+  >>> params = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((2, 4)), "b": jnp.zeros(2)}
   >>> def fn(p, x):
-  ...     return jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"]
+  ...     return jnp.tanh(x @ p["w1"]) @ p["w2"].T + p["b"]  # w2 is (out, in)
   >>> layers = find_layers(fn, params, jnp.ones((5, 3)))
   >>> names = jax.tree.leaves(mats_jax.tree.leaf_paths(params))  # ['b', 'w1', 'w2']
   >>> [(names[tap.leaf], tap.in_axes, tap.out_axes) for tap in layers.taps]
-  [('w1', (0,), (1,)), ('w2', (0,), (1,))]
-  >>> [names[i] for i in layers.unrecognised]  # the bias is added, not multiplied
-  ['b']
+  [('w1', (0,), (1,)), ('w2', (1,), (0,))]
+  >>> [(names[i], layers.uses[i]) for i in layers.unrecognised]  # b is added, not multiplied
+  [('b', ('broadcast_in_dim',))]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -77,7 +86,11 @@ class Tap:
       leaf: index of the parameter leaf (in ``jax.tree.leaves(params)`` order).
       in_axes: the leaf's axes contracted with the activation (its inputs), in
         the order the product pairs them with ``x_contract``.
-      out_axes: the leaf's remaining axes (its outputs), increasing.
+      out_axes: the leaf's remaining axes (its outputs), in the order the
+        product lays them out (increasing unless the leaf was transposed).
+      batch_axes: the leaf's axes that are batch dimensions of the product
+        (one kernel per index, e.g. per attention head), increasing; paired
+        with the activation's ``x_batch``.
       layer_levels: which enclosing scans slice the leaf, as indices into
         ``loop_shape``: the leaf's leading axes are per-layer axes, one per
         such scan in order (one statistic per layer). Scans that do not slice
@@ -85,6 +98,7 @@ class Tap:
       loop_shape: lengths of all enclosing scans, outermost first; the tap's
         activations and output gradients carry these as leading axes.
       x_contract: the activation's contracted axes (pairing with ``in_axes``).
+      x_batch: the activation's batch axes (pairing with ``batch_axes``).
       x_free: the activation's other axes: its rows (examples, tokens, ...).
       param_first: whether the parameter is the product's left operand.
       x_shape, out_shape: per-iteration shapes of the activation and output.
@@ -100,23 +114,30 @@ class Tap:
     param_first: bool
     x_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    batch_axes: tuple[int, ...] = ()
+    x_batch: tuple[int, ...] = ()
 
     def rows_and_inputs(self, x: Array) -> Array:
-        """Activations as ``loop_shape + (rows, I)``, I in the order of ``in_axes``."""
+        """Activations as ``loop_shape + batch_shape + (rows, I)``, I in the order of ``in_axes``."""
         lead = len(self.loop_shape)
-        order = tuple(range(lead)) + tuple(
-            lead + a for a in self.x_free + self.x_contract
+        order = (
+            tuple(range(lead))
+            + tuple(lead + a for a in self.x_batch)
+            + tuple(lead + a for a in self.x_free + self.x_contract)
         )
         n_in = math.prod(self.x_shape[a] for a in self.x_contract)
-        return jnp.transpose(x, order).reshape(*self.loop_shape, -1, n_in)
+        return jnp.transpose(x, order).reshape(
+            *self.loop_shape, *self.batch_shape, -1, n_in
+        )
 
     def rows_and_outputs(self, g: Array) -> Array:
-        """Output gradients as ``loop_shape + (rows, O)``, rows ordered like the inputs'.
+        """Output gradients as ``loop_shape + batch_shape + (rows, O)``, rows ordered like the inputs'.
 
-        A product's output axes are (activation rows..., parameter outputs...),
-        or the reverse when the parameter is the left operand.
+        A product's output axes are (batch..., activation rows..., parameter
+        outputs...), or (batch..., parameter outputs..., activation rows...)
+        when the parameter is the left operand.
         """
-        lead = len(self.loop_shape)
+        lead = len(self.loop_shape) + len(self.x_batch)
         n_out, n_rows = len(self.out_axes), len(self.x_free)
         if self.param_first:
             perm = (
@@ -126,30 +147,51 @@ class Tap:
             )
             g = jnp.transpose(g, perm)
         size_out = math.prod(g.shape[g.ndim - n_out :])
-        return g.reshape(*self.loop_shape, -1, size_out)
+        return g.reshape(*self.loop_shape, *self.batch_shape, -1, size_out)
 
     @property
     def row_shape(self) -> tuple[int, ...]:
         return tuple(self.x_shape[a] for a in self.x_free)
 
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_shape[a] for a in self.x_batch)
+
 
 @dataclasses.dataclass(frozen=True)
 class Layers:
-    """What :func:`find_layers` found: the taps, and the leaves it could not read."""
+    """What :func:`find_layers` found: the taps, and the leaves it could not read.
+
+    Attributes:
+      taps: the products with a parameter, in evaluation order.
+      unrecognised: indices of the leaves with a use other than a tap.
+      uses: for each unrecognised leaf, its other uses, described (the
+        primitive's name, e.g. ``"gather"`` for an embedding lookup, or why a
+        product could not be read: ``"dot_general: ..."``).
+      num_leaves, eps_shapes, eps_dtypes: the leaves, and the perturbations
+        :func:`tapped` expects.
+    """
 
     taps: tuple[Tap, ...]
     unrecognised: tuple[int, ...]
     num_leaves: int
     eps_shapes: tuple[tuple[int, ...], ...]
     eps_dtypes: tuple[Any, ...]
+    uses: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tag:
-    """A value that is parameter leaf ``leaf``, sliced by the scans at ``levels``."""
+    """A value that is parameter leaf ``leaf``, sliced by the scans at ``levels``.
+
+    ``axes[i]`` is the leaf's axis that the value's axis i is (the leaf's
+    first ``len(levels)`` axes are the sliced ones; a transpose permutes the
+    rest).
+    """
 
     leaf: int
     levels: tuple[int, ...]
+    axes: tuple[int, ...]
 
 
 class _Interpreter:
@@ -173,8 +215,11 @@ class _Interpreter:
         self.loop_shape = loop_shape
         self.taps: list[Tap] = []
         self.xs: list[Array] = []
-        self.unrecognised: set[int] = set()
+        self.unrecognised: dict[int, set[str]] = {}
         self.cursor = 0  # next tap index, relative to this interpreter's eps
+
+    def reject(self, tag: _Tag, use: str) -> None:
+        self.unrecognised.setdefault(tag.leaf, set()).add(use)
 
     def run(
         self,
@@ -216,10 +261,15 @@ class _Interpreter:
             return self._bind(eqn, invals), [None] * len(eqn.outvars)
         if name in _TRANSPARENT and len(invals) == 1:
             return self._bind(eqn, invals), [intags[0]]
+        if name == "transpose" and intags[0] is not None:
+            tag = intags[0]
+            axes = tuple(tag.axes[a] for a in eqn.params["permutation"])
+            return self._bind(eqn, invals), [_Tag(tag.leaf, tag.levels, axes)]
         if name == "dot_general":
-            tapped_out = self._dot(eqn, invals, intags)
+            tapped_out, why = self._dot(eqn, invals, intags)
             if tapped_out is not None:
                 return [tapped_out], [None]
+            use = f"dot_general: {why}"
         elif name == "scan":
             return self._scan(eqn, invals, intags)
         elif name in _INLINE and _INLINE[name] in eqn.params:
@@ -231,8 +281,10 @@ class _Interpreter:
             return self.run(
                 closed.jaxpr, closed.consts, invals[-n_args:], intags[-n_args:]
             )
+        else:
+            use = name
         for t in tagged:
-            self.unrecognised.add(t.leaf)
+            self.reject(t, use)
         return self._bind(eqn, invals), [None] * len(eqn.outvars)
 
     @staticmethod
@@ -247,21 +299,25 @@ class _Interpreter:
 
     def _dot(
         self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
-    ) -> Any | None:
+    ) -> tuple[Any | None, str]:
+        """The tapped product, or (None, why it is not a dense layer)."""
         (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
         if intags[0] is not None and intags[1] is not None:
-            return None  # a product of two parameters is not a dense layer
+            return None, "a product of two parameters"
         param_first = intags[0] is not None
         tag = intags[0] if param_first else intags[1]
         assert tag is not None
-        if lhs_b or rhs_b:
-            return None
         p_contract, x_contract = (lhs_c, rhs_c) if param_first else (rhs_c, lhs_c)
+        p_batch, x_batch = (lhs_b, rhs_b) if param_first else (rhs_b, lhs_b)
         param, x = (invals[0], invals[1]) if param_first else (invals[1], invals[0])
-        p_free = tuple(a for a in range(param.ndim) if a not in p_contract)
-        x_free = tuple(a for a in range(x.ndim) if a not in x_contract)
+        p_free = tuple(a for a in range(param.ndim) if a not in (*p_contract, *p_batch))
+        x_free = tuple(a for a in range(x.ndim) if a not in (*x_contract, *x_batch))
         if not p_free:
-            return None  # a parameter vector dotted into activations: no output axis
+            return None, "contracts every axis of the parameter (no output axis)"
+        batch_axes = tuple(tag.axes[a] for a in p_batch)
+        if list(batch_axes) != sorted(batch_axes):
+            # The statistic's block axes are the leaf's in increasing order.
+            return None, f"batch axes {batch_axes} of the leaf out of order"
         out = self._bind(eqn, invals)[0]
         index = self.cursor
         self.cursor += 1
@@ -270,8 +326,8 @@ class _Interpreter:
             self.taps.append(
                 Tap(
                     leaf=tag.leaf,
-                    in_axes=tuple(len(tag.levels) + a for a in p_contract),
-                    out_axes=tuple(len(tag.levels) + a for a in p_free),
+                    in_axes=tuple(tag.axes[a] for a in p_contract),
+                    out_axes=tuple(tag.axes[a] for a in p_free),
                     layer_levels=tag.levels,
                     loop_shape=self.loop_shape,
                     x_contract=tuple(x_contract),
@@ -279,12 +335,14 @@ class _Interpreter:
                     param_first=param_first,
                     x_shape=tuple(x.shape),
                     out_shape=tuple(out.shape),
+                    batch_axes=batch_axes,
+                    x_batch=tuple(x_batch),
                 )
             )
         else:
             eps = self.eps[index]
         self.xs.append(x)
-        return out + eps.astype(out.dtype)
+        return out + eps.astype(out.dtype), ""
 
     def _scan(
         self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
@@ -302,11 +360,18 @@ class _Interpreter:
         xs_tags = intags[n_consts + n_carry :]
         for t in carry_tags:
             if t is not None:
-                self.unrecognised.add(t.leaf)
+                self.reject(t, "scan (as a carry)")
         depth = len(self.loop_shape)
-        x_inner_tags = [
-            None if t is None else _Tag(t.leaf, (*t.levels, depth)) for t in xs_tags
-        ]
+        x_inner_tags: list[_Tag | None] = []
+        for t in xs_tags:
+            if t is not None and t.axes[0] != len(t.levels):
+                # Sliced along an axis that is not its next leading one (a
+                # transposed stack): not a stack of per-layer kernels.
+                self.reject(t, "scan (sliced along a non-leading axis)")
+                t = None
+            x_inner_tags.append(
+                None if t is None else _Tag(t.leaf, (*t.levels, depth), t.axes[1:])
+            )
         start = self.cursor
         discovering = self.eps is None
         count = self.scan_tap_counts.get(id(eqn), 0)
@@ -342,7 +407,8 @@ class _Interpreter:
             unroll=p["unroll"],
         )
         inner: _Interpreter = recorder["inner"]
-        self.unrecognised |= inner.unrecognised
+        for leaf, uses in inner.unrecognised.items():
+            self.unrecognised.setdefault(leaf, set()).update(uses)
         if discovering:
             self.scan_tap_counts[id(eqn)] = len(inner.taps)
             self.taps.extend(inner.taps)
@@ -365,8 +431,9 @@ def _scan_signature(params: dict[str, Any]) -> tuple[int, int, Any, list[Any]]:
     return len(consts), len(carry), params["jaxpr"], []
 
 
-def _root_tags(num_leaves: int, num_args: int) -> list[_Tag | None]:
-    return [*(_Tag(i, ()) for i in range(num_leaves)), *([None] * num_args)]
+def _root_tags(leaves: Sequence[Any], num_args: int) -> list[_Tag | None]:
+    tags = [_Tag(i, (), tuple(range(jnp.ndim(leaf)))) for i, leaf in enumerate(leaves)]
+    return [*tags, *([None] * num_args)]
 
 
 def _trace(
@@ -391,7 +458,7 @@ def _discover(closed: Any, leaves: list[Any], flat_args: list[Any]) -> _Interpre
 
     def run(lv: list[Any], fa: list[Any]) -> Any:
         return finder.run(
-            closed.jaxpr, closed.consts, [*lv, *fa], _root_tags(len(lv), len(fa))
+            closed.jaxpr, closed.consts, [*lv, *fa], _root_tags(lv, len(fa))
         )[0]
 
     jax.eval_shape(run, leaves, flat_args)
@@ -419,6 +486,7 @@ def find_layers(fn: Callable[..., Any], params: Params, *args: Any) -> Layers:
         num_leaves=len(leaves),
         eps_shapes=tuple(t.loop_shape + t.out_shape for t in finder.taps),
         eps_dtypes=tuple(jnp.result_type(leaves[t.leaf]) for t in finder.taps),
+        uses={leaf: tuple(sorted(u)) for leaf, u in finder.unrecognised.items()},
     )
 
 
@@ -452,7 +520,7 @@ def tapped(
             closed.jaxpr,
             closed.consts,
             [*leaves, *flat_args],
-            _root_tags(len(leaves), len(flat_args)),
+            _root_tags(leaves, len(flat_args)),
         )
         return jax.tree.unflatten(out_tree, outs), interp.xs
 

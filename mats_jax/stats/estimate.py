@@ -6,8 +6,8 @@ Per micro-batch it evaluates the model with its dense layers tapped
 the sums the target statistic type asks for
 (:attr:`~mats_jax.Statistic.estimator_sums`):
 
-* ``"inputs"``: ``Σ_r w_r x_r x_rᵀ`` per kernel (and layer), with ``"rows"``
-  the row count ``Σ_r w_r``;
+* ``"inputs"``: ``Σ_r w_r x_r x_rᵀ`` per kernel (and layer, and head for a
+  per-head batched product), with ``"rows"`` the row count ``Σ_r w_r``;
 * ``"output_gradients"``: ``Σ_r Σ_k g_rk g_rkᵀ``;
 * ``"squared_gradients"``: per-example squared scores. For a kernel used once
   with one row per example (a dense layer of a plain classifier) they are
@@ -15,6 +15,25 @@ the sums the target statistic type asks for
   outer product ``x_b g_bkᵀ``: no per-example gradient is ever formed; every
   other leaf (biases, norms, embeddings, convolutions, kernels applied to
   several rows per example) gets them from ``jax.vmap`` of ``jax.vjp``.
+
+Row weights w_r come from the batch's mask: a row of a layer whose rows are
+led by the mask's shape ((batch, positions): the tokens of a text model)
+takes its entry, so padding tokens count in neither A nor the row count; a
+row led by the batch axis alone (after pooling) takes its example's weight.
+The likelihood weighs predictions by :func:`~mats_jax.stats.likelihood.prediction_mask`.
+
+Plans. What to compute for a model depends on the shapes of a batch (the
+products found when tracing it, their rows). Each distinct batch shape (text
+padded per batch to its own length) gets its own plan and jitted step,
+cached by the shape signature and compiled once, all adding to one
+accumulator: the kernels, their layouts and the accumulator's shapes must be
+the same for every shape, or the batch that differs is named in an error.
+
+A kernel gets its Gram or K-FAC statistic unless a factor would have more
+than ``max_factor_size`` rows (a vocabulary head's G), it has uses the
+capture cannot read, or its rows cannot be told from padding; such leaves
+get the fallback, and a :class:`~mats_jax.stats.likelihood.StatisticsFallbackWarning`
+lists each with its reason before any work.
 
 :func:`estimate` hands the sums to the type (:meth:`~mats_jax.Statistic.from_sums`),
 which applies the package's one normalisation (per example; A and Gram per
@@ -27,7 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -35,15 +54,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mats_jax.stats.accumulate import accumulate
+from mats_jax.stats.accumulate import Step, accumulate
 from mats_jax.stats.capture import Layers, Tap, find_layers, tapped
 from mats_jax.stats.likelihood import (
     FisherKind,
+    StatisticsFallbackWarning,
     StatisticsInputError,
     check_batch,
     check_kind,
+    check_label_range,
     check_logits,
     logit_cotangents,
+    prediction_mask,
 )
 from mats_jax.stats.statistic import (
     Diagonal,
@@ -52,14 +74,20 @@ from mats_jax.stats.statistic import (
     kernel_axes,
     kernel_from_blocks,
 )
-from mats_jax.tree import leaf_paths
+from mats_jax.tree import leaf_paths, select
 from mats_jax.typing import Array, Params, StatTree
 
-__all__ = ["estimate"]
+__all__ = ["MAX_FACTOR_SIZE", "estimate"]
 
 Fallback = Literal["diagonal"] | None
 Target = type[Statistic]
 LogitsFn = Callable[[Params, Any], Array]
+
+MAX_FACTOR_SIZE = 8192
+"""The default limit on a factor's rows: a kernel whose A or G would have more
+falls back. 8192 rows are 256 MiB of float32 per factor and task, and keep
+every factor of BERT-large (inputs up to 4096) while leaving out a
+vocabulary head's G (30,522 rows for BERT: 3.7 GB per task)."""
 
 
 def sum_over_examples(x: Array) -> Array:
@@ -91,10 +119,9 @@ def per_example_squared_scores(
     chosen = [leaf for leaf, s in zip(leaves, selected, strict=True) if s]
     inputs, mask = micro["inputs"], micro["mask"]
     size = mask.shape[0]
+    prediction_shape = jax.eval_shape(lambda: logits_fn(params, inputs)).shape[:-1]
     labels = micro.get("labels")
-    labels = labels if labels is not None else jnp.zeros(mask.shape, jnp.int32)
-    logits_shape = jax.eval_shape(lambda: logits_fn(params, inputs))
-    check_logits(logits_shape, size, tuple(labels.shape), kind)
+    labels = labels if labels is not None else jnp.zeros(prediction_shape, jnp.int32)
 
     def with_chosen(values: list[Array]) -> Params:
         it = iter(values)
@@ -108,7 +135,8 @@ def per_example_squared_scores(
             return logits_fn(with_chosen(values), jax.tree.map(lambda a: a[None], x))
 
         logits, pullback = jax.vjp(logits_of, chosen)
-        u = logit_cotangents(logits, label[None], m[None], kind, k, num_samples)
+        weights = prediction_mask(m[None], logits.shape[:-1])
+        u = logit_cotangents(logits, label[None], weights, kind, k, num_samples)
         grads = jax.vmap(pullback)(u.astype(logits.dtype))[0]
         return [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0) for g in grads]
 
@@ -131,45 +159,13 @@ class _Kernel:
     n_out: int
 
 
-def _kernels(layers: Layers, leaves: list[Any]) -> tuple[list[_Kernel], set[int]]:
-    """Groups taps by leaf; a leaf whose uses disagree on its layout is unrecognised."""
-    by_leaf: dict[int, list[int]] = {}
-    for i, tap in enumerate(layers.taps):
-        by_leaf.setdefault(tap.leaf, []).append(i)
-    kernels, rejected = [], set(layers.unrecognised)
-    for leaf, tap_ids in by_leaf.items():
-        if leaf in rejected:
-            continue
-        taps = [layers.taps[i] for i in tap_ids]
-        first = taps[0]
-        layouts = {
-            (t.in_axes, t.out_axes, tuple(t.loop_shape[lv] for lv in t.layer_levels))
-            for t in taps
-        }
-        if len(layouts) != 1:
-            rejected.add(leaf)
-            continue
-        shape = np.shape(leaves[leaf])
-        kernels.append(
-            _Kernel(
-                leaf=leaf,
-                taps=tuple(tap_ids),
-                in_axes=first.in_axes,
-                out_axes=first.out_axes,
-                layer_shape=tuple(shape[: len(first.layer_levels)]),
-                n_in=int(np.prod([shape[a] for a in first.in_axes])),
-                n_out=int(np.prod([shape[a] for a in first.out_axes])),
-            )
-        )
-    return kernels, rejected
-
-
 def _row_weights(tap: Tap, mask: Array) -> Array | None:
     """Weights of the tap's rows (per loop iteration) from the batch mask, or None.
 
     Rows whose leading axes are the mask's (batch[, positions]) take the mask;
-    rows led by the batch axis alone take the per-example mask. Rows not led by
-    the batch axis cannot be told apart from padding: None (unrecognised).
+    rows led by the batch axis alone take the per-example mask (the largest
+    weight of the example's positions). Rows not led by the batch axis cannot
+    be told apart from padding: None (unrecognised).
     """
     rows = tap.row_shape
     example_mask = mask.reshape(mask.shape[0], -1).max(axis=1)
@@ -178,6 +174,107 @@ def _row_weights(tap: Tap, mask: Array) -> Array | None:
             w = m.reshape(m.shape + (1,) * (len(rows) - m.ndim))
             return jnp.broadcast_to(w, rows).reshape(-1)
     return None
+
+
+def _kernel_of(
+    layers: Layers, leaf: int, tap_ids: list[int], shape: tuple[int, ...]
+) -> _Kernel | str:
+    """The leaf as one kernel over all its taps, or why its taps disagree."""
+    taps = [layers.taps[i] for i in tap_ids]
+    first = taps[0]
+    layouts = {
+        (
+            t.in_axes,
+            t.out_axes,
+            t.batch_axes,
+            tuple(t.loop_shape[lv] for lv in t.layer_levels),
+        )
+        for t in taps
+    }
+    if len(layouts) != 1:
+        return "its products use different axes of it as inputs and outputs"
+    blocks, _, _ = kernel_axes(len(shape), first.in_axes, first.out_axes)
+    # The accumulator's block axes are the layers' (leading) then the batch
+    # axes': the statistic's are the leaf's other axes, in increasing order.
+    assert blocks == (*range(len(first.layer_levels)), *first.batch_axes)
+    return _Kernel(
+        leaf=leaf,
+        taps=tuple(tap_ids),
+        in_axes=first.in_axes,
+        out_axes=first.out_axes,
+        layer_shape=tuple(shape[a] for a in blocks),
+        n_in=int(np.prod([shape[a] for a in first.in_axes])),
+        n_out=int(np.prod([shape[a] for a in first.out_axes])),
+    )
+
+
+def _kernels(
+    layers: Layers,
+    leaves: list[Any],
+    mask: Any,
+    selected: Sequence[bool],
+    factors: Mapping[str, str],
+    max_factor_size: int | None,
+) -> tuple[list[_Kernel], dict[int, str]]:
+    """The selected leaves that get a kernel statistic, and why the others with products do not.
+
+    ``factors`` names the factors the target forms (``"inputs"`` → A over the
+    kernel's inputs, ``"output_gradients"`` → G over its outputs), to which
+    ``max_factor_size`` applies.
+    """
+    by_leaf: dict[int, list[int]] = {}
+    for i, tap in enumerate(layers.taps):
+        by_leaf.setdefault(tap.leaf, []).append(i)
+    kernels: list[_Kernel] = []
+    reasons: dict[int, str] = {}
+    for leaf, uses in layers.uses.items():
+        if not selected[leaf]:
+            continue
+        if leaf in by_leaf:
+            # A statistic of the products alone would state the leaf's
+            # curvature without its other uses (a tied embedding's lookups):
+            # the fallback, from per-example gradients, covers them all.
+            reasons[leaf] = (
+                f"used by {', '.join(uses)} as well as by products: a kernel "
+                "statistic would leave those uses out, so the leaf falls back as a whole"
+            )
+        else:
+            unread = [u for u in uses if u.startswith("dot_general")]
+            if unread:
+                reasons[leaf] = (
+                    "a product the capture cannot read ("
+                    + "; ".join(u.removeprefix("dot_general: ") for u in unread)
+                    + ")"
+                )
+    for leaf, tap_ids in by_leaf.items():
+        if leaf in reasons or not selected[leaf]:
+            continue
+        kernel = _kernel_of(layers, leaf, tap_ids, tuple(np.shape(leaves[leaf])))
+        if isinstance(kernel, str):
+            reasons[leaf] = kernel
+            continue
+        unmaskable = [
+            layers.taps[t].row_shape
+            for t in tap_ids
+            if _row_weights(layers.taps[t], mask) is None
+        ]
+        if unmaskable:
+            reasons[leaf] = (
+                f"the rows of its input, {unmaskable[0]}, are not led by "
+                "the batch axis, so padding cannot be told apart from real rows"
+            )
+            continue
+        too_big = [
+            f"its {name} would have {n} rows, more than max_factor_size={max_factor_size}"
+            for sum_name, name in factors.items()
+            for n in [kernel.n_in if sum_name == "inputs" else kernel.n_out]
+            if max_factor_size is not None and n > max_factor_size
+        ]
+        if too_big:
+            reasons[leaf] = "; ".join(too_big)
+            continue
+        kernels.append(kernel)
+    return kernels, reasons
 
 
 def _reduce_loops(tap: Tap, x: Array) -> Array:
@@ -190,7 +287,7 @@ def _reduce_loops(tap: Tap, x: Array) -> Array:
 def _tap_sums(
     tap: Tap, x: Array, gs: Array | None, mask: Array
 ) -> tuple[Array, Array | None, Array]:
-    """(Σ w x xᵀ, Σ g gᵀ, Σ w) for one tap, per layer."""
+    """(Σ w x xᵀ, Σ g gᵀ, Σ w) for one tap, per layer (and per head)."""
     weights = _row_weights(tap, mask)
     assert weights is not None
     rows_x = tap.rows_and_inputs(x).astype(jnp.float32)
@@ -212,43 +309,99 @@ def _tap_sums(
     return a, g, count
 
 
-def _first_micro_batch(
-    batches: Iterable[Mapping[str, Any]], size: int
-) -> tuple[Any, Iterable[Mapping[str, Any]]]:
-    iterator = iter(batches)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise StatisticsInputError(
-            "the data iterator yielded no batches: statistics need at least one example"
-        ) from None
-    batch_size = check_batch(first, 0, needs_labels=False)
-    take = np.arange(size) % batch_size
-    inputs = jax.tree.map(lambda x: np.asarray(x)[take], first["inputs"])
-    return inputs, itertools.chain([first], iterator)
-
-
 def _one_row_per_example(tap: Tap, size: int) -> bool:
     """A tap whose rows are the examples themselves, applied once per example."""
-    return tap.row_shape == (size,) and len(tap.layer_levels) == len(tap.loop_shape)
+    return (
+        tap.row_shape == (size,)
+        and not tap.batch_axes
+        and len(tap.layer_levels) == len(tap.loop_shape)
+    )
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    """A per-batch shape with its leading (batch) axis named: ``(batch, 6)``."""
+    return "(" + ", ".join(["batch", *(str(n) for n in shape[1:])]) + ")"
+
+
+def _spec(x: Any, size: int) -> jax.ShapeDtypeStruct:
+    """The shape and dtype ``x`` has in a micro-batch of ``size`` examples."""
+    shape = tuple(np.shape(x))
+    dtype = jax.dtypes.canonicalize_dtype(
+        x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    )
+    return jax.ShapeDtypeStruct((size, *shape[1:]), dtype)
+
+
+def _micro_spec(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """Shapes and dtypes of a batch's micro-batches, as :mod:`~mats_jax.stats.accumulate` cuts them."""
+    inputs = jax.tree.map(lambda x: _spec(x, size), batch["inputs"])
+    mask_shape = tuple(np.shape(batch["mask"]))[1:] if "mask" in batch else ()
+    out = {
+        "inputs": inputs,
+        "mask": jax.ShapeDtypeStruct((size, *mask_shape), jnp.float32),
+    }
+    if "labels" in batch:
+        out["labels"] = _spec(batch["labels"], size)
+    return out
+
+
+def _describe(spec: Mapping[str, Any]) -> str:
+    """A micro-batch's shapes for messages, the batch axis named."""
+    return ", ".join(
+        name + jax.tree_util.keystr(path) + " " + _shape_str(x.shape)
+        for name in ("inputs", "mask", "labels")
+        if name in spec
+        for path, x in jax.tree_util.tree_flatten_with_path(spec[name])[0]
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What one configuration of an estimator computes, and its step function."""
+    """What one configuration of an estimator computes for one batch shape, and its step.
+
+    Attributes:
+      kernels: the leaves that get the kernel statistic (or, for the
+        diagonal, the outer-product shortcut).
+      per_example: the leaves whose squared scores come from per-example
+        gradients.
+      init_shapes: the accumulator's shapes, by leaf path and sum.
+      step: the step function (jitted by the accumulator, once).
+      classes: the logits' last axis, when the statistic needs the logits.
+      fallbacks: the leaves with products that do not get the kernel
+        statistic, and why (by leaf path).
+    """
 
     kernels: tuple[_Kernel, ...]
     per_example: tuple[bool, ...]
     init_shapes: dict[str, Any]
-    step: Callable[..., Any]
+    step: Step
+    classes: int | None
+    fallbacks: dict[str, str]
+
+    def layout(self) -> Any:
+        """What every batch shape must agree on: the accumulator and its reading."""
+        return (
+            tuple((k.leaf, k.in_axes, k.out_axes, k.layer_shape) for k in self.kernels),
+            self.per_example,
+            self.init_shapes,
+        )
 
 
 _PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
+# Enough for a text pipeline's length buckets across a few tasks' estimates.
+_PLAN_CACHE_SIZE = 64
 
 
 def _signature(tree: Any) -> Any:
+    """The tree's structure, shapes and dtypes (of arrays or ShapeDtypeStructs)."""
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    return treedef, tuple(
+        (
+            tuple(np.shape(x)),
+            str(x.dtype if hasattr(x, "dtype") else jnp.result_type(x)),
+        )
+        for x in leaves
+    )
 
 
 class _Config(NamedTuple):
@@ -260,57 +413,143 @@ class _Config(NamedTuple):
     fallback: Fallback
     selected: tuple[bool, ...]
     size: int
+    max_factor_size: int | None
+    needs_fisher: bool
 
 
 def _plan(
     fn: Callable[[Params, Any], Any],
     params: Params,
-    example_inputs: Any,
+    micro: Mapping[str, Any],
     config: _Config,
+    where: str,
 ) -> _Plan:
-    """The (cached) plan for this model function, configuration and shapes.
+    """The (cached) plan for this model function, configuration and micro-batch shapes.
 
     Reusing the plan reuses its step function, and with it the jitted
     executable: estimating the statistics of many tasks of one model
-    compiles once.
+    compiles once per batch shape. ``where`` names the batch in errors.
     """
     try:
-        key = (fn, config, _signature(params), _signature(example_inputs))
+        key = (fn, config, _signature(params), _signature(micro))
         hash(key)
     except TypeError:  # an unhashable model function: no caching
         key = None
     if key is not None and key in _PLANS:
         _PLANS.move_to_end(key)
         return _PLANS[key]
-    built = _build_plan(fn, params, example_inputs, config)
+    built = _build_plan(fn, params, micro, config, where)
     if key is not None:
         _PLANS[key] = built
-        if len(_PLANS) > 16:
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     return built
+
+
+def _traced(
+    fn: Callable[[Params, Any], Any],
+    params: Params,
+    micro: Mapping[str, Any],
+    config: _Config,
+    where: str,
+) -> tuple[Layers, tuple[int, ...] | None]:
+    """The layers of ``fn`` on these shapes, and its logits' shape if the statistic needs them."""
+    try:
+        layers = find_layers(fn, params, micro["inputs"])
+        logits = jax.eval_shape(fn, params, micro["inputs"])
+    except StatisticsInputError:
+        raise
+    except (TypeError, ValueError) as error:
+        # Shapes no plan fits (features of another size): name the batch.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise StatisticsInputError(
+            f"{where}: the model function cannot be applied to it: "
+            f"{type(error).__name__}: {message}"
+        ) from error
+    if not config.needs_fisher:
+        return layers, None
+    labels = micro.get("labels")
+    try:
+        check_logits(
+            logits,
+            config.size,
+            None if labels is None else tuple(labels.shape),
+            config.kind,
+        )
+    except StatisticsInputError as error:
+        raise StatisticsInputError(f"{where}: {error}") from None
+    return layers, tuple(logits.shape)
+
+
+def _check_mask(
+    mask_shape: tuple[int, ...],
+    logits_shape: tuple[int, ...] | None,
+    inputs: Any,
+    layers: Layers,
+    where: str,
+) -> None:
+    """A mask is (batch,), or (batch, positions) of the logits, the inputs or a layer's rows.
+
+    A mask with more axes than the logits' predictions must lead an input's
+    shape or a dense layer's rows: it marks positions of the inputs.
+    """
+    predictions = None if logits_shape is None else logits_shape[:-1]
+    positions = sorted(
+        shape
+        for shape in {tuple(x.shape) for x in jax.tree.leaves(inputs)}
+        | {tap.row_shape for tap in layers.taps}
+        if shape[:1] == mask_shape[:1]  # led by the batch axis
+    )
+    of_inputs = any(r[: len(mask_shape)] == mask_shape for r in positions)
+    if predictions is None:
+        fits = of_inputs
+    elif predictions[: len(mask_shape)] == mask_shape:
+        fits = True
+    else:
+        fits = mask_shape[: len(predictions)] == predictions and of_inputs
+    if len(mask_shape) == 1 or fits:
+        return
+    neither = (
+        ""
+        if predictions is None
+        else f"the logits' predictions {_shape_str(predictions)} nor "
+    )
+    raise StatisticsInputError(
+        f"{where}: the mask has shape {_shape_str(mask_shape)}, which matches neither "
+        f"{neither}the positions of the inputs or of any dense layer's rows ("
+        + ", ".join(_shape_str(r) for r in positions)
+        + "): a mask is (batch,), or (batch, positions) with the positions of the "
+        "logits or of the inputs"
+    )
 
 
 def _build_plan(
     fn: Callable[[Params, Any], Any],
     params: Params,
-    example_inputs: Any,
+    micro: Mapping[str, Any],
     config: _Config,
+    where: str,
 ) -> _Plan:
-    target, kind, num_samples, fallback, selected, size = config
+    target, kind, num_samples, fallback, selected, size, max_factor_size, _ = config
     flat_params = jax.tree.leaves(params)
     paths = jax.tree.leaves(leaf_paths(params))
-    layers = find_layers(fn, params, example_inputs)
-    kernels, _ = _kernels(layers, flat_params)
-    probe_mask = jnp.ones((size,))
-    kernels = [
-        k
-        for k in kernels
-        if all(_row_weights(layers.taps[t], probe_mask) is not None for t in k.taps)
-    ]
+    layers, logits_shape = _traced(fn, params, micro, config, where)
+    mask_spec = micro["mask"]
+    _check_mask(tuple(mask_spec.shape), logits_shape, micro["inputs"], layers, where)
+    probe_mask = jnp.ones(mask_spec.shape, mask_spec.dtype)
     squares = "squared_gradients" in target.estimator_sums
+    factor_names = {"inputs": "input factor A", "output_gradients": "output factor G"}
+    kernels, reasons = _kernels(
+        layers,
+        flat_params,
+        probe_mask,
+        [True] * len(flat_params) if squares else selected,
+        {k: v for k, v in factor_names.items() if k in target.estimator_sums},
+        max_factor_size,
+    )
     if squares:
         # Only kernels used once, one row per example, take the outer-product
-        # shortcut; the rest need per-example gradients.
+        # shortcut; the rest need per-example gradients (the same statistic).
         kernels = [
             k
             for k in kernels
@@ -318,7 +557,10 @@ def _build_plan(
             and len(k.taps) == 1
             and _one_row_per_example(layers.taps[k.taps[0]], size)
         ]
-    elif not kernels:
+        reasons = {}
+    elif not layers.taps and not reasons:
+        # Nothing to read at all (kernels chosen away or too large are
+        # fallbacks, and listed, not an error).
         raise StatisticsInputError(
             f"{target.kind}: no dense layer (a product of an activation with a parameter) "
             f"was found in the model function; leaves: {', '.join(paths[:10])}"
@@ -356,17 +598,13 @@ def _build_plan(
             ]
             gs = None
             if needs_g:
-                labels = micro.get("labels")
                 out, pullback, xs = jax.vjp(
                     lambda e: run(params, e, inputs), eps, has_aux=True
                 )
-                check_logits(
-                    out,
-                    mask.shape[0],
-                    None if labels is None else tuple(labels.shape),
-                    kind,
+                weights = prediction_mask(mask, out.shape[:-1])
+                u = logit_cotangents(
+                    out, micro.get("labels"), weights, kind, k, num_samples
                 )
-                u = logit_cotangents(out, labels, mask, kind, k, num_samples)
                 gs = jax.vmap(pullback)(u.astype(out.dtype))[0]
             else:
                 _, xs = run(params, eps, inputs)
@@ -410,7 +648,106 @@ def _build_plan(
                     }
         return new
 
-    return _Plan(tuple(kernels), tuple(per_example), init, step)
+    return _Plan(
+        kernels=tuple(kernels),
+        per_example=tuple(per_example),
+        init_shapes=init,
+        step=step,
+        classes=None if logits_shape is None else logits_shape[-1],
+        fallbacks={paths[i]: r for i, r in sorted(reasons.items())},
+    )
+
+
+def _peek(
+    batches: Iterable[Mapping[str, Any]],
+) -> tuple[Mapping[str, Any], Iterator[Mapping[str, Any]]]:
+    """The first batch, and an iterator over all of them (the first included)."""
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise StatisticsInputError(
+            "the data iterator yielded no batches: statistics need at least one example"
+        ) from None
+    return first, itertools.chain([first], iterator)
+
+
+class _PlansByShape:
+    """The plan of each batch shape seen in one estimate, checked against the first.
+
+    Called as the accumulator's ``step_for``: plans the batch's shape (once
+    per shape), checks that it accumulates into the same statistics as the
+    first batch did, checks concrete labels against the classes, and returns
+    the plan's step.
+    """
+
+    def __init__(
+        self, fn: Callable[[Params, Any], Any], params: Params, config: _Config
+    ):
+        self.fn, self.params, self.config = fn, params, config
+        self.plans: dict[Any, _Plan] = {}
+        self.first: tuple[_Plan, str] | None = None
+
+    def plan(self, batch: Mapping[str, Any], index: int) -> _Plan:
+        spec = _micro_spec(batch, self.config.size)
+        key = _signature(spec)
+        if key in self.plans:
+            return self.plans[key]
+        where = f"batch {index} ({_describe(spec)})"
+        if self.first is not None:
+            where += f"; batch 0 had {self.first[1]}"
+        plan = _plan(self.fn, self.params, spec, self.config, where)
+        if self.first is None:
+            self.first = (plan, _describe(spec))
+        elif plan.layout() != self.first[0].layout():
+            raise StatisticsInputError(
+                f"{where}: its shapes change which leaves get which statistic "
+                f"({_layout_difference(self.first[0], plan)}); statistics over "
+                "batches of different shapes must agree on every layer"
+            )
+        self.plans[key] = plan
+        return plan
+
+    def __call__(self, batch: Mapping[str, Any], index: int) -> Step:
+        plan = self.plan(batch, index)
+        if (
+            self.config.needs_fisher
+            and self.config.kind == "empirical"
+            and plan.classes is not None
+        ):
+            check_label_range(batch, index, plan.classes)
+        return plan.step
+
+
+def _layout_difference(first: _Plan, other: _Plan) -> str:
+    """The leaf paths whose statistics differ between two plans."""
+    differ = sorted(
+        path
+        for path in set(first.init_shapes) | set(other.init_shapes)
+        if first.init_shapes.get(path) != other.init_shapes.get(path)
+    )
+    return "leaves " + ", ".join(differ[:5]) if differ else "the kernels' axes"
+
+
+def _warn_fallbacks(plan: _Plan, target: Target, fallback: Fallback) -> None:
+    """Lists the leaves with products that do not get the kernel statistic, and why."""
+    if not plan.fallbacks:
+        return
+    instead = (
+        "the diagonal Fisher (fallback='diagonal')"
+        if fallback == "diagonal"
+        else "no statistic (fallback=None)"
+    )
+    # Imported here: mats_jax.checks imports the statistic types, whose package
+    # imports this module (a lower layer; only the import order is circular).
+    from mats_jax.checks import warn
+
+    listing = "; ".join(f"{path!r}: {why}" for path, why in plan.fallbacks.items())
+    warn(
+        f"{target.kind}: {len(plan.fallbacks)} leaves with dense products get {instead} "
+        f"instead of {target.kind}: {listing}",
+        StatisticsFallbackWarning,
+    )
 
 
 def estimate(
@@ -427,15 +764,21 @@ def estimate(
     fallback: Fallback,
     progress: bool,
     leaves: Any = None,
+    max_factor_size: int | None = MAX_FACTOR_SIZE,
 ) -> StatTree:
     """Estimates ``target`` statistics of ``fn`` over ``batches``; see the module docstring.
 
     Args:
       target: the statistic type to estimate, from the sums it names
         (:attr:`~mats_jax.Statistic.estimator_sums`): kernel statistics such as
-        :class:`~mats_jax.Gram` and :class:`~mats_jax.KFAC` for every dense
-        kernel (``fallback`` for the other leaves), or
+        :class:`~mats_jax.Gram` and :class:`~mats_jax.KFAC` for every selected
+        dense kernel (``fallback`` for the other leaves), or
         :class:`~mats_jax.Diagonal` for every leaf selected by ``leaves``.
+      leaves: which leaves get the target statistic: None (all), a boolean
+        pytree with ``params``' structure, or leaf-path patterns (a string or
+        a sequence of strings, as :func:`mats_jax.tree.select` reads them).
+      max_factor_size: the most rows a formed factor (A, G) may have; a kernel
+        past it gets the fallback. None: no limit.
       Everything else: as for :func:`~mats_jax.kfac`.
     """
     if fallback not in ("diagonal", None):
@@ -452,6 +795,12 @@ def estimate(
             raise StatisticsInputError(
                 "kind='sampled' needs a PRNG key: key=jax.random.key(seed)"
             )
+    if max_factor_size is not None and (
+        int(max_factor_size) != max_factor_size or max_factor_size < 1
+    ):
+        raise StatisticsInputError(
+            f"max_factor_size must be a positive integer or None, got {max_factor_size!r}"
+        )
     selected = _selection(params, leaves)
     size = int(micro_batch_size) if int(micro_batch_size) == micro_batch_size else -1
     if size < 1:
@@ -461,24 +810,35 @@ def estimate(
     if mesh is not None:
         devices = mesh.shape[mesh.axis_names[0]]
         size = -(-size // devices) * devices
-    example_inputs, batches = _first_micro_batch(batches, size)
-    plan = _plan(
+    first, batches = _peek(batches)
+    needs_fisher_labels = needs_fisher and kind == "empirical"
+    check_batch(first, 0, needs_labels=needs_fisher_labels)
+    plans = _PlansByShape(
         fn,
         params,
-        example_inputs,
-        _Config(target, kind, num_samples, fallback, tuple(selected), size),
+        _Config(
+            target,
+            kind,
+            num_samples,
+            fallback,
+            tuple(selected),
+            size,
+            None if max_factor_size is None else int(max_factor_size),
+            needs_fisher,
+        ),
     )
+    plan = plans.plan(first, 0)
+    _warn_fallbacks(plan, target, fallback)
     kernels, per_example = plan.kernels, plan.per_example
     flat_params = jax.tree.leaves(params)
     paths = jax.tree.leaves(leaf_paths(params))
-    needs_fisher_labels = needs_fisher and kind == "empirical"
     init = jax.tree.map(
         lambda shape: jnp.zeros(shape, jnp.float32),
         plan.init_shapes,
         is_leaf=lambda x: isinstance(x, tuple),
     )
     acc, n = accumulate(
-        plan.step,
+        plans,
         init,
         params,
         batches,
@@ -570,14 +930,26 @@ def _accumulator_shardings(
 
 
 def _selection(params: Params, leaves: Any) -> list[bool]:
+    """Which leaves get the target statistic: all, a boolean pytree, or path patterns."""
     n = len(jax.tree.leaves(params))
     if leaves is None:
         return [True] * n
+    is_patterns = isinstance(leaves, str) or (
+        isinstance(leaves, Sequence)
+        and len(leaves) > 0
+        and all(isinstance(p, str) for p in leaves)
+    )
+    if is_patterns:
+        try:
+            leaves = select(params, leaves)
+        except ValueError as error:
+            raise StatisticsInputError(f"leaves: {error}") from None
     try:
         treedef: Any = jax.tree.structure(params)  # its stubs lack flatten_up_to
         flat = treedef.flatten_up_to(leaves)
     except (ValueError, TypeError) as error:
         raise StatisticsInputError(
-            f"leaves must be a boolean pytree with the parameters' structure: {error}"
+            "leaves must be leaf-path patterns (e.g. ['*/kernel']) or a boolean "
+            f"pytree with the parameters' structure: {error}"
         ) from None
     return [bool(x) for x in flat]

@@ -18,6 +18,15 @@ those kernels need no per-example gradients at all
 from ``jax.vmap`` over a micro-batch's examples of ``jax.vjp``. Memory is one
 micro-batch, whatever the size of the data.
 
+Masks. With (batch, positions, classes) logits a (batch, positions) mask
+weighs each position's log-likelihood (padding contributes nothing). With
+(batch, classes) logits (a pooled classifier over padded text) the mask may
+be (batch, positions), the inputs' positions: an example then counts with its
+largest entry (1 if any position is real). N counts the examples with any
+real position. Batches may differ in their non-batch sizes (text padded per
+batch to its own length): each shape is compiled once, and the result equals
+one pass over the examples padded to one length.
+
 Normalisation (the same for every statistic of this package): per example,
 i.e. divided by the number of (unmasked) examples N, so that tasks with more
 data do not weigh more; weight tasks explicitly with the merge's ``weights``.
@@ -55,13 +64,24 @@ def diagonal_fisher(
 ) -> StatTree:
     """The diagonal Fisher of a categorical model over a data iterator.
 
+    .. math::
+
+       F = \\frac{1}{N} \\sum_i \\sum_k \\big(\\nabla_\\theta \\langle u_{ik}, z_i(\\theta)\\rangle\\big)^2
+
+    (module docstring: the cotangents u of each kind, the masks).
+
     Args:
-      logits_fn: ``logits_fn(params, inputs) -> logits`` of shape (batch,
-        classes) or (batch, positions, classes): e.g. ``model.apply`` for a
-        flax.linen module, or a function of ``nnx.split``'s state.
+      logits_fn: ``logits_fn(params, inputs) -> logits``, floating point, of
+        shape (batch, classes) or (batch, positions, classes): e.g.
+        ``model.apply`` for a flax.linen module, or a function of
+        ``nnx.split``'s state.
       params: the parameter pytree (the first argument of ``logits_fn``).
       batches: an iterable of ``{"inputs", "labels", "mask"}`` batches (see
-        :mod:`mats_jax.stats.likelihood`); iterated once.
+        :mod:`mats_jax.stats.likelihood`), each of at least one example;
+        iterated once. Labels are class ids in [0, classes) wherever the mask
+        counts (an ignore index such as -100 at masked positions is not
+        read); the mask is (batch,) or (batch, positions) of the logits or of
+        the inputs.
       kind: ``"exact"`` (default; one prediction per example), ``"sampled"``
         or ``"empirical"``.
       num_samples: labels drawn per example for ``kind="sampled"``.
@@ -70,8 +90,10 @@ def diagonal_fisher(
         the number of classes for the exact kind).
       mesh: a device mesh to shard each micro-batch's examples over (data
         parallel); the result equals the single-device one.
-      leaves: optional boolean pytree (e.g. from :func:`mats_jax.tree.select`)
-        choosing the leaves to compute; the others get None.
+      leaves: which leaves to compute: None (all), leaf-path patterns (a
+        string or a sequence of strings, ``"*/kernel"``, as
+        :func:`mats_jax.tree.select` reads them) or a boolean pytree; the
+        others get None.
       progress: show a progress bar.
 
     Returns:
@@ -79,8 +101,10 @@ def diagonal_fisher(
       (float32) per selected leaf.
 
     Raises:
-      StatisticsInputError: on bad batches, an empty iterator, logits of the
-        wrong shape, or NaN/Inf in the gradients.
+      StatisticsInputError: on bad batches (empty ones, labels out of range
+        for the empirical kind, shapes the model cannot take, naming the
+        batch), an empty iterator, logits of the wrong shape or integer
+        dtype, or NaN/Inf in the gradients.
 
     Examples:
       A linear softmax classifier at W = 0 (uniform predictions): every entry of
@@ -101,6 +125,20 @@ def diagonal_fisher(
       >>> (9 * empirical["w"].f).round(3)
       Array([[2. , 0.5, 0.5],
              [0.5, 0.5, 2. ]], dtype=float32)
+
+      Leaves chosen by pattern; batches of two lengths with a positions mask
+      beside pooled logits (the all-padding example does not count in N).
+
+      >>> def pooled(p, x):  # x: (batch, positions, 2)
+      ...     return x.sum(1) @ p["w"][:2] + p["b"]
+      >>> params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}
+      >>> batches = [
+      ...     {"inputs": jnp.ones((1, 2, 2)), "mask": jnp.ones((1, 2))},
+      ...     {"inputs": jnp.ones((2, 3, 2)), "mask": jnp.array([[1.0, 0, 0], [0, 0, 0]])},
+      ... ]
+      >>> fisher = diagonal_fisher(pooled, params, batches, leaves="b", progress=False)
+      >>> fisher["w"] is None, (9 * fisher["b"].f).round(3)
+      (True, Array([2., 2., 2.], dtype=float32))
     """
     return estimate(
         logits_fn,

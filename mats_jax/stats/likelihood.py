@@ -26,9 +26,16 @@ products make the statistics:
 
 A batch is a mapping with ``"inputs"`` (any pytree whose leaves have the batch
 as leading axis; passed to the model function as is), ``"labels"`` (integer
-class ids, (batch,) or (batch, positions); needed by the empirical kind) and an
-optional ``"mask"`` ((batch,) or (batch, positions), 1 for real examples or
-target tokens, 0 for padding).
+class ids in [0, classes), of the logits' prediction shape: (batch,) or
+(batch, positions); needed by the empirical kind) and an optional ``"mask"``
+(1 for real examples or tokens, 0 for padding). The mask is (batch,), or
+(batch, positions) with the positions of the logits (a token-level model) or
+of the inputs (a pooled classifier over padded text, whose logits are
+(batch, classes)). The likelihood weighs each prediction by
+:func:`prediction_mask`: the mask itself, or, for a pooled classifier, its
+largest entry per example (1 for an example with any real position); the
+estimators also use a (batch, positions) mask to keep padding rows out of the
+dense layers' input statistics (:mod:`mats_jax.stats.estimate`).
 """
 
 from __future__ import annotations
@@ -39,10 +46,20 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from mats_jax.typing import Array
 
-__all__ = ["FisherKind", "StatisticsInputError", "check_batch", "logit_cotangents"]
+__all__ = [
+    "FisherKind",
+    "StatisticsFallbackWarning",
+    "StatisticsInputError",
+    "check_batch",
+    "check_label_range",
+    "check_logits",
+    "logit_cotangents",
+    "prediction_mask",
+]
 
 FisherKind = Literal["exact", "sampled", "empirical"]
 KINDS = ("exact", "sampled", "empirical")
@@ -51,6 +68,12 @@ MAX_EXACT_CLASSES = 1024
 
 class StatisticsInputError(ValueError):
     """Bad input to a statistics estimator: the message says what and where."""
+
+
+class StatisticsFallbackWarning(UserWarning):
+    """Leaves with dense products that an estimator gives its fallback instead of
+    a kernel statistic (a factor past ``max_factor_size``, a tied embedding, a
+    product the capture cannot read); the message lists each leaf and why."""
 
 
 def check_kind(kind: str, num_samples: int) -> None:
@@ -101,6 +124,17 @@ def check_batch(batch: Any, index: int, *, needs_labels: bool) -> int:
     if len(set(sizes.values())) != 1:
         listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
         raise StatisticsInputError(f"{where}: leading (batch) sizes differ: {listing}")
+    if next(iter(sizes.values())) == 0:
+        shapes = ", ".join(
+            f"{name}: {tuple(np.shape(leaf))}"
+            for name in ("inputs", "labels", "mask")
+            if name in batch
+            for leaf in jax.tree.leaves(batch[name])
+        )
+        raise StatisticsInputError(
+            f"{where} has no examples (its leading axis has size 0: {shapes}); "
+            "leave empty batches out of the iterator"
+        )
     if "labels" in batch and not jnp.issubdtype(
         np.asarray(batch["labels"]).dtype, jnp.integer
     ):
@@ -113,13 +147,19 @@ def check_batch(batch: Any, index: int, *, needs_labels: bool) -> int:
 def check_logits(
     logits: Any, batch_size: int, labels_shape: tuple[int, ...] | None, kind: str
 ) -> None:
-    """Checks the model output's shape against the batch (at trace time)."""
+    """Checks the model output's shape and dtype against the batch (at trace time)."""
     shape = tuple(getattr(logits, "shape", ()))
     if len(shape) not in (2, 3) or shape[0] != batch_size:
         raise StatisticsInputError(
             f"the model function must return logits of shape (batch, classes) or "
             f"(batch, positions, classes) with batch = {batch_size}; got "
             f"{shape if hasattr(logits, 'shape') else type(logits).__name__}"
+        )
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        # An argmax or a class id has no gradient: every statistic would be 0.
+        raise StatisticsInputError(
+            f"the model function must return floating-point logits; got {logits.dtype} "
+            f"of shape {shape} (class ids or an argmax have no gradient)"
         )
     if labels_shape is not None and tuple(labels_shape) != shape[:-1]:
         raise StatisticsInputError(
@@ -134,6 +174,69 @@ def check_logits(
         raise StatisticsInputError(
             f"kind='exact' needs one backward pass per class; {shape[-1]} classes is too "
             f"many (limit {MAX_EXACT_CLASSES}): use kind='sampled'"
+        )
+
+
+def prediction_mask(mask: ArrayLike, prediction_shape: tuple[int, ...]) -> Array:
+    """The weight of each prediction (``logits.shape[:-1]``) from a batch's mask.
+
+    A mask with fewer axes than the predictions (a (batch,) mask of a
+    token-level model) weighs all of an example's predictions alike; one with
+    more (the (batch, positions) mask of a pooled classifier) gives each
+    prediction the largest weight over its extra axes: 1 for an example with
+    any real position.
+
+    Raises:
+      StatisticsInputError: if neither shape is a prefix of the other.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> mask = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> prediction_mask(mask, (2,))  # a pooled classifier: per example
+      Array([1., 0.], dtype=float32)
+      >>> prediction_mask(jnp.array([1.0, 0.0]), (2, 3))
+      Array([[1., 1., 1.],
+             [0., 0., 0.]], dtype=float32)
+    """
+    mask = jnp.asarray(mask, jnp.float32)
+    shape, n = tuple(mask.shape), len(prediction_shape)
+    if shape[:n] == tuple(prediction_shape):
+        return jnp.max(mask, axis=tuple(range(n, mask.ndim))) if mask.ndim > n else mask
+    if tuple(prediction_shape[: mask.ndim]) == shape:
+        wide = mask.reshape(shape + (1,) * (n - mask.ndim))
+        return jnp.broadcast_to(wide, tuple(prediction_shape))
+    raise StatisticsInputError(
+        f"the mask has shape {shape}, which does not fit predictions of shape "
+        f"{tuple(prediction_shape)}: a mask is (batch,) or (batch, positions)"
+    )
+
+
+def check_label_range(batch: Mapping[str, Any], index: int, classes: int) -> None:
+    """Checks that a batch's labels are class ids in [0, classes) where the mask counts.
+
+    Labels of masked-out predictions (an ignore index such as -100 at padding)
+    are not read. Traced labels are not checked.
+
+    Raises:
+      StatisticsInputError: naming the batch and the first bad label.
+    """
+    labels = batch["labels"]
+    if isinstance(labels, jax.core.Tracer):
+        return
+    labels = np.asarray(labels)
+    mask = batch.get("mask")
+    weights = (
+        np.ones(labels.shape, bool)
+        if mask is None
+        else np.asarray(prediction_mask(mask, labels.shape)) > 0
+    )
+    bad = weights & ((labels < 0) | (labels >= classes))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise StatisticsInputError(
+            f"batch {index}: labels must be class ids in [0, {classes}) where the mask "
+            f"is non-zero; labels{list(where)} is {labels[where]} "
+            f"({int(bad.sum())} such labels)"
         )
 
 
