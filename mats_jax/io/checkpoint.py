@@ -206,8 +206,9 @@ def open_checkpoint(
       path: an orbax directory, a msgpack file, a safetensors file, index or
         sharded directory.
       format: the format, detected when None.
-      layout: a :class:`Layout`, a preset name (``"hf_linear"``,
-        ``"nnx_state"``) or a list of rule dicts.
+      layout: a :class:`Layout`, a preset name (``"hf_bert"``, ``"hf_llama"``,
+        ``"hf_linear"``, ``"nnx_state"``: :data:`~mats_jax.io.PRESETS`) or a
+        list of rule dicts.
 
     Raises:
       CheckpointError: naming the file if it is missing, truncated or unreadable.
