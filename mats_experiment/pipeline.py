@@ -44,6 +44,7 @@ __all__ = [
     "ExperimentError",
     "count_units",
     "run",
+    "search_methods",
     "validate",
 ]
 
@@ -243,9 +244,9 @@ def _statistic(
 # --------------------------------------------------------------------------
 
 
-def _search(
+def search_methods(
     ordered: Sequence[str],
-    config: ExperimentConfig,
+    grids: Grids,
     base: Params,
     bodies: Sequence[Params],
     stats: Mapping[str, Sequence[StatTree]],
@@ -260,7 +261,11 @@ def _search(
 ) -> dict[str, Any]:
     """Runs every method's grid, chooses on validation, reports the test scores.
 
-    The chosen body of each method goes into ``chosen_bodies``.
+    ``ordered`` is :func:`~mats_experiment.methods.check_methods`' order (a
+    MaTS variant after the method it starts from); ``score_val`` returns the
+    selection score and the per-task validation accuracies. The chosen body
+    of each method goes into ``chosen_bodies``. Any model family can use it:
+    only the scoring functions see the model.
     """
     out: dict[str, Any] = {}
     best_by_weight: dict[str, dict[tuple[float, ...], Params]] = {}
@@ -273,7 +278,7 @@ def _search(
         for w in weight_grid:
             init = {k: v[w] for k, v in best_by_weight.items()}
             inputs = MergeInputs(base, bodies, stats, w, init, key)
-            for hp in methods.candidates(method, config.grids):
+            for hp in methods.candidates(method, grids):
                 body = method.merge(inputs, hp)
                 score, _ = score_val(body)
                 record = {"hyperparameters": hp, "weights": list(w), "val": score}
@@ -434,9 +439,9 @@ def _run_one(
 
     start = time.perf_counter()
     merged: dict[str, Params] = {}
-    multitask = _search(
+    multitask = search_methods(
         ordered,
-        config,
+        config.grids,
         base,
         bodies,
         stats,
@@ -483,9 +488,9 @@ def _run_one(
             acc = evaluate(body, [ib], "val")
             return acc[task_list[ib].name] / ft_val[ib] * 100.0, acc
 
-        intermediate[f"{a} -> {b}"] = _search(
+        intermediate[f"{a} -> {b}"] = search_methods(
             ordered,
-            config,
+            config.grids,
             base,
             [bodies[ib], bodies[ia]],
             {k: [v[ib], v[ia]] for k, v in stats.items()},

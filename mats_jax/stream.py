@@ -272,6 +272,12 @@ def _sources(
             sources.append((who, ckpt, path))
         elif path in recipe.tied and recipe.tied[path] in ckpt.leaves:
             sources.append((who, ckpt, recipe.tied[path]))
+        elif path in recipe.tied:
+            raise CheckpointError(
+                f"{recipe.where(recipe.tied_line)}: tied: {path!r} is read from "
+                f"{recipe.tied[path]!r} in models that lack it, but {who} ({ckpt.path}) has "
+                f"neither; its leaves look like {list(ckpt.leaves)[:3]}: correct the tied entry"
+            )
         else:
             have = [f"{w} ({c.path})" for w, c in named if path in c.leaves]
             shape = next(

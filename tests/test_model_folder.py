@@ -381,3 +381,34 @@ def test_save_model_folder_copies_the_folder_around_new_weights(tmp_path):
     )
     with pytest.raises(CheckpointError, match="inside the model folder"):
         mats_jax.save_model_folder(os.path.join(MINILM, "x"), tree, like=MINILM)
+
+
+def test_a_tied_entry_whose_target_is_missing_says_to_correct_it(tmp_path):
+    rng = np.random.default_rng(2)
+    save_checkpoint(
+        tmp_path / "a.safetensors",
+        {
+            "embed": {"weight": rng.normal(size=(5, 3)).astype(np.float32)},
+            "lm_head": {"weight": rng.normal(size=(5, 3)).astype(np.float32)},
+        },
+    )
+    save_checkpoint(
+        tmp_path / "b.safetensors",
+        {"embed": {"weight": rng.normal(size=(5, 3)).astype(np.float32)}},
+    )
+    text = (
+        "models: [a.safetensors, b.safetensors]\nmethod: average\n"
+        "tied: {lm_head/weight: embed/wieght}\n"
+    )
+    recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
+    with pytest.raises(
+        CheckpointError, match=r"r.yaml:3: tied: .*correct the tied entry"
+    ):
+        plan_merge(recipe)
+
+
+def test_statistics_table_of_one_tree_says_to_wrap_it():
+    with pytest.raises(
+        mats_jax.StatisticsInputError, match=r"wrap one tree as \[stats\]"
+    ):
+        mats_jax.statistics_table({"w": Diagonal(jnp.ones(2))})

@@ -722,7 +722,7 @@ def test_unconverged_cg_warns_and_reports():
     assert int(result.report["kernel"].iterations[0]) == 2
     assert "kernel" in mats_jax.format_report(result.report)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", mats_jax.ConvergenceWarning)
         mats(models, stats, maxiter=500, tol=1e-5)  # converges: no warning
 
 

@@ -18,11 +18,12 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 
+from mats_jax.stats.likelihood import StatisticsInputError
 from mats_jax.stats.statistic import Statistic
 from mats_jax.tree import path_str
 from mats_jax.typing import StatTree
@@ -70,6 +71,19 @@ def statistics_table(
       leaf  statistic  a         b
       w     Diagonal   1.00e+00  1.00e+02
     """
+    if (
+        isinstance(statistics, Mapping)
+        or isinstance(statistics, Statistic)
+        or not (isinstance(statistics, Sequence) and statistics)
+    ):
+        raise StatisticsInputError(
+            "statistics_table takes a non-empty list of statistic pytrees, one per "
+            f"task, got {type(statistics).__name__}: wrap one tree as [stats]"
+        )
+    if names is not None and len(names) != len(statistics):
+        raise StatisticsInputError(
+            f"names has {len(names)} entries for {len(statistics)} statistic pytrees"
+        )
     names = (
         list(names)
         if names is not None
