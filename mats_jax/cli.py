@@ -77,7 +77,7 @@ def _bars(console: Console) -> Progress:
     )
 
 
-def _fail(error: BaseException) -> None:
+def _fail(error: BaseException | str) -> None:
     click.echo(f"mats-jax: error: {error}", err=True)
     sys.exit(2)
 
@@ -148,6 +148,13 @@ def merge(
             )
     except (MergeInputError, FileExistsError, FileNotFoundError) as e:
         _fail(e)
+    except (
+        OSError
+    ) as e:  # a full disk, a permission lost mid-run: one line, nothing left
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(
+            f"writing the output failed: {e.strerror or e}{where}; nothing was written"
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print(

@@ -878,6 +878,15 @@ def check_output(plan: MergePlan, output: str) -> None:
         raise CheckpointError(
             f"output {output} exists and is not a directory; refusing to replace a file"
         )
+    ancestor = os.path.dirname(output)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(
+            f"output {output}: {ancestor} is a file, so no directory can be made there"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output {output}: no permission to write in {ancestor}")
     protected = [("the recipe", recipe.source)] if os.path.exists(recipe.source) else []
     protected += [
         (who, path)

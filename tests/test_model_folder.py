@@ -412,3 +412,57 @@ def test_statistics_table_of_one_tree_says_to_wrap_it():
         mats_jax.StatisticsInputError, match=r"wrap one tree as \[stats\]"
     ):
         mats_jax.statistics_table({"w": Diagonal(jnp.ones(2))})
+
+
+def test_scratch_left_by_a_killed_writer_is_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / ".out.safetensors.tmp-abc123"
+    stale.mkdir()
+    (stale / ".owner").write_text(dead.stdout.strip())
+    (stale / "out.safetensors").write_bytes(b"partial")
+    live = tmp_path / ".out.safetensors.tmp-live"
+    live.mkdir()
+    (live / ".owner").write_text(str(os.getpid()))  # a writer still running
+    with pytest.warns(UserWarning, match=r"removed .*tmp-abc123.*killed"):
+        save_checkpoint(tmp_path / "out.safetensors", {"w": np.ones(2, np.float32)})
+    assert not stale.exists() and live.exists()
+    assert load_checkpoint(tmp_path / "out.safetensors")["w"].tolist() == [1.0, 1.0]
+
+
+def test_output_under_a_file_is_refused_before_work(tmp_path):
+    for i in range(2):
+        save_checkpoint(tmp_path / f"m{i}.safetensors", {"w": np.ones(2, np.float32)})
+    (tmp_path / "afile").write_text("x")
+    text = "models: [m0.safetensors, m1.safetensors]\nmethod: average\n"
+    recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"afile is a file"):
+        merge_recipe(recipe, tmp_path / "afile" / "merged")
+
+
+def test_bf16_inputs_merged_in_the_recipe_dtype_keep_their_dtype(tmp_path):
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    trees = [{"w": rng.normal(size=(64,)).astype(ml_dtypes.bfloat16)} for _ in range(3)]
+    for i, tree in enumerate(trees):
+        save_checkpoint(tmp_path / f"h{i}.safetensors", tree)
+    text = (
+        "base: h0.safetensors\nmodels: [h1.safetensors, h2.safetensors]\n"
+        "method: task_arithmetic\nparameters: {scale: 0.3}\ndtype: float32\n"
+    )
+    recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
+    summary = merge_recipe(recipe, tmp_path / "out")
+    got = load_checkpoint(tmp_path / "out")["w"]
+    assert got.dtype == ml_dtypes.bfloat16  # each leaf keeps its input dtype
+    b, m1, m2 = (t["w"].astype(np.float32) for t in trees)
+    expected = (b + 0.3 * ((m1 - b) + (m2 - b))).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got, expected)
+    assert "computed in float32" in summary.card

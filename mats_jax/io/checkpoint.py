@@ -26,6 +26,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -562,6 +563,40 @@ def write_tree(
         writer.abort()
 
 
+_OWNER = ".owner"  # the pid of the process writing a scratch directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _remove_stale_scratch(parent: str, prefix: str) -> None:
+    """Removes the scratch directories a killed writer of the same output left
+    (``.<name>.tmp-*`` whose owner process is gone), with a warning naming each."""
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        scratch = os.path.join(parent, name)
+        try:
+            with open(os.path.join(scratch, _OWNER)) as f:
+                pid = int(f.read().strip() or -1)
+        except (OSError, ValueError):
+            continue  # not ours, or being created this instant: leave it
+        if pid > 0 and not _alive(pid):
+            shutil.rmtree(scratch, ignore_errors=True)
+            warnings.warn(
+                f"removed {scratch}, left by an earlier write of this output that "
+                f"was killed (process {pid})",
+                stacklevel=3,
+            )
+
+
 @contextlib.contextmanager
 def atomic_output(
     path: str | os.PathLike[str], *, overwrite: bool = False
@@ -572,6 +607,13 @@ def atomic_output(
     system, so the final rename is atomic). On an exception it is removed and
     nothing appears at ``path``; an existing ``path`` is replaced only with
     ``overwrite``, and only once the new output is complete.
+
+    The scratch directory is ``.<name>.tmp-*`` and records its writer's pid:
+    one left by a killed process (SIGKILL gives no chance to clean up) is
+    removed, with a warning, by the next write of the same output.
+    Replacing an existing output takes two renames (the old output aside,
+    the new one in): between them, for the time of one rename, nothing is at
+    ``path``; the old output is deleted only after the new one is in place.
 
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False (before
@@ -584,7 +626,11 @@ def atomic_output(
         )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    _remove_stale_scratch(parent, prefix)
+    scratch = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with open(os.path.join(scratch, _OWNER), "w") as f:
+        f.write(str(os.getpid()))
     try:
         tmp = os.path.join(scratch, os.path.basename(path))
         yield tmp
