@@ -320,17 +320,7 @@ def _copy_plan(
     if src != path:
         notes.append(f"{who} reads it from its tied leaf {src!r}")
     from_base = has_base and index == 0
-    return LeafPlan(
-        path,
-        None,
-        {},
-        info.shape,
-        info.dtype,
-        base=Source(src) if from_base else None,
-        models=() if from_base else (Source(src),),
-        notes=tuple(notes),
-        take=None if from_base else index - has_base,
-    )
+    return _copy_leaf(path, info, src, None if from_base else index - has_base, notes)
 
 
 def _passthrough_plan(
@@ -361,17 +351,30 @@ def _passthrough_plan(
                 f"input's with `overrides: [{{pattern: {path}, take: base}}]` (or "
                 "`take: <model index>`), or skip it"
             )
-    from_base = recipe.base is not None
+    return _copy_leaf(
+        path,
+        info,
+        src,
+        None if recipe.base is not None else 0,
+        [f"{info.dtype}: not merged, equal in every input, copied from {who}"],
+    )
+
+
+def _copy_leaf(
+    path: str, info: Any, src: str, take: int | None, notes: list[str]
+) -> LeafPlan:
+    """The plan of a leaf copied unmerged from ``src`` of the base (``take``
+    None) or of ``models[take]``."""
     return LeafPlan(
         path,
         None,
         {},
         info.shape,
         info.dtype,
-        base=Source(src) if from_base else None,
-        models=() if from_base else (Source(src),),
-        notes=(f"{info.dtype}: not merged, equal in every input, copied from {who}",),
-        take=None if from_base else 0,
+        base=Source(src) if take is None else None,
+        models=() if take is None else (Source(src),),
+        notes=tuple(notes),
+        take=take,
     )
 
 

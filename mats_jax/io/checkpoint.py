@@ -421,22 +421,15 @@ def save_model_folder(
         metadata = {"format": open_checkpoint(like).metadata.get("format", "pt")}
     except CheckpointError:
         pass  # a folder with no readable weights: its other files still apply
-    flat = {p: np.asarray(x) for p, x in flatten(tree).items()}
     with atomic_output(path, overwrite=overwrite) as tmp:
-        writer = CheckpointWriter(
+        write_tree(
             tmp,
-            [(p, x.shape, x.dtype) for p, x in flat.items()],
+            tree,
             format="safetensors",
             layout=layout,
             max_shard_size=max_shard_size,
             metadata=metadata,
         )
-        try:
-            for p, x in flat.items():
-                writer.write(p, x)
-            writer.close()
-        finally:
-            writer.abort()
         copy_folder_files(like, model_folder_files(like), tmp)
 
 
@@ -545,8 +538,10 @@ def write_tree(
     format: str,
     layout: Layout | str | Any = None,
     max_shard_size: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Writes a pytree at ``path`` in ``format`` without the atomic wrapper."""
+    """Writes a pytree at ``path`` in ``format`` without the atomic wrapper
+    (``metadata``: the safetensors ``__metadata__``)."""
     flat = {p: np.asarray(x) for p, x in flatten(tree).items()}
     writer = CheckpointWriter(
         path,
@@ -554,6 +549,7 @@ def write_tree(
         format=format,
         layout=layout,
         max_shard_size=max_shard_size,
+        metadata=metadata,
     )
     try:
         for p, x in flat.items():
