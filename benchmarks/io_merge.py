@@ -18,9 +18,11 @@ cache is warm:
 - ``mats-jax merge`` (the command line, ``-q``) with task arithmetic
   (weights 0.3 each; also with ``--no-checksums``), TIES with whole-model
   trimming and TIES trimmed per tensor (density 0.25, weights 1, scale 1);
+  SLERP between the base and the first fine-tuned model (t = 0.4), and Model
+  Stock of the three fine-tuned models about the base;
 - ``mergekit-pytorch`` from its own virtual environment (torch CPU) with the
-  same task arithmetic and TIES (per tensor, its only kind), ``normalize``
-  as needed to compute the same quantity.
+  same task arithmetic, TIES (per tensor, its only kind), SLERP and Model
+  Stock, ``normalize`` as needed to compute the same quantity.
 
 Every run is repeated ``--repeats`` times (default 3), alternating between
 them (A B C … A B C …) so that load from other jobs on a shared machine falls
@@ -29,7 +31,7 @@ median's ratio to the median ``dd`` read and to mergekit's median for the same
 method, and the largest peak memory over the repeats.
 
 It then compares the outputs tensor by tensor (mats-jax against mergekit for
-task arithmetic and TIES per tensor, classifying any TIES entries that
+task arithmetic, SLERP, Model Stock and TIES per tensor, classifying any TIES entries that
 differ), and checks each merge's peak memory against the target (4 × largest
 leaf + 1 GB).
 
@@ -72,7 +74,7 @@ from provenance import (
     check_destination,
 )
 
-DENSITY, TA_WEIGHT = 0.25, 0.3
+DENSITY, TA_WEIGHT, SLERP_T = 0.25, 0.3, 0.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,10 +185,16 @@ print(n)
 def recipe(scratch: Path, files: list[Path], method: str, trim: str | None) -> Path:
     lines = [f"base: {files[0]}", "models:"]
     weight = TA_WEIGHT if method == "task_arithmetic" else 1.0
-    lines += [f"  - {{path: {f}, weight: {weight}}}" for f in files[1:]]
+    # SLERP interpolates two models: the base (t = 0) and the first fine-tuned.
+    models = files[:2] if method == "slerp" else files[1:]
+    lines += [f"  - {{path: {f}, weight: {weight}}}" for f in models]
     lines.append(f"method: {method}")
     if method == "ties":
         lines.append(f"parameters: {{density: {DENSITY}, trim: {trim}}}")
+    if method == "slerp":
+        lines.append(f"parameters: {{t: {SLERP_T}}}")
+    if method == "model_stock":  # mergekit's unclipped ratio: the same merge
+        lines.append("parameters: {clip_cosine: false}")
     lines.append("output: {format: safetensors, max_shard_size: 2GB}")
     path = scratch / f"recipe_{method}_{trim or 'x'}.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -201,6 +209,18 @@ def mergekit_config(scratch: Path, files: list[Path], method: str) -> Path:
         "dtype: float32",
         "models:",
     ]
+    if method in ("slerp", "model_stock"):
+        lines += [
+            f"  - model: {f}" for f in (files[:2] if method == "slerp" else files[1:])
+        ]
+        lines.append(
+            f"parameters: {{t: {SLERP_T}}}"
+            if method == "slerp"
+            else "parameters: {filter_wise: false}"
+        )
+        path = scratch / f"mergekit_{method}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
     for f in files[1:]:
         params = f"weight: {weight}" + (
             f", density: {DENSITY}" if method == "ties" else ""
@@ -302,6 +322,8 @@ def mats_runs(scratch: Path, files: list[Path]) -> list[Run]:
         # The model card's checksums hash the inputs beside the merge; the same
         # merge without them shows what the hashing costs.
         ("task_arithmetic", None, ["--no-checksums"]),
+        ("slerp", None, []),
+        ("model_stock", None, []),
     ):
         key = f"mats_jax_{method}" + (f"_{trim}" if trim else "")
         key += "_no_checksums" if extra else ""
@@ -316,7 +338,7 @@ def mats_runs(scratch: Path, files: list[Path]) -> list[Run]:
 def mergekit_runs(scratch: Path, files: list[Path], venv: Path) -> list[Run]:
     binary = str(venv / "bin" / "mergekit-pytorch")
     runs = []
-    for method in ("task_arithmetic", "ties"):
+    for method in ("task_arithmetic", "ties", "slerp", "model_stock"):
         key, out = f"mergekit_{method}", scratch / f"out_mergekit_{method}"
         config = str(mergekit_config(scratch, files, method))
         runs.append(Run(key, [binary, config, str(out), "--quiet"], out, venv))
@@ -378,6 +400,8 @@ MERGEKIT_PEER = {
     "mats_jax_task_arithmetic": "mergekit_task_arithmetic",
     "mats_jax_task_arithmetic_no_checksums": "mergekit_task_arithmetic",
     "mats_jax_ties_per_leaf": "mergekit_ties",
+    "mats_jax_slerp": "mergekit_slerp",
+    "mats_jax_model_stock": "mergekit_model_stock",
 }
 
 
@@ -452,6 +476,10 @@ def main() -> None:
         comparisons["ties_per_tensor"] = compare(
             outputs["mats_jax_ties_per_leaf"], outputs["mergekit_ties"], files
         )
+        for method in ("slerp", "model_stock"):
+            comparisons[method] = compare(
+                outputs[f"mats_jax_{method}"], outputs[f"mergekit_{method}"]
+            )
     result = {
         "command": shown(["python", "benchmarks/io_merge.py", *sys.argv[1:]], mergekit),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -672,6 +700,13 @@ def notes(r: dict[str, Any]) -> list[str]:
         f"it took {wall['mats_jax_ties_global']:.2f} s against "
         f"{wall['mats_jax_ties_per_leaf']:.2f} s per tensor.",
     ]
+    if "mats_jax_slerp" in wall:
+        out.append(
+            f"- SLERP reads two of the four files (the base and one model) and took "
+            f"{wall['mats_jax_slerp']:.2f} s; Model Stock reads all four and took "
+            f"{wall['mats_jax_model_stock']:.2f} s, against task arithmetic's "
+            f"{wall['mats_jax_task_arithmetic']:.2f} s."
+        )
     ties = r["comparisons"].get("ties_per_tensor", {})
     if "differing_entries_by_cause" in ties:
         c = ties["differing_entries_by_cause"]

@@ -64,6 +64,10 @@ class Grids:
     drop_rate: tuple[float, ...] = (0.5, 0.7, 0.9)
     alpha: tuple[float, ...] = (0.5, 0.7, 0.9, 1.0)
     cg_iterations: tuple[int, ...] = (10, 30, 100, 300)
+    gamma: tuple[float, ...] = (0.01, 0.05)
+    della_density: tuple[float, ...] = (0.3, 0.5, 0.7)
+    epsilon: tuple[float, ...] = (0.05, 0.15)
+    svd_scale: tuple[float, ...] = (0.4, 0.7, 1.0, 1.3, 1.6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,25 @@ METHODS: dict[str, Method] = {
         {"drop_rate": "drop_rate", "scale": "ties_scale"},
         fixed={"sign_election": True},
     ),
+    "breadcrumbs": Method(
+        "Breadcrumbs",
+        "breadcrumbs",
+        None,
+        {"density": "density", "gamma": "gamma", "scale": "ties_scale"},
+    ),
+    "della": Method(
+        "DELLA",
+        "della",
+        None,
+        {"density": "della_density", "epsilon": "epsilon", "scale": "ties_scale"},
+    ),
+    # multislerp with two models and weights (1, w) is SLERP at t = w / (1 + w):
+    # it stands for SLERP too, which takes exactly two models.
+    "multislerp": Method("multi-SLERP", "multislerp", None, {}),
+    "model_stock": Method("Model Stock", "model_stock", None, {}),
+    "tsv_m": Method("TSV-M", "tsv_m", None, {"scale": "svd_scale"}),
+    "iso_c": Method("ISO-C", "iso_c", None, {"scale": "svd_scale"}),
+    "iso_cts": Method("ISO-CTS", "iso_cts", None, {"scale": "svd_scale"}),
     "fisher": Method("Fisher merging", "fisher_merge", "fisher_exact", {}),
     "regmean": Method("RegMean", "regmean", "gram", {"alpha": "alpha"}),
     "mats_gram": _mats_method("MaTS (Gram, init TA)", "gram", "task_arithmetic"),

@@ -1,24 +1,28 @@
 """Validation of merge inputs, done before any work, with errors that name the leaf.
 
 Every public merge function calls these first. Shape, dtype and structure
-checks also run under an outer ``jax.jit`` (they only need abstract values);
-the NaN/Inf check needs concrete values and is skipped while tracing.
+checks also run under an outer ``jax.jit`` (they only need abstract values).
+Checks of values (NaN/Inf, signs, ranges) raise at once for concrete values;
+for traced values (arguments of an outer ``jax.jit``) they are staged into
+the computation with :func:`jax.experimental.checkify.debug_check`: free and
+silent under plain ``jit``, raised when the caller wraps the function with
+``checkify.checkify`` (see :func:`check_traced`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import numbers
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from mats_jax.stats.statistic import NONNEGATIVE, NONNEGATIVE_DIAGONAL, Statistic
 from mats_jax.tree import path_str
@@ -27,12 +31,14 @@ from mats_jax.typing import Array, Params, StatTree
 __all__ = [
     "FallbackWarning",
     "MergeInputError",
+    "check_flag",
     "check_fraction",
     "check_key",
     "check_like",
     "check_models",
     "check_number",
     "check_statistics",
+    "check_traced",
     "check_weights",
     "is_traced",
     "warn",
@@ -80,8 +86,24 @@ def _check_finite(entries: Sequence[tuple[str, str, Array]]) -> None:
 def _check_values(entries: Sequence[tuple[str, str, Array, str | None]]) -> None:
     """Raises on the first array that is not finite or breaks its sign rule.
 
-    One fused device pass over every array; traced arrays are skipped.
+    One fused device pass over every array; traced arrays are checked when
+    run under ``checkify`` (:func:`check_traced`).
     """
+    for owner, path, array, rule in entries:
+        if rule == NONNEGATIVE:
+            check_traced(f"{owner} at {path!r}", array, _nonnegative, "finite and >= 0")
+        elif rule == NONNEGATIVE_DIAGONAL:
+            check_traced(
+                f"{owner} at {path!r}",
+                array,
+                lambda x: (
+                    jnp.isfinite(x).all()
+                    & (jnp.diagonal(x, axis1=-2, axis2=-1) >= 0).all()
+                ),
+                "finite with a non-negative diagonal",
+            )
+        else:
+            check_traced(f"{owner} at {path!r}", array, jnp.isfinite, "finite")
     concrete = [e for e in entries if not is_traced(e[2])]
     if not concrete:
         return
@@ -202,6 +224,12 @@ def check_weights(weights: Any, num_models: int) -> Array:
             raise MergeInputError(
                 f"weights has shape {jnp.shape(weights)}, expected ({num_models},): one per model"
             )
+        check_traced(
+            "weights",
+            weights,
+            lambda w: _nonnegative(w).all() & (w > 0).any(),
+            "finite, non-negative and not all zero",
+        )
         return jnp.asarray(weights, jnp.float32)
     if isinstance(weights, (str, bytes)) or (
         isinstance(weights, Sequence)
@@ -209,6 +237,13 @@ def check_weights(weights: Any, num_models: int) -> Array:
     ):
         raise MergeInputError(
             f"weights must be one number per model, got {type(weights).__name__} {weights!r}"
+        )
+    dtype = getattr(weights, "dtype", None)
+    if dtype is not None and not (
+        np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    ):
+        raise MergeInputError(
+            f"weights must be one number per model, got an array of {dtype}"
         )
     try:
         values = np.asarray(weights, dtype=np.float64)
@@ -245,47 +280,166 @@ def check_weights(weights: Any, num_models: int) -> Array:
     return jnp.asarray(single)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _nonnegative(x: Array) -> Array:
+    return jnp.isfinite(x) & (x >= 0)
+
+
+def check_traced(
+    name: str, value: Any, ok: Callable[[Array], Array], expected: str
+) -> None:
+    """Stages the check ``ok(value)`` of a traced value into the computation.
+
+    Values are unknown while tracing, so a traced hyperparameter, weight,
+    model or statistic cannot be refused before the work. Its check is
+    recorded with :func:`jax.experimental.checkify.debug_check`: a no-op
+    under plain ``jax.jit`` (nothing is computed for it), and an error
+    naming ``name`` when the caller functionalises the checks:
+    ``err, out = checkify.checkify(jax.jit(f))(...); err.throw()``.
+    Concrete values (and the concrete entries of a list) are left to the
+    caller's eager checks.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.experimental import checkify
+      >>> def f(scale):
+      ...     check_traced("scale", scale, jnp.isfinite, "a finite number")
+      ...     return 2 * scale
+      >>> jax.jit(f)(jnp.nan)  # unchecked under plain jit
+      Array(nan, dtype=float32, weak_type=True)
+      >>> err, _ = checkify.checkify(jax.jit(f))(jnp.nan)
+      >>> print(err.get())
+      scale must be a finite number, got nan (`check` failed)
+    """
+    entries = (
+        [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, (list, tuple))
+        else [(name, value)]
+    )
+    for entry, v in entries:
+        if is_traced(v):
+            checkify.debug_check(
+                jnp.all(ok(jnp.asarray(v))), f"{entry} must be {expected}, got {{}}", v
+            )
+
+
 def _real(name: str, value: Any) -> float:
-    """``value`` as a float, if it is one real number (not a bool, a string, an array)."""
+    """``value`` as a float, if it is one real number: an int, a float, a numpy
+    scalar or a 0-d array of integers or floats (not a bool, a string, a
+    complex number, a ``Fraction`` or ``Decimal``, which jit cannot take)."""
+    dtype = getattr(value, "dtype", None)
     if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real)
-        or (np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number))
+        isinstance(value, (int, float))
+        or (
+            dtype is not None
+            and np.ndim(value) == 0
+            and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+        )
     ):
         raise MergeInputError(
-            f"{name} must be a number, got {type(value).__name__} {value!r}"
+            f"{name} must be a number (an int, a float or a 0-d array of them), got "
+            f"{type(value).__name__} {value!r}"
         )
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float64's range
+        return math.inf
 
 
-def check_number(name: str, value: Any) -> None:
-    """Checks that a hyperparameter is one finite real number (skipped when traced).
+def _entries(name: str, value: Any, per_model: bool) -> list[tuple[str, Any]]:
+    """The numbers to check, each with its name: ``value`` itself, or, for a
+    per-model parameter given as a 1-D sequence or array, each entry
+    (``density[1]``)."""
+    if per_model and (isinstance(value, (list, tuple)) or np.ndim(value) == 1):
+        if is_traced(value):
+            return []
+        if len(value) == 0:
+            raise MergeInputError(
+                f"{name} is empty: give one number, or one number per model"
+            )
+        # Traced entries are left to check_traced.
+        return [(f"{name}[{i}]", v) for i, v in enumerate(value) if not is_traced(v)]
+    return [] if is_traced(value) else [(name, value)]
+
+
+def check_number(name: str, value: Any, *, per_model: bool = False) -> None:
+    """Checks that a hyperparameter is one finite real number (traced: :func:`check_traced`).
+
+    With ``per_model=True`` it may also be a 1-D sequence or array, one number
+    per model, each checked (the engine checks that there is one per model).
 
     Examples:
       >>> check_number("scale", float("nan"))
       Traceback (most recent call last):
       ...
       mats_jax.checks.MergeInputError: scale must be a finite number, got nan
+      >>> check_number("scale", [0.5, float("inf")], per_model=True)
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: scale[1] must be a finite number, got inf
     """
-    if is_traced(value):
-        return
-    if not math.isfinite(_real(name, value)):
-        raise MergeInputError(f"{name} must be a finite number, got {value!r}")
+    check_traced(name, value, jnp.isfinite, "a finite number")
+    for entry, v in _entries(name, value, per_model):
+        number = _real(entry, v)
+        if not math.isfinite(number) and not isinstance(v, int):
+            raise MergeInputError(f"{entry} must be a finite number, got {v!r}")
+        if not abs(number) <= _FLOAT32_MAX:
+            raise MergeInputError(
+                f"{entry} = {v!r} lies outside float32's range (±{_FLOAT32_MAX:.3g}) "
+                "in which merges compute"
+            )
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Checks that a switch is a bool (a YAML ``"yes"`` or a 1 is not one).
+
+    Examples:
+      >>> check_flag("rescale", "no")
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: rescale must be True or False, got 'no'
+    """
+    if not isinstance(value, bool):
+        raise MergeInputError(f"{name} must be True or False, got {value!r}")
 
 
 def check_fraction(
-    name: str, value: Any, *, include_zero: bool, include_one: bool
+    name: str,
+    value: Any,
+    *,
+    include_zero: bool,
+    include_one: bool,
+    per_model: bool = False,
 ) -> None:
-    """Checks that a density or drop rate lies in its interval (skipped when traced)."""
-    if is_traced(value):
-        return
-    v = _real(name, value)
-    low_ok = v >= 0 if include_zero else v > 0
-    high_ok = v <= 1 if include_one else v < 1
-    if not (math.isfinite(v) and low_ok and high_ok):
-        interval = (
-            ("[" if include_zero else "(") + "0, 1" + ("]" if include_one else ")")
-        )
-        raise MergeInputError(f"{name} must lie in {interval}, got {value!r}")
+    """Checks that a density or drop rate lies in its interval (traced: :func:`check_traced`).
+
+    ``per_model`` as for :func:`check_number`.
+
+    Examples:
+      >>> check_fraction("density", [0.2, 1.5], include_zero=False,
+      ...                include_one=True, per_model=True)
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: density[1] must lie in (0, 1], got 1.5
+    """
+    interval = ("[" if include_zero else "(") + "0, 1" + ("]" if include_one else ")")
+    check_traced(
+        name,
+        value,
+        lambda x: (
+            ((x >= 0) if include_zero else (x > 0))
+            & ((x <= 1) if include_one else (x < 1))
+        ),
+        f"in {interval}",
+    )
+    for entry, value_ in _entries(name, value, per_model):
+        v = _real(entry, value_)
+        low_ok = v >= 0 if include_zero else v > 0
+        high_ok = v <= 1 if include_one else v < 1
+        if not (math.isfinite(v) and low_ok and high_ok):
+            raise MergeInputError(f"{entry} must lie in {interval}, got {value_!r}")
 
 
 def check_statistics(
@@ -349,7 +503,7 @@ def check_statistics(
                     "statistic type and layout for a leaf"
                 )
             if stat is not None:
-                misfit = stat.fit_error(tuple(leaf.shape))
+                misfit = _array_problem(stat) or stat.fit_error(tuple(leaf.shape))
                 if misfit:
                     raise MergeInputError(f"{name}[{m}] at {path!r}: {misfit}")
     _check_values(
@@ -362,6 +516,21 @@ def check_statistics(
         ]
     )
     return per_task
+
+
+def _array_problem(stat: Statistic) -> str:
+    """What is wrong with a statistic's arrays' types, or ``""``."""
+    for field in stat.array_fields:
+        x = getattr(stat, field)
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not hasattr(x, "shape"):
+            return f"{stat.kind}.{field} must be an array, got {type(x).__name__}"
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return (
+                f"{stat.kind}.{field} has dtype {dtype}; statistics are floating-point "
+                "arrays"
+            )
+    return ""
 
 
 def _same_structure(a: Any, b: Any) -> bool:

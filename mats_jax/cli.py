@@ -1,8 +1,10 @@
-"""The ``mats-jax`` command line: ``merge``, ``inspect`` and ``demo``.
+"""The ``mats-jax`` command line: ``merge``, ``convert``, ``inspect`` and ``demo``.
 
 ``mats-jax merge RECIPE -o OUT [--overwrite]`` runs a YAML recipe
-(:mod:`mats_jax.recipe`) as a streaming merge (:mod:`mats_jax.stream`) with
-progress bars for reading, merging and writing; ``mats-jax inspect CHECKPOINT``
+(:mod:`mats_jax.recipe`, or a mergekit recipe: :mod:`mats_jax.mergekit`) as
+a streaming merge (:mod:`mats_jax.stream`) with progress bars for reading,
+merging and writing; ``mats-jax convert MERGEKIT_RECIPE [-o OUT]`` writes
+the mats_jax recipe a mergekit one becomes; ``mats-jax inspect CHECKPOINT``
 prints a checkpoint's leaves, shapes, dtypes and size; ``mats-jax demo`` runs
 :mod:`mats_experiment.demo` (added by that package's ``mats_jax.commands``
 entry point). Bad input exits with status 2 and a one-paragraph
@@ -12,6 +14,7 @@ message naming the file, the leaf or the recipe line, and what to do.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import signal
 import sys
 
@@ -129,7 +132,7 @@ def merge(
     recipe: str, output: str | None, overwrite: bool, quiet: bool, no_checksums: bool
 ) -> None:
     """Merge the checkpoints a YAML RECIPE names, one leaf at a time."""
-    from mats_jax.recipe import load_recipe
+    from mats_jax.mergekit import read_recipe
     from mats_jax.stream import merge_recipe
 
     console = Console(stderr=True, quiet=quiet)
@@ -137,7 +140,7 @@ def merge(
     # output directory is removed (Python's default SIGTERM skips cleanup).
     previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     try:
-        parsed = load_recipe(recipe)
+        parsed = read_recipe(recipe)
         with _bars(console) as bars:
             summary = merge_recipe(
                 parsed,
@@ -163,6 +166,39 @@ def merge(
     )
 
 
+@main.command()
+@click.argument("mergekit_recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the recipe here (default: print it).",
+)
+def convert(mergekit_recipe: str, output: str | None) -> None:
+    """Convert a mergekit YAML recipe into a mats_jax recipe.
+
+    ``mats-jax merge`` runs mergekit recipes directly; this shows (or saves,
+    to edit) the recipe it runs. Keys with no counterpart are an error
+    naming the line.
+    """
+    from mats_jax.mergekit import convert_mergekit
+    from mats_jax.recipe import parse_recipe, recipe_text
+
+    try:
+        text = convert_mergekit(recipe_text(mergekit_recipe), source=mergekit_recipe)
+        parse_recipe(text, source=output or "<converted recipe>")  # it must be valid
+    except (MergeInputError, FileNotFoundError, IsADirectoryError) as e:
+        _fail(e)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    if os.path.exists(output):
+        _fail(f"{output} exists; remove it or choose another path")
+    with open(output, "x") as f:
+        f.write(text)
+
+
 @main.command("inspect")
 @click.argument("checkpoint", type=click.Path())
 @click.option(
@@ -171,9 +207,22 @@ def merge(
     help="A layout preset (hf_bert, hf_llama, hf_linear, nnx_state).",
 )
 def inspect_checkpoint(checkpoint: str, layout: str | None) -> None:
-    """Print a CHECKPOINT's leaves: path, shape, dtype and size."""
-    from mats_jax.io import open_checkpoint
+    """Print a CHECKPOINT's leaves: path, shape, dtype and size.
 
+    A statistics checkpoint (mats_jax.save_statistics) is described per
+    leaf: its statistic type, the arrays' shapes and the kernel's axes.
+    """
+    from mats_jax.io import open_checkpoint
+    from mats_jax.stats.io import is_statistics
+
+    if is_statistics(checkpoint):
+        if layout is not None:
+            _fail(
+                f"{checkpoint}: a statistics checkpoint is keyed by parameter paths; "
+                "--layout applies to parameter checkpoints only"
+            )
+        _inspect_statistics(checkpoint)
+        return
     try:
         ckpt = open_checkpoint(checkpoint, layout=layout)
     except MergeInputError as e:
@@ -190,6 +239,46 @@ def inspect_checkpoint(checkpoint: str, layout: str | None) -> None:
     console.print(
         f"{len(ckpt.leaves)} leaves, {n_params:,} parameters, {_size(ckpt.nbytes)} "
         f"in {len(ckpt.files)} file(s)"
+    )
+
+
+def _inspect_statistics(path: str) -> None:
+    """Prints a statistics checkpoint's leaves from its metadata alone."""
+    from mats_jax.io import StatisticsReader
+
+    try:
+        reader = StatisticsReader(path)
+        stats = {leaf: reader.abstract(leaf) for leaf in reader.leaves}
+    except MergeInputError as e:
+        _fail(e)
+    table = Table(title=f"{reader.path} (statistics)")
+    for column in ("leaf", "statistic", "arrays", "axes", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    total = 0
+    for leaf, stat in stats.items():
+        if stat is None:
+            table.add_row(leaf, "none (fallback)", "-", "-", "-")
+            continue
+        arrays = [(f, getattr(stat, f)) for f in stat.array_fields]
+        n = sum(
+            int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+            for _, a in arrays
+        )
+        total += n
+        axes = ", ".join(f"{f}={list(getattr(stat, f))}" for f in stat.layout_fields)
+        table.add_row(
+            leaf,
+            stat.kind,
+            ", ".join(f"{f} {list(a.shape)} {np.dtype(a.dtype)}" for f, a in arrays),
+            axes or "-",
+            _size(n),
+        )
+    console = Console()
+    console.print(table)
+    with_stat = sum(s is not None for s in stats.values())
+    console.print(
+        f"{len(stats)} leaves, {with_stat} with a statistic, {_size(total)}; "
+        "give this directory as a model's `statistics:` in a recipe"
     )
 
 

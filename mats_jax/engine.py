@@ -36,8 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mats_jax import checks
-from mats_jax.method import MergeInputs, MergeMethod
-from mats_jax.select import MagnitudeQuantiles, keep_count, magnitude_thresholds
+from mats_jax.method import (
+    MergeInputs,
+    MergeMethod,
+    check_model_inputs,
+    check_per_model,
+)
+from mats_jax.select import MagnitudeQuantiles, keep_counts, magnitude_thresholds
 from mats_jax.sharding import Placement, input_mesh, keep_shardings, placement_of
 from mats_jax.solver.report import LeafReport, MergeResult
 from mats_jax.tree import leaf_paths, path_str, task_vectors
@@ -88,6 +93,8 @@ def check_inputs(
     # Outputs keep the models' shardings.
     placement = placement_of(models[0], models, base, statistics, params)
     checked_weights = checks.check_weights(weights, len(models))
+    check_model_inputs(method.name, needs, len(models), checked_weights)
+    check_per_model(method.name, params, len(models))
     if needs.statistics:
         checks.check_statistics(
             statistics,  # type: ignore[arg-type]
@@ -235,6 +242,27 @@ def _warn_fallbacks(inputs: MergeInputs, method: MergeMethod, paths: list[str]) 
         )
 
 
+def _warn_narrowed(models: Sequence[Params], paths: list[str]) -> None:
+    """One warning naming the float64 leaves that come back float32 (JAX's
+    64-bit mode is off, so no jax array holds float64)."""
+    if jax.config.read("jax_enable_x64"):
+        return
+    wide = [
+        path
+        for path, leaf in zip(paths, jax.tree.leaves(models[0]), strict=True)
+        if np.dtype(leaf.dtype) == np.float64
+    ]
+    if wide:
+        checks.warn(
+            f"{len(wide)} float64 leaves are merged and returned in float32 because "
+            f"JAX's 64-bit mode is off: {', '.join(repr(p) for p in wide[:8])}"
+            + (" …" if len(wide) > 8 else "")
+            + "; enable it (jax.config.update('jax_enable_x64', True)) to keep "
+            "float64, or cast them to float32 to silence this",
+            UserWarning,
+        )
+
+
 def whole_model_pass(
     spec: MagnitudeQuantiles | None, inputs: MergeInputs, placement: Placement
 ) -> Params | None:
@@ -249,7 +277,7 @@ def whole_model_pass(
         per_leaf = [
             magnitude_thresholds(
                 [[v[i]] for v in vectors],
-                jnp.full((m,), keep_count(spec.density, vectors[0][i].size, jnp)),
+                keep_counts(spec.density, vectors[0][i].size, m, jnp),
                 mesh=placement.mesh,
             )
             for i in range(len(vectors[0]))
@@ -262,8 +290,8 @@ def whole_model_pass(
             "in-memory limit of 2^31 (int32 counts); trim per leaf "
             "(trim='per_leaf'), or merge from checkpoints (streaming counts in int64)"
         )
-    k = keep_count(spec.density, size, jnp)
-    thresholds = magnitude_thresholds(vectors, jnp.full((m,), k), mesh=placement.mesh)
+    ks = keep_counts(spec.density, size, m, jnp)
+    thresholds = magnitude_thresholds(vectors, ks, mesh=placement.mesh)
     return jax.tree.unflatten(treedef, [thresholds] * len(vectors[0]))
 
 
@@ -275,13 +303,15 @@ def _merge_jit(
     *,
     method: MergeMethod,
     placement: Placement,
-) -> MergeResult:
+) -> tuple[MergeResult, Array]:
     if prepared is None:
         prepared = whole_model_pass(method.whole_model_pass(params), inputs, placement)
     merged, report = method.merge(inputs, params, prepared, placement)
     leaves, treedef = jax.tree.flatten(merged)
     leaves = keep_shardings(leaves, placement.out_shardings)
-    return MergeResult(jax.tree.unflatten(treedef, leaves), report)
+    # Whether each merged leaf is finite, in the same program (one flag each).
+    finite = jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves], bool)
+    return MergeResult(jax.tree.unflatten(treedef, leaves), report), finite
 
 
 def merge_checked(
@@ -291,15 +321,51 @@ def merge_checked(
     *,
     prepared: Any = None,
     placement: Placement | None = None,
+    paths: Sequence[str] | None = None,
 ) -> MergeResult:
     """The jitted merge of inputs :func:`check_inputs` validated: the one program
     both engines run. ``prepared``: the whole-model pass's result when the
     caller computed it (the streaming engine, over the whole model on disk);
-    None runs the pass over these inputs."""
-    result: MergeResult = _merge_jit(
+    None runs the pass over these inputs.
+
+    With ``paths`` (the leaves' paths), a merged leaf with NaN or Inf entries
+    (the inputs were checked finite, so the arithmetic overflowed) is an
+    error naming it (traced: under ``checkify``, see :func:`~mats_jax.checks.check_traced`).
+    """
+    result, finite = _merge_jit(
         inputs, params, prepared, method=method, placement=placement or Placement()
     )
+    if paths is not None:
+        _check_merged(method, paths, result.params, finite)
     return result
+
+
+def _check_merged(
+    method: MergeMethod, paths: Sequence[str], merged: Params, finite: Array
+) -> None:
+    if checks.is_traced(finite):
+        for i, path in enumerate(paths):
+            checks.check_traced(
+                f"{method.name}: merged leaf {path!r}",
+                finite[i],
+                lambda ok: ok,
+                "finite (the inputs are: the arithmetic overflowed)",
+            )
+        return
+    flags = np.asarray(finite)
+    if flags.all():
+        return
+    leaves = jax.tree.leaves(merged)
+    bad = [
+        (p, x.dtype) for p, x, ok in zip(paths, leaves, flags, strict=True) if not ok
+    ]
+    shown = ", ".join(f"{p!r} ({dtype})" for p, dtype in bad[:8])
+    raise checks.MergeInputError(
+        f"{method.name}: the merge of {len(bad)} leaves has NaN or Inf entries although "
+        f"every input is finite: {shown}" + (" …" if len(bad) > 8 else "") + "; the "
+        "arithmetic overflowed the leaves' dtype (or a solve broke down): use smaller "
+        "hyperparameters, weights or statistics, or wider leaves"
+    )
 
 
 def run_in_memory(
@@ -348,7 +414,8 @@ def run_in_memory(
         key=key,
     )
     _warn_fallbacks(inputs, method, paths)
-    result = merge_checked(method, params, inputs, placement=placement)
+    _warn_narrowed(inputs.models, paths)
+    result = merge_checked(method, params, inputs, placement=placement, paths=paths)
     for category, message in method.diagnose(params, result.report, paths):
         checks.warn(message, category)
     return _put_back(result, aside)

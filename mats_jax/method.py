@@ -26,9 +26,9 @@ Examples:
   >>> import mats_jax
   >>> ties = mats_jax.get_method("ties")
   >>> ties.parameters(density=0.5)
-  TiesParameters(density=0.5, scale=1.0, trim='global')
+  TiesParameters(density=0.5, scale=1.0, trim='global', normalize=True)
   >>> ties.needs(ties.parameters(density=0.5))
-  Needs(base=True, statistics=(), key=False)
+  Needs(base=True, statistics=(), key=False, models=(1, None), weights=True)
 """
 
 from __future__ import annotations
@@ -38,36 +38,66 @@ import difflib
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
-from mats_jax.checks import MergeInputError
+import numpy as np
+
+from mats_jax.checks import MergeInputError, is_traced
 from mats_jax.select import MagnitudeQuantiles
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import MergeResult
 from mats_jax.stats.statistic import Statistic
-from mats_jax.tree import register_record
+from mats_jax.tree import is_per_model, model_value, register_record
 from mats_jax.typing import Array, Params, StatTree
 
-__all__ = ["MergeInputs", "MergeMethod", "MethodCall", "Needs"]
+__all__ = [
+    "MergeInputs",
+    "MergeMethod",
+    "MethodCall",
+    "Needs",
+    "check_model_inputs",
+    "check_per_model",
+    "model_value",
+    "per_model_fields",
+]
 
 
 class Needs(NamedTuple):
-    """The inputs a method takes besides the models and their weights.
+    """The inputs a method takes besides the models, and how many models.
 
     Attributes:
       base: the pretrained parameters θ₀.
       statistics: the statistic types it accepts per leaf (empty: none).
       key: a PRNG key.
+      models: the smallest and largest number of models it merges (largest
+        None: no bound); the engines refuse another count before any work
+        (:func:`check_model_inputs`).
+      weights: it weighs the models by per-model weights. False (SLERP, whose
+        interpolation factor is a parameter; Model Stock, whose ratio assumes
+        the plain mean): the engines refuse weights that are not all equal,
+        rather than ignore them.
+
+    Examples:
+      Combined needs (a method and the method it starts from) take both's
+      inputs and the counts both accept:
+
+      >>> Needs(base=True) | Needs(models=(2, 2), weights=False)
+      Needs(base=True, statistics=(), key=False, models=(2, 2), weights=False)
     """
 
     base: bool = False
     statistics: tuple[type[Statistic], ...] = ()
     key: bool = False
+    models: tuple[int, int | None] = (1, None)
+    weights: bool = True
 
     def __or__(self, other: tuple[Any, ...]) -> Needs:
         assert isinstance(other, Needs)
+        highs = [h for h in (self.models[1], other.models[1]) if h is not None]
         return Needs(
             self.base or other.base,
             self.statistics or other.statistics,
             self.key or other.key,
+            (max(self.models[0], other.models[0]), min(highs) if highs else None),
+            self.weights and other.weights,
         )
 
 
@@ -158,6 +188,10 @@ class MergeMethod:
                     + (f"; did you mean {close[0]!r}?" if close else "")
                     + f" Its parameters: {', '.join(known) or '(none)'}"
                 )
+        for name in per_model_fields(self.Parameters):
+            # One value per model, as a tuple: records are frozen and hashable.
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         try:
             return self.Parameters(**values)
         except TypeError as e:  # a required parameter is missing
@@ -198,6 +232,79 @@ class MergeMethod:
     ) -> list[tuple[type[Warning], str]]:
         """Warnings about a finished merge (e.g. blocks CG did not converge)."""
         return []
+
+
+def per_model_fields(parameters: Any) -> tuple[str, ...]:
+    """The fields of a parameters record (or its type) that may hold one value
+    per model: the record's ``per_model_fields`` (mergekit's per-model
+    ``density``, ``weight``-like parameters)."""
+    return tuple(getattr(parameters, "per_model_fields", ()))
+
+
+def check_per_model(method_name: str, params: Any, num_models: int) -> None:
+    """Checks that every per-model parameter given per model has one value per model.
+
+    Raises:
+      MergeInputError: naming the parameter, the counts and the fix.
+
+    Examples:
+      >>> import mats_jax
+      >>> ties = mats_jax.get_method("ties")
+      >>> check_per_model("ties", ties.parameters(density=[0.2, 0.5]), 3)
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: ties: density has 2 values, but 3 models are merged: give one number for all models or one per model
+    """
+    for name in per_model_fields(params):
+        value = getattr(params, name)
+        if is_per_model(value) and len(value) != num_models:
+            raise MergeInputError(
+                f"{method_name}: {name} has {len(value)} values, but "
+                f"{num_models} models are merged: give one number for all "
+                "models or one per model"
+            )
+
+
+def check_model_inputs(
+    method_name: str, needs: Needs, num_models: int, weights: Any = None
+) -> None:
+    """Refuses a number of models outside ``needs.models`` and, for a method
+    that takes no weights (``needs.weights`` False), weights that are not all
+    equal (traced weights pass: their values are unknown).
+
+    Raises:
+      MergeInputError: naming the method, what it takes and what it got.
+
+    Examples:
+      >>> check_model_inputs("slerp", Needs(models=(2, 2)), 3)
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: slerp merges exactly 2 models, got 3
+      >>> check_model_inputs("slerp", Needs(models=(2, 2), weights=False), 2, [1.0, 0.5])
+      Traceback (most recent call last):
+      ...
+      mats_jax.checks.MergeInputError: slerp does not weigh its models: give equal weights (or none), got [1.0, 0.5]
+    """
+    low, high = needs.models
+    if num_models < low or (high is not None and num_models > high):
+        if high == low:
+            takes = f"exactly {low}"
+        elif high is None:
+            takes = f"at least {low}"
+        else:
+            takes = f"{low} to {high}"
+        raise MergeInputError(
+            f"{method_name} merges {takes} model{'s' if high != 1 else ''}, "
+            f"got {num_models}"
+        )
+    if needs.weights or weights is None or is_traced(weights):
+        return
+    values = np.asarray(weights, np.float64).reshape(-1)
+    if np.any(values != values[0]):
+        raise MergeInputError(
+            f"{method_name} does not weigh its models: give equal weights (or "
+            f"none), got {values.tolist()}"
+        )
 
 
 @register_record

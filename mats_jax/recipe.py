@@ -26,6 +26,16 @@ overrides and the output, as mergekit's do::
     output: {path: merged/, format: safetensors, max_shard_size: 2GB, layout: hf,
              copy_files: true}           # the base folder's config/tokenizer files
 
+A model's own ``parameters`` give its values of the method's per-model
+parameters (mergekit's per-model ``density``: ``{path: a/, parameters:
+{density: 0.3}}``), as does a list with one value per model in
+``parameters``. Any number in ``parameters``, an override's or a model's
+``parameters``, or a model's ``weight`` may be a layer gradient,
+``{gradient: [v0, v1, ...], outside: v}``: interpolated linearly over the
+layer stack (:func:`layer_position`), as mergekit's lists are. Precedence,
+lowest first: the recipe's, each model's, the first matching override's.
+A mergekit recipe is read by :func:`mats_jax.mergekit.read_recipe`.
+
 Patterns are globs on the whole leaf path (``/``-separated, after the input's
 layout), or regular expressions searched in it with a ``re:`` prefix; a pattern
 that matches no leaf is an error. An override that keeps the recipe's method
@@ -78,7 +88,7 @@ import dataclasses
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import jax
@@ -90,7 +100,7 @@ from mats_jax.checks import MergeInputError
 from mats_jax.io.checkpoint import FORMATS, resolve_layout
 from mats_jax.io.layout import Layout, LayoutError
 from mats_jax.merge.registry import METHODS, get_method
-from mats_jax.method import MergeMethod, MethodCall
+from mats_jax.method import MergeMethod, MethodCall, check_per_model, per_model_fields
 from mats_jax.tree import pattern_matches
 
 __all__ = [
@@ -100,8 +110,14 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "build_parameters",
+    "count_layers",
+    "gradient_value",
+    "is_gradient",
+    "layer_index",
+    "layer_position",
     "load_recipe",
     "parse_recipe",
+    "recipe_text",
 ]
 
 
@@ -154,12 +170,17 @@ class ModelSpec:
     """One input checkpoint: its path, merge weight, statistics and layout."""
 
     path: str
-    weight: float = 1.0
+    weight: Any = 1.0
+    """A number, or a layer gradient ``{gradient: [...]}`` (mergekit's
+    per-layer weights): see :meth:`Recipe.leaf_weights`."""
     statistics: str | None = None
     layout: Layout = dataclasses.field(default_factory=Layout)
     format: str | None = None
     line: int = 0
     written: str = ""  # the path as the recipe wrote it (for the model card)
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """This model's own values of the method's per-model parameters
+    (mergekit's per-model ``density``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,20 +250,54 @@ class Recipe:
         return f"{self.source}:{line}"
 
     def leaf_rule(
-        self, path: str
+        self, path: str, num_layers: int | None = None
     ) -> tuple[str | None, dict[str, Any], Override | None]:
-        """The method's name (None: skip), parameters and override that apply to leaf ``path``."""
+        """The method's name (None: skip), parameters and override that apply to leaf ``path``.
+
+        Parameters come, by increasing precedence, from the recipe's
+        ``parameters``, each model's own ``parameters`` (as one value per
+        model) and the first matching override. Layer gradients
+        (``{gradient: [...]}``) are resolved at the leaf's layer position,
+        which needs ``num_layers``, the checkpoint's number of layers
+        (:func:`count_layers` of its leaf paths).
+
+        Examples:
+          >>> recipe = parse_recipe(
+          ...     "base: b\\nmodels: [{path: a, parameters: {density: 0.5}}, c]\\n"
+          ...     "method: ties\\nparameters: {density: 0.2, scale: {gradient: [0.0, 1.0]}}")
+          >>> recipe.leaf_rule("layers/1/kernel", num_layers=3)[1]
+          {'density': (0.5, 0.2), 'scale': 0.5}
+        """
+        method = self.method
+        params = dict(self.parameters)
+        override = None
         for rule in self.overrides:
             if pattern_matches(rule.pattern, path):
                 if rule.unmerged:
                     return None, {}, rule
-                method = rule.method or self.method
-                params = dict(self.parameters) if method == self.method else {}
-                params.update(rule.parameters)
-                return method, params, rule
-        return self.method, dict(self.parameters), None
+                override = rule
+                if rule.method is not None and rule.method != self.method:
+                    method, params = rule.method, {}
+                break
+        per_model = per_model_fields(get_method(method).Parameters)
+        for name in per_model:
+            own = [m.parameters.get(name) for m in self.models]
+            if any(v is not None for v in own):
+                shared = params.get(name)
+                params[name] = tuple(shared if v is None else v for v in own)
+        if override is not None:
+            params.update(override.parameters)
+        resolved = {
+            name: tuple(_at_layer(v, path, num_layers, name) for v in value)
+            if name in per_model and isinstance(value, tuple)
+            else _at_layer(value, path, num_layers, name)
+            for name, value in params.items()
+        }
+        return method, resolved, override
 
-    def leaf_method(self, path: str) -> tuple[MergeMethod | None, Any]:
+    def leaf_method(
+        self, path: str, num_layers: int | None = None
+    ) -> tuple[MergeMethod | None, Any]:
         """The method (None: skip) and its parameters record for leaf ``path``.
 
         Examples:
@@ -251,11 +306,104 @@ class Recipe:
           >>> method.name, params.density
           ('ties', 0.3)
         """
-        name, params, _ = self.leaf_rule(path)
+        name, params, _ = self.leaf_rule(path, num_layers)
         if name is None:
             return None, None
         method = get_method(name)
         return method, build_parameters(method, params)
+
+    def leaf_weights(self, path: str, num_layers: int | None = None) -> list[float]:
+        """The models' weights for leaf ``path``: each model's ``weight``, a
+        layer gradient resolved at the leaf's layer (see :meth:`leaf_rule`).
+
+        Examples:
+          >>> recipe = parse_recipe(
+          ...     "models: [{path: a, weight: {gradient: [1.0, 0.0]}}, b]\\nmethod: average")
+          >>> recipe.leaf_weights("layers/2/kernel", num_layers=5)
+          [0.5, 1.0]
+        """
+        return [
+            float(_at_layer(m.weight, path, num_layers, f"models[{i}] weight"))
+            for i, m in enumerate(self.models)
+        ]
+
+
+_LAYER_COMPONENT = re.compile(r"^(?:\d+|.*_(\d+))$")
+
+
+def layer_index(path: str) -> int | None:
+    """The layer a leaf belongs to: the first component of its path that is a
+    number (``encoder/layer/3/...``, ``model/layers/3/...``) or ends in one
+    (flax's ``layers_3``, ``Dense_1``); None for leaves outside the layers.
+
+    Examples:
+      >>> layer_index("model/layers/3/mlp/kernel"), layer_index("layers_2/Dense_0/kernel")
+      (3, 2)
+      >>> layer_index("embed/embedding") is None
+      True
+    """
+    for part in path.split("/"):
+        match = _LAYER_COMPONENT.match(part)
+        if match:
+            return int(match.group(1) if match.group(1) is not None else part)
+    return None
+
+
+def count_layers(paths: Any) -> int:
+    """The number of layers among leaf paths: one more than the largest
+    :func:`layer_index` (0 if no leaf has one)."""
+    indices = [i for i in map(layer_index, paths) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def layer_position(path: str, num_layers: int) -> float:
+    """Where a leaf sits along the layer stack, in [0, 1]: layer i of L at
+    i / (L − 1); leaves outside the layers where mergekit puts them,
+    embeddings (a path containing ``embed``) at 0 and the rest (final norm,
+    head) at 1.
+
+    Examples:
+      >>> layer_position("layers/1/kernel", 5), layer_position("embed/embedding", 5)
+      (0.25, 0.0)
+      >>> layer_position("lm_head/kernel", 5)
+      1.0
+    """
+    index = layer_index(path)
+    if index is None:
+        return 0.0 if "embed" in path.lower() else 1.0
+    return index / (num_layers - 1) if num_layers > 1 else 0.0
+
+
+def is_gradient(value: Any) -> bool:
+    """Whether a recipe parameter is a layer gradient, ``{gradient: [...]}``."""
+    return isinstance(value, Mapping) and "gradient" in value
+
+
+def gradient_value(value: Mapping[str, Any], position: float) -> float:
+    """A layer gradient's value at ``position``: its list of values spread
+    evenly over [0, 1] and interpolated linearly (mergekit's gradients).
+
+    Examples:
+      >>> gradient_value({"gradient": [0.0, 0.5, 1.0]}, 0.25)
+      0.25
+      >>> gradient_value({"gradient": [0.3]}, 0.9)
+      0.3
+    """
+    values = [float(v) for v in value["gradient"]]
+    return float(np.interp(position, np.linspace(0.0, 1.0, len(values)), values))
+
+
+def _at_layer(value: Any, path: str, num_layers: int | None, name: str) -> Any:
+    if not is_gradient(value):
+        return value
+    if num_layers is None:
+        raise MergeInputError(
+            f"{name} is a layer gradient: resolving it needs the checkpoint's "
+            f"number of layers (leaf {path!r})"
+        )
+    if "outside" in value and layer_index(path) is None:
+        return value["outside"]
+    return gradient_value(value, layer_position(path, num_layers))
 
 
 _TOP = (
@@ -272,10 +420,44 @@ _TOP = (
     "tied",
     "vocab",
 )
-_MODEL = ("format", "layout", "path", "statistics", "weight")
+_MODEL = ("format", "layout", "parameters", "path", "statistics", "weight")
 _BASE = ("format", "layout", "path")
 _OVERRIDE = ("method", "parameters", "pattern", "skip", "take")
 _OUTPUT = ("copy_files", "format", "layout", "max_shard_size", "path")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e3`` and ``1.5e-3`` as numbers (as YAML
+    1.2 and JSON do; YAML 1.1 reads a float without a dot and a signed
+    exponent as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    """Builds values, refusing a key given twice in one mapping (PyYAML keeps
+    the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        self.flatten_mapping(node)  # merge keys (<<: *defaults) first
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in this mapping (first on line {seen[key]})",
+                    key_node.start_mark,
+                )
+            if isinstance(key, Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Parser:
@@ -289,8 +471,12 @@ class _Parser:
         return RecipeError(f"{self.source}:{line}: {message}")
 
     def value(self, node: yaml.Node) -> Any:
-        constructor = yaml.constructor.SafeConstructor()
-        return constructor.construct_object(node, deep=True)
+        try:
+            return _Constructor().construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as e:
+            mark = e.problem_mark
+            line = mark.line + 1 if mark is not None else node.start_mark.line + 1
+            raise RecipeError(f"{self.source}:{line}: {e.problem}") from None
 
     def mapping(
         self,
@@ -326,7 +512,16 @@ class _Parser:
         if isinstance(value, bool) and bool not in (
             kind if isinstance(kind, tuple) else (kind,)
         ):
-            raise self.fail(node, f"{what} must be {_kind_name(kind)}, got {value!r}")
+            raw = getattr(node, "value", "")
+            hint = (
+                f" (YAML reads {raw} as {str(value).lower()}: quote it, '{raw}', "
+                "for the word)"
+                if isinstance(raw, str) and raw.lower() not in ("true", "false")
+                else ""
+            )
+            raise self.fail(
+                node, f"{what} must be {_kind_name(kind)}, got {value!r}{hint}"
+            )
         if not isinstance(value, kind):
             raise self.fail(node, f"{what} must be {_kind_name(kind)}, got {value!r}")
         return value
@@ -356,14 +551,34 @@ class _Parser:
                 path=self.path(node, what), line=line, written=self.value(node)
             )
         keys = self.mapping(node, what, allowed, required=("path",))
-        weight = 1.0
+        weight: Any = 1.0
         if "weight" in keys:
-            weight = float(self.typed(keys["weight"], (int, float), f"{what} weight"))
-            if not weight >= 0 or weight == float("inf"):
-                raise self.fail(
-                    keys["weight"],
-                    f"{what} weight must be finite and >= 0, got {weight}",
+            weight = self.value(keys["weight"])
+            points = weight
+            if is_gradient(weight):
+                try:
+                    _check_gradient(weight)
+                except MergeInputError as e:
+                    raise self.fail(keys["weight"], f"{what} weight: {e}") from None
+                points = [
+                    *weight["gradient"],
+                    *([weight["outside"]] if "outside" in weight else []),
+                ]
+            else:
+                weight = float(
+                    self.typed(keys["weight"], (int, float), f"{what} weight")
                 )
+                points = [weight]
+            for w in points:
+                if (
+                    isinstance(w, bool)
+                    or not isinstance(w, (int, float))
+                    or not (0 <= w < float("inf"))
+                ):
+                    raise self.fail(
+                        keys["weight"],
+                        f"{what} weight must be finite and >= 0, got {w}",
+                    )
         fmt = None
         if "format" in keys:
             fmt = self.typed(keys["format"], str, f"{what} format")
@@ -384,6 +599,9 @@ class _Parser:
             format=fmt,
             line=line,
             written=self.value(keys["path"]),
+            parameters=self.typed(keys["parameters"], dict, f"{what} parameters")
+            if "parameters" in keys
+            else {},
         )
 
     def dtype(self, node: yaml.Node, what: str) -> np.dtype:
@@ -443,18 +661,22 @@ def parse_size(value: Any) -> int:
       >>> parse_size("2GB"), parse_size("1.5KiB"), parse_size(10)
       (2000000000, 1536, 10)
     """
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    m = _SIZE.match(str(value))
+    m = None if isinstance(value, bool) else _SIZE.match(str(value))
     if not m:
         raise ValueError(f"not a size: {value!r} (expected e.g. 2GB, 500MiB or bytes)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if size < 1:
+        raise ValueError(f"a shard size must be at least 1 byte, got {value!r}")
+    return size
 
 
 def parse_recipe(
     text: str, *, source: str = "<recipe>", directory: str | None = None
 ) -> Recipe:
     """Parses and validates recipe text (paths resolve against ``directory``).
+
+    A mergekit recipe (one with ``merge_method``) is refused here, with a
+    pointer to :func:`mats_jax.mergekit.read_recipe`, which converts it.
 
     Raises:
       RecipeError: ``file:line: what is wrong and what to do``.
@@ -467,7 +689,7 @@ def parse_recipe(
     """
     parser = _Parser(source, directory if directory is not None else os.getcwd())
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
@@ -475,6 +697,14 @@ def parse_recipe(
     if root is None:
         raise RecipeError(
             f"{source}:1: the recipe is empty; it needs at least models and method"
+        )
+    if isinstance(root, yaml.MappingNode) and any(
+        k.value == "merge_method" for k, _ in root.value
+    ):
+        raise RecipeError(
+            f"{source}:1: this is a mergekit recipe (it has merge_method): run it "
+            "with `mats-jax merge`, read it with mats_jax.mergekit.read_recipe, or "
+            "convert it with `mats-jax convert`"
         )
     keys = parser.mapping(root, "the recipe", _TOP, required=("models", "method"))
 
@@ -620,6 +850,8 @@ def parse_recipe(
                 keys["vocab"], f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}"
             )
     seed = parser.typed(keys["seed"], int, "seed") if "seed" in keys else 0
+    if not 0 <= seed < 2**63:
+        raise parser.fail(keys["seed"], f"seed must lie in [0, 2**63), got {seed}")
 
     recipe = Recipe(
         models=models,
@@ -670,22 +902,21 @@ def _check_semantics(
     recipe: Recipe, parser: _Parser, keys: dict[str, yaml.Node]
 ) -> None:
     """Checks what needs the whole recipe: methods' needs and parameters."""
-    uses = [
-        (recipe.method, dict(recipe.parameters), keys.get("parameters", keys["method"]))
+    _check_model_parameters(recipe, parser, keys)
+    uses: list[tuple[str, Override | None, yaml.Node]] = [
+        (recipe.method, None, keys.get("parameters", keys["method"]))
     ]
-    for rule, item in zip(
+    for override, item in zip(
         recipe.overrides, getattr(keys.get("overrides"), "value", []), strict=False
     ):
-        if rule.unmerged:
-            continue
-        name = rule.method or recipe.method
-        params = dict(recipe.parameters) if name == recipe.method else {}
-        params.update(rule.parameters)
-        uses.append((name, params, item))
-    for name, params, node in uses:
+        if not override.unmerged:
+            uses.append((override.method or recipe.method, override, item))
+    for name, rule, node in uses:
         method = get_method(name)
         try:
-            record = build_parameters(method, params)
+            for params in _parameter_variants(recipe, name, rule):
+                record = build_parameters(method, params)
+                check_per_model(name, record, len(recipe.models))
         except MergeInputError as e:
             raise parser.fail(node, f"{name} parameters: {e}") from None
         needs = method.needs(record)
@@ -704,10 +935,89 @@ def _check_semantics(
                         f"{name} needs statistics for every model: add `statistics: <dir>` "
                         f"(saved with mats_jax.save_statistics) to models[{i}]",
                     )
-    if all(m.weight == 0 for m in recipe.models):
+    if all(not is_gradient(m.weight) and m.weight == 0 for m in recipe.models):
         raise parser.fail(
             keys["models"],
             "every model has weight 0; at least one weight must be positive",
+        )
+
+
+def _check_model_parameters(
+    recipe: Recipe, parser: _Parser, keys: dict[str, yaml.Node]
+) -> None:
+    """Each model's own ``parameters`` name per-model parameters of the
+    recipe's method (or of an override's)."""
+    methods = {recipe.method} | {r.method for r in recipe.overrides if r.method}
+    allowed = sorted(
+        {f for name in methods for f in per_model_fields(get_method(name).Parameters)}
+    )
+    for i, model in enumerate(recipe.models):
+        for name in model.parameters:
+            if name not in allowed:
+                raise parser.fail(
+                    keys["models"].value[i],
+                    f"models[{i}] parameters: {name!r} is not a per-model parameter "
+                    f"of {', '.join(sorted(methods))} (per-model: "
+                    f"{', '.join(allowed) or 'none'}); "
+                    + (
+                        "give the model's weight as `weight:` in its entry"
+                        if name == "weight"
+                        else "set it in the recipe's `parameters`"
+                    ),
+                )
+
+
+def _parameter_variants(
+    recipe: Recipe, method: str, rule: Override | None
+) -> list[dict[str, Any]]:
+    """The parameters a method is used with (the recipe's, or an override's),
+    once per value a layer gradient in them can take, so that every value is
+    validated before any tensor is read."""
+    params = dict(recipe.parameters) if method == recipe.method else {}
+    for name in per_model_fields(get_method(method).Parameters):
+        own = [m.parameters.get(name) for m in recipe.models]
+        if any(v is not None for v in own):
+            params[name] = tuple(params.get(name) if v is None else v for v in own)
+    if rule is not None:
+        params.update(rule.parameters)
+
+    def values(value: Any) -> list[Any]:
+        if isinstance(value, tuple):  # per model: vary one model's at a time
+            first = tuple(values(v)[0] for v in value)
+            out = [first]
+            for m, v in enumerate(value):
+                out += [(*first[:m], x, *first[m + 1 :]) for x in values(v)[1:]]
+            return out
+        if not is_gradient(value):
+            return [value]
+        _check_gradient(value)
+        points = [float(v) for v in value["gradient"]]
+        return points + ([value["outside"]] if "outside" in value else [])
+
+    variants = [{n: values(v)[0] for n, v in params.items()}]
+    for name, value in params.items():
+        for v in values(value)[1:]:
+            variants.append({**variants[0], name: v})
+    return variants
+
+
+def _check_gradient(value: Mapping[str, Any]) -> None:
+    unknown = sorted(set(value) - {"gradient", "outside"})
+    if unknown:
+        raise MergeInputError(
+            f"a layer gradient has keys gradient and outside, got {unknown}"
+        )
+    points = value["gradient"]
+    if (
+        not isinstance(points, list)
+        or not points
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in points
+        )
+    ):
+        raise MergeInputError(
+            f"gradient must be a non-empty list of numbers, one per point along "
+            f"the layers, got {points!r}"
         )
 
 
@@ -727,8 +1037,26 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
       True
     """
     path = os.fspath(path)
-    with open(path) as f:
-        text = f.read()
     return parse_recipe(
-        text, source=path, directory=os.path.dirname(os.path.abspath(path))
+        recipe_text(path), source=path, directory=os.path.dirname(os.path.abspath(path))
     )
+
+
+def recipe_text(path: str | os.PathLike[str]) -> str:
+    """A recipe file's text, which must be UTF-8.
+
+    Raises:
+      FileNotFoundError: if the file does not exist.
+      RecipeError: ``file:line:`` where a byte is not UTF-8.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the "
+            "recipe as UTF-8"
+        ) from None

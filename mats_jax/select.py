@@ -36,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mats_jax.tree import model_value
 from mats_jax.tree import total as sum_of
 from mats_jax.typing import Array
 
 __all__ = [
     "MagnitudeQuantiles",
     "keep_count",
+    "keep_counts",
     "magnitude_threshold",
     "radix_select",
     "streaming_magnitude_threshold",
@@ -80,6 +82,19 @@ def keep_count(density: Any, size: int, xp: Any = np) -> Any:
     if xp is np:
         return min(max(int(k), 1), size)
     return jnp.clip(k.astype(jnp.int32), 1, size)
+
+
+def keep_counts(density: Any, size: int, num_models: int, xp: Any = np) -> Any:
+    """Each model's :func:`keep_count`: ``density`` is one fraction for all
+    models or one per model (a per-model parameter, as mergekit's per-model
+    ``density``). A list of ints with numpy, an (M,) int32 array with jax.numpy.
+
+    Examples:
+      >>> keep_counts(0.2, 10, 2), keep_counts((0.2, 0.5), 10, 2)
+      ([2, 2], [2, 5])
+    """
+    counts = [keep_count(model_value(density, m), size, xp) for m in range(num_models)]
+    return counts if xp is np else jnp.stack(counts)
 
 
 Histogram = Callable[[Any, int], Any]

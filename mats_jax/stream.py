@@ -55,15 +55,16 @@ from mats_jax.io.checkpoint import (
 )
 from mats_jax.io.errors import CheckpointError
 from mats_jax.io.statistics import StatisticsReader
-from mats_jax.method import MergeInputs, MergeMethod
-from mats_jax.recipe import Override, Recipe, load_recipe
+from mats_jax.mergekit import read_recipe
+from mats_jax.method import MergeInputs, MergeMethod, check_model_inputs
+from mats_jax.recipe import Override, Recipe, RecipeError, count_layers
 from mats_jax.select import (
     MagnitudeQuantiles,
-    keep_count,
+    keep_counts,
     streaming_magnitude_thresholds,
 )
 from mats_jax.solver.report import format_report
-from mats_jax.tree import compute_dtype, pattern_matches
+from mats_jax.tree import compute_dtype, is_per_model, pattern_matches
 
 __all__ = [
     "LeafPlan",
@@ -223,6 +224,11 @@ def plan_merge(recipe: Recipe) -> MergePlan:
     ]
     # Leaf order: the first input's, then leaves only later inputs have.
     order = list(dict.fromkeys(p for _, ckpt in named for p in ckpt.leaves))
+    if not order:
+        raise CheckpointError(
+            f"{recipe.where(recipe.models[0].line)}: no input holds a tensor "
+            f"({', '.join(c.path for _, c in named)}): nothing to merge"
+        )
     for leaf, source in recipe.tied.items():
         if leaf not in order and source not in order:
             raise CheckpointError(
@@ -238,12 +244,24 @@ def plan_merge(recipe: Recipe) -> MergePlan:
             )
 
     leaves = []
+    num_layers = count_layers(order)  # where layer gradients are resolved
     for path in order:
-        method, params, rule = recipe.leaf_rule(path)
+        method, params, rule = recipe.leaf_rule(path, num_layers)
         if method is None:
             leaves.append(_copy_plan(path, rule, named, recipe))
             continue
-        merge_method, record = recipe.leaf_method(path)
+        try:
+            merge_method, record = recipe.leaf_method(path, num_layers)
+            assert merge_method is not None
+            check_model_inputs(
+                method,
+                merge_method.needs(record),
+                len(models),
+                recipe.leaf_weights(path, num_layers),
+            )
+        except checks.MergeInputError as e:
+            line = rule.line if rule is not None else recipe.method_line
+            raise RecipeError(f"{recipe.where(line)}: {e}") from None
         sources = _sources(path, named, recipe)
         first = sources[0][1].leaves[sources[0][2]].dtype
         if not jnp.issubdtype(first, jnp.floating):
@@ -571,7 +589,14 @@ def _copied(plan: MergePlan, leaf: LeafPlan) -> np.ndarray:
 
 def _as_written(leaf: LeafPlan, merged: np.ndarray) -> np.ndarray:
     """The merged leaf in its output dtype; a cast that overflows (values past
-    float16's range, say) is an error naming the leaf, not infinities on disk."""
+    float16's range, say) is an error naming the leaf, not infinities on disk;
+    so is a merge that overflowed (its inputs were checked finite)."""
+    if merged.dtype.kind == "f" and not np.all(np.isfinite(merged)):
+        raise CheckpointError(
+            f"leaf {leaf.path!r}: the merge has NaN or Inf entries although every input "
+            f"is finite: the arithmetic overflowed {merged.dtype} (or a solve broke "
+            "down); use smaller hyperparameters, weights or statistics, or a wider dtype"
+        )
     if merged.dtype == leaf.dtype:
         return merged
     with np.errstate(over="ignore"):  # an overflow is reported below, by leaf
@@ -609,6 +634,8 @@ def _pass_of(leaf: LeafPlan) -> MagnitudeQuantiles | None:
 
 
 def _pass_group(spec: MagnitudeQuantiles) -> str:
+    if is_per_model(spec.density):
+        return f"density={[float(d) for d in spec.density]!r}"
     return f"density={float(spec.density)!r}"
 
 
@@ -651,7 +678,7 @@ def _whole_model_passes(plan: MergePlan, progress: Progress) -> dict[str, list[f
     progress.start("threshold", total)
     for key, (spec, leaves) in groups.items():
         size = sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf in leaves)
-        k = keep_count(spec.density, size)
+        ks = keep_counts(spec.density, size, len(plan.models))
 
         def vectors(
             leaves: list[LeafPlan] = leaves,
@@ -668,7 +695,7 @@ def _whole_model_passes(plan: MergePlan, progress: Progress) -> dict[str, list[f
                     del x
                 progress.advance("threshold", leaf.nbytes * (len(plan.models) + 1))
 
-        out[key] = streaming_magnitude_thresholds(vectors, [k] * len(plan.models))
+        out[key] = streaming_magnitude_thresholds(vectors, ks)
     progress.finish("threshold")
     return out
 
@@ -678,7 +705,7 @@ class _LeafMerger:
 
     def __init__(self, plan: MergePlan, thresholds: dict[str, list[float]]) -> None:
         self.plan = plan
-        self.weights = [m.weight for m in plan.recipe.models]
+        self.num_layers = count_layers(leaf.path for leaf in plan.leaves)
         self.thresholds = thresholds
         self.report: dict[str, Any] = {}
         self.key = jax.random.key(plan.recipe.seed)
@@ -709,7 +736,7 @@ class _LeafMerger:
             models=[{_KEY: m} for m in models],
             base={_KEY: base} if base is not None else None,
             statistics=stats,
-            weights=self.weights,
+            weights=self.plan.recipe.leaf_weights(leaf.path, self.num_layers),
             key=self.key if needs.key else None,
         )
         if needs.key:  # the leaf's own path, not the one-leaf tree's key
@@ -734,14 +761,16 @@ class _LeafMerger:
         if not spec.per_leaf:
             thresholds = self.thresholds[_pass_group(spec)]
         else:  # over this leaf alone, in blocks: no leaf-sized temporaries
-            k = keep_count(spec.density, int(np.prod(leaf.shape, dtype=np.int64)))
+            ks = keep_counts(
+                spec.density, int(np.prod(leaf.shape, dtype=np.int64)), len(models)
+            )
             thresholds = streaming_magnitude_thresholds(
                 lambda: (
                     (m, block)
                     for m, x in enumerate(models)
                     for block in _task_vector_blocks(base, x)
                 ),
-                [k] * len(models),
+                ks,
             )
         return {_KEY: jnp.asarray(thresholds, jnp.float32)}
 
@@ -856,9 +885,16 @@ def _tensor_format(plan: MergePlan) -> str:
 
 
 def _inside(path: str, directory: str) -> bool:
-    """Whether ``path`` is ``directory`` or inside it (symbolic links resolved)."""
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+    """Whether ``path`` is ``directory`` or inside it, as written or with
+    symbolic links resolved (a link inside ``directory`` to a file elsewhere
+    is inside it: replacing the directory removes the link)."""
+    for p, d in (
+        (os.path.abspath(path), os.path.abspath(directory)),
+        (os.path.realpath(path), os.path.realpath(directory)),
+    ):
+        if p == d or p.startswith(d.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def check_output(plan: MergePlan, output: str) -> None:
@@ -1090,7 +1126,7 @@ def merge_recipe(
       (array([2., 2.], dtype=float32), ['README.md', 'model.safetensors'])
     """
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = read_recipe(recipe)
     target = output if output is not None else recipe.output.path
     if target is None:
         raise CheckpointError(

@@ -38,9 +38,11 @@ T = TypeVar("T")
 __all__ = [
     "add",
     "compute_dtype",
+    "is_per_model",
     "labels_by_pattern",
     "leaf_paths",
     "map_with_path",
+    "model_value",
     "nest_paths",
     "path_str",
     "pattern_matches",
@@ -312,6 +314,23 @@ def labels_by_pattern(
 
 
 R = TypeVar("R", bound=type)
+
+
+def is_per_model(value: Any) -> bool:
+    """Whether a parameter's value is one value per model (a 1-D sequence or
+    array) rather than one value for all."""
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
+
+
+def model_value(value: Any, m: int) -> Any:
+    """Model ``m``'s value of a per-model parameter: ``value[m]`` when it is one
+    value per model (a 1-D sequence or array), else ``value`` itself.
+
+    Examples:
+      >>> model_value((0.2, 0.5), 1), model_value(0.3, 1)
+      (0.5, 0.3)
+    """
+    return value[m] if is_per_model(value) else value
 
 
 def register_record(cls: R) -> R:

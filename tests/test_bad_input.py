@@ -328,6 +328,31 @@ def test_a_single_model_instead_of_a_list_is_rejected(
         METHODS[method](model(0), model(1), stats)
 
 
+def _counts_refused(low: int, high: int | None) -> set[int]:
+    """The model counts next to a method's range (Needs.models) that it refuses."""
+    return {n for n in (low - 1, (high or 0) + 1) if n >= 1 and n < low} | (
+        {high + 1} if high is not None else set()
+    )
+
+
+COUNT_CASES = [
+    (name, n)
+    for name, case in CASES.items()
+    for n in sorted(_counts_refused(*case.needs.models))
+]
+
+
+@pytest.mark.parametrize(("method", "count"), COUNT_CASES)
+def test_a_number_of_models_the_method_does_not_take_is_rejected(
+    method: str, count: int, no_work: None
+) -> None:
+    models = [model(m + 1) for m in range(count)]
+    stats = [STATS[method]() for _ in models] if method in WITH_STATS else None
+    name = CASES[method].method
+    with rejects(rf"{name} merges (exactly|at least|\d+ to) \d+ models?, got {count}$"):
+        METHODS[method](model(0), models, stats)
+
+
 # --------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------
@@ -867,14 +892,16 @@ def test_numpy_inputs_are_not_modified(method: str) -> None:
     stats = [_numpy(STATS[method]()) for _ in models] if method in WITH_STATS else None
     snapshot = copy.deepcopy((base, models, stats))
     ids = jax.tree.map(id, (base, models, stats))
-    weights = np.array([1.0, 3.0])
+    # Methods that take no weights refuse unequal ones: theirs are equal.
+    weights = np.array([1.0, 3.0] if CASES[method].needs.weights else [2.0, 2.0])
+    before = weights.copy()
     out = METHODS[method](base, models, stats, weights=weights)
     params = out.params if isinstance(out, mj.MergeResult) else out
     assert (
         jax.tree.map(id, (base, models, stats)) == ids
     )  # same containers, same arrays
     jax.tree.map(np.testing.assert_array_equal, (base, models, stats), snapshot)
-    np.testing.assert_array_equal(weights, [1.0, 3.0])
+    np.testing.assert_array_equal(weights, before)
     for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(models[0]), strict=True):
         assert x is not m and not np.shares_memory(np.asarray(x), m)
 

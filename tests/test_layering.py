@@ -52,10 +52,15 @@ LAYERS: list[tuple[str, ...]] = [
         "mats_jax.merge.fisher",
         "mats_jax.merge.regmean",
         "mats_jax.merge.mats",
+        "mats_jax.merge.slerp",
+        "mats_jax.merge.svd",
     ),
+    ("mats_jax.merge.model_stock",),  # its angles use slerp's unit_and_norm
+    ("mats_jax.merge.breadcrumbs", "mats_jax.merge.della"),  # sparse's combine
     ("mats_jax.merge.registry",),
     ("mats_jax.merge",),
     ("mats_jax.recipe",),
+    ("mats_jax.mergekit",),
     ("mats_jax.stream",),
     ("mats_jax.cli",),
     ("mats_jax",),

@@ -56,6 +56,7 @@ UNIT = st.floats(-1.0, 1.0, width=32)
 POSITIVE = st.floats(0.0, 4.0, width=32)
 WEIGHT = st.floats(0.125, 4.0)
 DYADIC_WEIGHT = st.integers(1, 16).map(lambda i: i / 4)
+EQUAL_WEIGHT = st.just(1.0)  # for the methods that take no weights
 
 # Statistics come in three spectra (see spd): well-conditioned, singular (an
 # exact null space, as dead inputs make) and ill-conditioned, whose factors
@@ -298,6 +299,19 @@ def statistics(
     ]
 
 
+def clip(count: int, models: tuple[int, int | None]) -> int:
+    """``count`` clipped into a method's model count range ``(low, high)``."""
+    low, high = models
+    return max(low, count if high is None else min(count, high))
+
+
+def model_counts(row: str) -> tuple[int, int | None]:
+    """The model count range (Needs.models) of the registered method a table
+    row is named after (the longest method name it starts with)."""
+    name = max((m for m in mj.METHODS if row.startswith(m)), key=len)
+    return zoo.CASES[name].needs.models
+
+
 class Problem(NamedTuple):
     config: int
     base: Any
@@ -319,7 +333,11 @@ def problems(
     configs: tuple[int, ...] = (0, 1),
     signatures: tuple[tuple[int, int], ...] = SIGNATURES,
     spectra: tuple[str, ...] = ("well",),
+    models: tuple[int, int | None] = (1, None),
 ) -> Problem:
+    # ``models``: the method's count (Needs.models); the test's range is
+    # clipped into it (SLERP's (2, 2) turns a test's 3 models into 2).
+    min_models, max_models = (clip(n, models) for n in (min_models, max_models))
     signatures = [
         (c, m) for c, m in signatures if c in configs and min_models <= m <= max_models
     ]
@@ -467,6 +485,7 @@ class Method(NamedTuple):
     values: Any = FLOATS  # DYADIC where a sign election makes rounding ties matter
     weights: Any = WEIGHT
     spectra: tuple[str, ...] = ("well",)  # of the statistics drawn for it
+    models: tuple[int, int | None] = (1, None)  # its Needs.models
 
 
 def _registry_merge(case: zoo.Case, parameters: Callable[[Any], dict]) -> Merge:
@@ -487,18 +506,22 @@ def _method(
 ) -> Method:
     """A row for a registry case: layout from the statistic type it takes, exact
     tolerance for data-free and closed-form merges (the conditioning's for CG),
-    dyadic values where a sign election is made."""
+    dyadic values where a sign election is made, equal weights for a method
+    that takes none (Needs.weights False), and the method's model count."""
     method = case.merge_method
     record = method.parameters(**{**case.parameters, **parameters(None)})
+    needs = method.needs(record)
     elects = bool(getattr(record, "sign_election", False))
     solved_by_cg = getattr(record, "method", None) == "cg"
+    weights = DYADIC_WEIGHT if elects else WEIGHT
     return Method(
         layout or DEFAULT_LAYOUTS[case.statistic_type],
         _registry_merge(case, parameters),
         tol if tol is not None else (None if solved_by_cg else EXACT_TOL),
         DYADIC if elects else FLOATS,
-        DYADIC_WEIGHT if elects else WEIGHT,
+        weights if needs.weights else EQUAL_WEIGHT,
         spectra,
+        needs.models,
     )
 
 
@@ -518,6 +541,21 @@ PROPERTY_ROWS = {
     # drop_rate=0: with p > 0 each model's mask depends on its index.
     "dare": _method(zoo.CASES["dare"], lambda b: {"drop_rate": 0.0, "scale": 0.6}),
     "dare_ties": _method(zoo.CASES["dare_ties"], lambda b: {"drop_rate": 0.0}),
+    # density=1, epsilon=0: otherwise each model's mask depends on its index
+    # (tests/test_della.py checks the masks against an oracle instead).
+    "della": _method(zoo.CASES["della"], lambda b: {"density": 1.0, "epsilon": 0.0}),
+    "della_linear": _method(
+        zoo.CASES["della_linear"],
+        lambda b: {"density": 1.0, "epsilon": 0.0, "scale": 0.6},
+    ),
+    # An SVD is backward stable: its rounding scales with the leaf's norm,
+    # not with each entry, so entries near zero need an absolute tolerance
+    # of that norm's order (seen: 1.4e-5 on entries up to 13 when the
+    # models' order changed the summation order).
+    **{
+        name: _method(zoo.CASES[name], tol={"rtol": 1e-5, "atol": 1e-4})
+        for name in ("tsv_m", "iso_c", "iso_cts")
+    },
     # Not ill-conditioned: a closed-form solve's error is κ·ε too, and α < 1
     # changes the system whose κ would set the tolerance.
     "regmean": _method(
@@ -588,6 +626,21 @@ def _one_over_sum(weights: list[float]) -> float:
     return 1.0 / float(np.sum(np.asarray(weights, np.float32)))
 
 
+def _isotropic_base(theta: Any, base: Any) -> Any:
+    """A base about which θ's matrices (the last two axes of a leaf) are
+    isotropic, ``θ − orth(θ − θ₀)`` with all singular values 1, and θ itself
+    elsewhere: ISO-C's fixed points (it flattens every other spectrum)."""
+
+    def leaf(t: Any, b: Any) -> Any:
+        t64 = np.asarray(t, np.float64)
+        if t64.ndim < 2:
+            return jnp.asarray(t)
+        p, _, qt = np.linalg.svd(t64 - np.asarray(b, np.float64), full_matrices=False)
+        return jnp.asarray((t64 - p @ qt).astype(np.float32))
+
+    return jax.tree.map(leaf, theta, base)
+
+
 # name -> (layout, merge(base, models, stats, weights, init)). Each row uses
 # hyperparameters under which M copies of θ merge to θ.
 FIXED_POINT = {
@@ -642,6 +695,77 @@ FIXED_POINT = {
         )
         for layout in MATS_LAYOUTS
     },
+    "slerp": (None, lambda b, ms, s, w, i: mj.slerp(ms, t=0.3)),
+    "multislerp": (None, lambda b, ms, s, w, i: mj.multislerp(ms, weights=w)),
+    "multislerp_about_base": (
+        None,
+        lambda b, ms, s, w, i: mj.multislerp(ms, weights=w, base=b),
+    ),
+    "model_stock": (None, lambda b, ms, s, w, i: mj.model_stock(b, ms)),
+    "model_stock_filter_wise": (
+        None,
+        lambda b, ms, s, w, i: mj.model_stock(b, ms, filter_wise=True),
+    ),
+    "breadcrumbs_keep_all": (
+        None,
+        lambda b, ms, s, w, i: mj.breadcrumbs(
+            b, ms, density=1.0, gamma=0.0, scale=_one_over_sum(w), weights=w
+        ),
+    ),
+    "breadcrumbs_ties_keep_all": (
+        None,
+        lambda b, ms, s, w, i: mj.breadcrumbs(
+            b, ms, density=1.0, gamma=0.0, weights=w, sign_election=True
+        ),
+    ),
+    "della_keep_all": (
+        None,
+        lambda b, ms, s, w, i: mj.della(
+            b, ms, density=1.0, epsilon=0.0, key=jax.random.key(3), weights=w
+        ),
+    ),
+    "della_linear_keep_all": (
+        None,
+        lambda b, ms, s, w, i: mj.della(
+            b,
+            ms,
+            density=1.0,
+            epsilon=0.0,
+            key=jax.random.key(3),
+            scale=_one_over_sum(w),
+            weights=w,
+            sign_election=False,
+        ),
+    ),
+    # Copies with the whole rank each: U = [U_Δ … U_Δ] has rank r, its
+    # orthogonalisation shares each direction among the copies, and the
+    # merge is the weighted mean of the copies' Δ.
+    "tsv_m_share_1": (
+        None,
+        lambda b, ms, s, w, i: mj.tsv_m(
+            b, ms, share=1.0, scale=len(ms) * _one_over_sum(w), weights=w
+        ),
+    ),
+    # ISO-C and ISO-CTS flatten the spectrum: copies of θ return θ only where
+    # θ's task matrices are isotropic, so these rows merge about such a base.
+    # ISO-CTS with f = 1 is ISO-C; with f < 1 copies fill only k_c + d of the
+    # r directions (tests/test_svd_methods.py checks that case).
+    "iso_c_isotropic": (
+        None,
+        lambda b, ms, s, w, i: mj.iso_c(
+            _isotropic_base(ms[0], b), ms, scale=_one_over_sum(w), weights=w
+        ),
+    ),
+    "iso_cts_common_fraction_1_isotropic": (
+        None,
+        lambda b, ms, s, w, i: mj.iso_cts(
+            _isotropic_base(ms[0], b),
+            ms,
+            common_fraction=1.0,
+            scale=_one_over_sum(w),
+            weights=w,
+        ),
+    ),
 }
 
 
@@ -660,7 +784,7 @@ def test_merging_copies_of_one_model_returns_it(name: str, data: Any) -> None:
     # from another point than θ, so only its non-singular systems return θ
     # (test_mats_equals_the_dense_solve_from_init covers the singular ones).
     spectra = FIXED_POINT_SPECTRA.get(name, ("well",))
-    p = data.draw(problems(layout, spectra=spectra))
+    p = data.draw(problems(layout, spectra=spectra, models=model_counts(name)))
     theta, init = p.models[0], data.draw(params(p.config))
     copies = [theta] * len(p.models)
     merged = merge(p.base, copies, p.stats, p.weights, init)
@@ -738,6 +862,34 @@ BASE_FIXED_POINT = {
         weights=w,
         sign_election=h["sign_election"],
     ),
+    "multislerp_about_base": lambda b, ms, w, h: mj.multislerp(ms, weights=w, base=b),
+    "breadcrumbs": lambda b, ms, w, h: mj.breadcrumbs(
+        b,
+        ms,
+        density=h["density"],
+        gamma=(1 - h["density"]) / 2,
+        scale=h["scale"],
+        weights=w,
+        sign_election=h["sign_election"],
+    ),
+    "della": lambda b, ms, w, h: mj.della(
+        b,
+        ms,
+        density=h["density"],
+        epsilon=min(h["density"], 1 - h["density"]) / 2,
+        key=jax.random.key(h["seed"]),
+        scale=h["scale"],
+        weights=w,
+        sign_election=h["sign_election"],
+    ),
+    # Zero task matrices: no singular value passes the rank cutoff.
+    "tsv_m": lambda b, ms, w, h: mj.tsv_m(
+        b, ms, scale=h["scale"], share=h["density"], weights=w
+    ),
+    "iso_c": lambda b, ms, w, h: mj.iso_c(b, ms, scale=h["scale"], weights=w),
+    "iso_cts": lambda b, ms, w, h: mj.iso_cts(
+        b, ms, scale=h["scale"], common_fraction=h["density"], weights=w
+    ),
 }
 
 HYPERPARAMETERS = st.fixed_dictionaries(
@@ -767,7 +919,16 @@ def test_merging_copies_of_the_base_returns_the_base(
 # --------------------------------------------------------------------------
 
 
-@methods()
+# Rows whose merge depends on the order of the models by definition, each
+# with what its own tests check instead.
+ORDER_DEPENDENT = {
+    # models[0] is the t = 0 end: swapping the two models is t -> 1 - t
+    # (tests/test_slerp.py::test_swapping_the_models_is_one_minus_t).
+    "slerp": "t = 0 is models[0]",
+}
+
+
+@methods(*(name for name in METHODS if name not in ORDER_DEPENDENT))
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_result_does_not_depend_on_the_order_of_the_models(
@@ -781,6 +942,7 @@ def test_result_does_not_depend_on_the_order_of_the_models(
             values=method.values,
             weights=method.weights,
             spectra=method.spectra,
+            models=method.models,
         )
     )
     order = data.draw(st.permutations(range(len(p.models))))
@@ -908,7 +1070,16 @@ def test_merged_tree_has_the_inputs_structure_shapes_and_dtypes(
     name: str, data: Any
 ) -> None:
     method = METHODS[name]
-    p = data.draw(problems(method.layout, min_models=2, max_models=2, configs=(0,)))
+    p = data.draw(
+        problems(
+            method.layout,
+            min_models=2,
+            max_models=2,
+            configs=(0,),
+            weights=method.weights,
+            models=method.models,
+        )
+    )
 
     def cast(tree: Any) -> Any:
         return mj.tree.map_with_path(lambda path, x: x.astype(DTYPES[path]), tree)
@@ -972,7 +1143,19 @@ ZERO_WEIGHT_METHODS = (
     "regmean",
     "mats_kfac",
     "mats_gram",
+    "multislerp",
+    "multislerp_about_base",
+    "breadcrumbs",
+    "breadcrumbs_ties",
 )
+# Not in the weight tests: slerp and model_stock take no weights (t is SLERP's
+# factor; Model Stock's ratio assumes the plain mean) and refuse unequal ones.
+# Nor tsv_m, iso_c and iso_cts: their weights scale each task vector before
+# the paper's method, which counts the models (TSV-M's ⌊r/M⌋ share,
+# ISO-CTS's d, the mean over M of the leaves that are not matrices), a
+# zero-weighted or repeated one too; and scaling all weights scales the
+# merged task vector, as task arithmetic's. tests/test_svd_methods.py checks
+# that scaling the weights is scaling α, and each weight's own effect.
 
 
 @methods(*ZERO_WEIGHT_METHODS)
@@ -987,6 +1170,7 @@ def test_weight_zero_is_leaving_the_model_out(name: str, data: Any) -> None:
             values=method.values,
             weights=method.weights,
             spectra=method.spectra,
+            models=method.models,
         )
     )
     dropped = data.draw(st.integers(0, len(p.models) - 1))
@@ -1015,6 +1199,9 @@ def test_weight_zero_is_leaving_the_model_out(name: str, data: Any) -> None:
     "regmean",
     "mats_kfac",
     "mats_gram",
+    "multislerp",
+    "multislerp_about_base",
+    "breadcrumbs_ties",
 )
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
@@ -1026,6 +1213,7 @@ def test_scaling_all_weights_changes_nothing(name: str, data: Any) -> None:
             values=method.values,
             weights=method.weights,
             spectra=method.spectra,
+            models=method.models,
         )
     )
     if method.weights is DYADIC_WEIGHT:
@@ -1047,6 +1235,10 @@ def test_scaling_all_weights_changes_nothing(name: str, data: Any) -> None:
     "regmean",
     "mats_kfac",
     "mats_gram",
+    "multislerp",
+    "multislerp_about_base",
+    "breadcrumbs",
+    "breadcrumbs_ties",
 )
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
@@ -1061,6 +1253,7 @@ def test_weight_two_is_the_model_twice(name: str, data: Any) -> None:
             weights=method.weights,
             signatures=((0, 2), (1, 3)),  # M + 1 models is also in SIGNATURES
             spectra=method.spectra,
+            models=method.models,
         )
     )
     twice = data.draw(st.integers(0, len(p.models) - 1))
@@ -1148,6 +1341,87 @@ JIT_CASES: dict[str, tuple[str | None, Callable[..., Any]]] = {
         )
         for layout in MATS_LAYOUTS
     },
+    "slerp": (None, lambda b, ms, s, w, h: mj.slerp(ms, t=h["t"])),
+    "multislerp": (None, lambda b, ms, s, w, h: mj.multislerp(ms, weights=w)),
+    "multislerp_about_base": (
+        None,
+        lambda b, ms, s, w, h: mj.multislerp(
+            ms, weights=w, base=b, max_iterations=h["maxiter"]
+        ),
+    ),
+    "model_stock": (None, lambda b, ms, s, w, h: mj.model_stock(b, ms)),
+    "model_stock_filter_wise": (
+        None,
+        lambda b, ms, s, w, h: mj.model_stock(b, ms, filter_wise=True),
+    ),
+    # Halving and quartering density are exact in float64 and float32 alike,
+    # so the eager and the traced run count and rank the same entries.
+    "breadcrumbs": (
+        None,
+        lambda b, ms, s, w, h: mj.breadcrumbs(
+            b,
+            ms,
+            density=h["density"] * 0.5,
+            gamma=h["density"] * 0.25,
+            scale=h["scale"],
+            weights=w,
+        ),
+    ),
+    "breadcrumbs_ties": (
+        None,
+        lambda b, ms, s, w, h: mj.breadcrumbs(
+            b,
+            ms,
+            density=h["density"] * 0.5,
+            gamma=h["density"] * 0.25,
+            weights=w,
+            sign_election=True,
+        ),
+    ),
+    "della": (
+        None,
+        lambda b, ms, s, w, h: mj.della(
+            b,
+            ms,
+            density=h["density"] * 0.5,
+            epsilon=h["density"] * 0.25,
+            key=h["key"],
+            scale=h["scale"],
+            weights=w,
+        ),
+    ),
+    "della_linear": (
+        None,
+        lambda b, ms, s, w, h: mj.della(
+            b,
+            ms,
+            density=h["density"] * 0.5,
+            epsilon=h["density"] * 0.25,
+            key=h["key"],
+            weights=w,
+            sign_election=False,
+        ),
+    ),
+    # share and common_fraction set how many singular vectors are kept (a
+    # shape): static, so fixed here; scale and the weights are traced.
+    "tsv_m": (
+        None,
+        lambda b, ms, s, w, h: mj.tsv_m(b, ms, scale=h["scale"], weights=w),
+    ),
+    "tsv_m_share": (
+        None,
+        lambda b, ms, s, w, h: mj.tsv_m(b, ms, scale=h["scale"], share=0.5, weights=w),
+    ),
+    "iso_c": (
+        None,
+        lambda b, ms, s, w, h: mj.iso_c(b, ms, scale=h["scale"], weights=w),
+    ),
+    "iso_cts": (
+        None,
+        lambda b, ms, s, w, h: mj.iso_cts(
+            b, ms, scale=h["scale"], common_fraction=0.5, weights=w
+        ),
+    ),
 }
 JITTED = {name: jax.jit(fn) for name, (_, fn) in JIT_CASES.items()}
 
@@ -1161,6 +1435,7 @@ JIT_HYPERPARAMETERS = st.fixed_dictionaries(
         "tol": st.floats(1e-6, 1e-2),
         "damping": st.floats(0.0, 1.0),
         "seed": st.integers(0, 2**31 - 1),
+        "t": st.floats(0.0, 1.0),
     }
 )
 
@@ -1171,7 +1446,15 @@ JIT_HYPERPARAMETERS = st.fixed_dictionaries(
 @given(data=st.data())
 def test_jit_matches_eager(name: str, data: Any) -> None:
     layout, eager = JIT_CASES[name]
-    p = data.draw(problems(layout, min_models=3, max_models=3, configs=(0,)))
+    p = data.draw(
+        problems(
+            layout,
+            min_models=3,
+            max_models=3,
+            configs=(0,),
+            models=model_counts(name),
+        )
+    )
     h = data.draw(JIT_HYPERPARAMETERS)
     h["key"] = jax.random.key(h.pop("seed"))
     expected = eager(p.base, p.models, p.stats, p.weights, h)

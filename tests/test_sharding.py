@@ -123,6 +123,18 @@ SCRIPT = textwrap.dedent(
         "mats_kfac_precond": lambda b, ms, st, i: mj.mats(ms, st["kfac"], init=i, maxiter=10, tol=1e-6, preconditioner=True, damping=1e-3).params,
         "mats_gram_cg": lambda b, ms, st, i: mj.mats(ms, st["gram"], init=i, maxiter=40, tol=0.0, fallback=b).params,
         "solve_closed_form": lambda b, ms, st, i: mj.solve(ms, st["closed"], method="closed_form", damping=1e-2).params,
+        "slerp": lambda b, ms, st, i: mj.slerp(ms[:2], t=0.3),
+        "multislerp": lambda b, ms, st, i: mj.multislerp(ms, weights=weights),
+        "multislerp_about_base": lambda b, ms, st, i: mj.multislerp(ms, weights=weights, base=b),
+        "model_stock": lambda b, ms, st, i: mj.model_stock(b, ms),
+        "model_stock_filter_wise": lambda b, ms, st, i: mj.model_stock(b, ms, filter_wise=True),
+        "breadcrumbs": lambda b, ms, st, i: mj.breadcrumbs(b, ms, density=0.3, gamma=0.1, weights=weights),
+        "breadcrumbs_ties": lambda b, ms, st, i: mj.breadcrumbs(b, ms, density=0.3, gamma=0.1, sign_election=True),
+        "della": lambda b, ms, st, i: mj.della(b, ms, density=0.5, epsilon=0.2, key=key, weights=weights),
+        "della_linear": lambda b, ms, st, i: mj.della(b, ms, density=0.5, epsilon=0.2, key=key, sign_election=False),
+        "tsv_m": lambda b, ms, st, i: mj.tsv_m(b, ms, weights=weights),
+        "iso_c": lambda b, ms, st, i: mj.iso_c(b, ms, scale=0.8, weights=weights),
+        "iso_cts": lambda b, ms, st, i: mj.iso_cts(b, ms, common_fraction=0.5),
     }
     single_stats = {"kfac": kfacs, "gram": grams, "fisher": fishers, "closed": closed}
     sharded_stats = {"kfac": s_kfacs, "gram": s_grams, "fisher": s_fishers, "closed": s_closed}
@@ -264,6 +276,18 @@ METHODS = [
     "mats_kfac_precond",
     "mats_gram_cg",
     "solve_closed_form",
+    "slerp",
+    "multislerp",
+    "multislerp_about_base",
+    "model_stock",
+    "model_stock_filter_wise",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
 ]
 
 

@@ -76,6 +76,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scale": 0.5},
     "ties": {"density": 0.5},
     "dare": {"drop_rate": 0.3},
+    "slerp": {"t": 0.3},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.1},
+    "della": {"density": 0.6, "epsilon": 0.2},
+    "tsv_m": {"scale": 0.9},
+    "iso_c": {"scale": 0.9},
+    "iso_cts": {"scale": 0.9, "common_fraction": 0.5},
 }
 """Parameters for the registered methods whose defaults do not suffice."""
 
@@ -84,5 +90,13 @@ CASES: dict[str, Case] = {
     "ties_per_leaf": Case("ties", {"density": 0.4, "trim": "per_leaf"}),
     "dare_ties": Case("dare", {"drop_rate": 0.3, "sign_election": True}),
     "solve_closed_form": Case("mats", {"method": "closed_form"}, mj.Gram),
+    "multislerp_about_base": Case("multislerp", {"about_base": True}),
+    "model_stock_filter_wise": Case("model_stock", {"filter_wise": True}),
+    "breadcrumbs_ties": Case(
+        "breadcrumbs", {"density": 0.5, "gamma": 0.1, "sign_election": True}
+    ),
+    "della_linear": Case(
+        "della", {"density": 0.6, "epsilon": 0.2, "sign_election": False}
+    ),
 }
 """Every registered method, then variants."""

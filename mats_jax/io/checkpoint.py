@@ -36,7 +36,7 @@ import numpy as np
 from mats_jax.io import msgpack as msgpack_io
 from mats_jax.io import orbax as orbax_io
 from mats_jax.io import safetensors as st_io
-from mats_jax.io.errors import CheckpointError
+from mats_jax.io.errors import CheckpointError, check_parent, check_replaceable
 from mats_jax.io.layout import IDENTITY, PRESETS, Layout, inverse_permutation
 from mats_jax.tree import nest_paths, path_str
 
@@ -258,10 +258,23 @@ def load_checkpoint(
 
 
 def flatten(tree: Any) -> dict[str, Any]:
-    """``{path: leaf}`` for a parameter pytree, in flattening order."""
-    return {
-        path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    """``{path: leaf}`` for a parameter pytree, in flattening order.
+
+    Raises:
+      CheckpointError: if two leaves have one path (a key holding ``/`` and
+        nested keys: ``{"a/b": x, "a": {"b": y}}``), which no format can
+        store apart.
+    """
+    out: dict[str, Any] = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = path_str(key_path)
+        if path in out:
+            raise CheckpointError(
+                f"two leaves have the path {path!r} (a key holding '/' and nested keys "
+                "name the same leaf); rename one of them"
+            )
+        out[path] = leaf
+    return out
 
 
 def save_checkpoint(
@@ -543,6 +556,8 @@ def write_tree(
     """Writes a pytree at ``path`` in ``format`` without the atomic wrapper
     (``metadata``: the safetensors ``__metadata__``)."""
     flat = {p: np.asarray(x) for p, x in flatten(tree).items()}
+    if not flat:
+        raise CheckpointError("the tree holds no array leaves: nothing to save")
     writer = CheckpointWriter(
         path,
         [(p, x.shape, x.dtype) for p, x in flat.items()],
@@ -614,13 +629,18 @@ def atomic_output(
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False (before
         anything is written).
+      CheckpointError: if ``path`` is the working directory or holds it, or a
+        file stands where a directory above it must be.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(
             f"{path} exists; pass --overwrite (overwrite=True) to replace it"
         )
+    if os.path.lexists(path):
+        check_replaceable(path)
     parent = os.path.dirname(path)
+    check_parent(path)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(path)}.tmp-"
     _remove_stale_scratch(parent, prefix)

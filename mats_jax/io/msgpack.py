@@ -65,7 +65,13 @@ class MsgpackReader:
         self._leaves: dict[str, np.ndarray] = {}
         flat = jax.tree_util.tree_flatten_with_path(read_msgpack(self.path))[0]
         for key_path, leaf in flat:
-            self._leaves[path_str(key_path)] = np.asarray(leaf)
+            name = path_str(key_path)
+            if name in self._leaves:
+                raise CheckpointError(
+                    f"{self.path}: two leaves have the path {name!r} (a key holding '/' "
+                    "and nested keys); this file cannot be read leaf by leaf"
+                )
+            self._leaves[name] = np.asarray(leaf)
         self.specs = {
             name: (tuple(a.shape), a.dtype, self.path)
             for name, a in self._leaves.items()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
@@ -64,13 +65,16 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 TensorSpec = tuple[str, tuple[int, ...], np.dtype]
 
 
-def dtype_name(dtype: Any) -> str:
-    """The safetensors name of a numpy dtype (``F32``, ``BF16`` …)."""
+def dtype_name(dtype: Any, tensor: str | None = None) -> str:
+    """The safetensors name of a numpy dtype (``F32``, ``BF16`` …); ``tensor``
+    names the tensor in the error."""
     try:
         return _NAMES[np.dtype(dtype)]
     except KeyError:
+        where = f"tensor {tensor!r}: " if tensor is not None else ""
         raise CheckpointError(
-            f"safetensors cannot store dtype {np.dtype(dtype)}"
+            f"{where}safetensors cannot store dtype {np.dtype(dtype)} (it stores "
+            f"numbers and booleans: {', '.join(_DTYPES)}); drop the leaf or convert it"
         ) from None
 
 
@@ -104,7 +108,7 @@ class SafetensorsReader:
 
         self._safe_open = safe_open
         self.path = os.path.abspath(os.fspath(path))
-        self.files = _resolve_files(self.path)
+        self.files, index = _resolve_files(self.path)
         self.metadata: dict[str, str] = {}
         self.specs: dict[str, tuple[tuple[int, ...], np.dtype, str]] = {}
         for file in self.files:
@@ -123,6 +127,14 @@ class SafetensorsReader:
                             f"{file}: tensor {name!r} has unsupported dtype {dtype}"
                         )
                     self.specs[name] = (tuple(piece.get_shape()), _DTYPES[dtype], file)
+        for name, file in (index or {}).items():
+            if self.specs.get(name, (None, None, None))[2] != file:
+                held = self.specs[name][2] if name in self.specs else "no file"
+                raise CheckpointError(
+                    f"{self.path}: the index maps tensor {name!r} to {file}, but "
+                    f"{held} holds it: the index does not fit its shards; copy or "
+                    "download the checkpoint again"
+                )
 
     def _open(self, file: str) -> Any:
         try:
@@ -131,8 +143,8 @@ class SafetensorsReader:
             raise CheckpointError(f"{file}: file not found") from None
         except Exception as e:
             raise CheckpointError(
-                f"{file}: not a readable safetensors file ({e}); it may be truncated "
-                "or still being copied: copy or download it again"
+                f"{file}: not a readable safetensors file ({e}); it may be truncated, "
+                "still being copied or written wrongly: copy or download it again"
             ) from e
 
     def read(self, name: str) -> np.ndarray:
@@ -148,8 +160,9 @@ class SafetensorsReader:
         return np.asarray(array).view(dtype).reshape(shape)
 
 
-def _resolve_files(path: str) -> list[str]:
-    """The ``.safetensors`` files behind a file, an index or a directory."""
+def _resolve_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+    """The ``.safetensors`` files behind a file, an index or a directory, and
+    the index's map of tensors to files (None without an index)."""
     if os.path.isdir(path):
         index = os.path.join(path, INDEX_NAME)
         if os.path.exists(index):
@@ -160,15 +173,15 @@ def _resolve_files(path: str) -> list[str]:
                 f"{path}: expected {INDEX_NAME} or exactly one .safetensors file, found "
                 f"{found or 'none'}"
             )
-        return [os.path.join(path, found[0])]
+        return [os.path.join(path, found[0])], None
     if path.endswith(".json"):
         return _index_files(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: file not found")
-    return [path]
+    return [path], None
 
 
-def _index_files(index: str) -> list[str]:
+def _index_files(index: str) -> tuple[list[str], dict[str, str]]:
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -178,17 +191,54 @@ def _index_files(index: str) -> list[str]:
         raise CheckpointError(
             f"{index}: not a safetensors index (expected a JSON object with a 'weight_map'): {e}"
         ) from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index}: its 'weight_map' must map tensor names to file names, got "
+            f"{type(weight_map).__name__}"
+        )
     directory = os.path.dirname(index)
     files = []
+    located = {}
     for name, file in weight_map.items():
         full = os.path.join(directory, file)
+        located[name] = full
         if full not in files:
             if not os.path.exists(full):
                 raise CheckpointError(
                     f"{full}: file not found; {index} maps tensor {name!r} to it"
                 )
             files.append(full)
-    return files
+    _check_shard_set(index, files)
+    return files, located
+
+
+_SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")
+
+
+def _check_shard_set(index: str, files: Sequence[str]) -> None:
+    """Refuses an index that omits shards its own file names announce
+    (``model-00001-of-00003`` listed, ``…-00002-of-00003`` not): their
+    tensors would be silently missing."""
+    listed = {os.path.basename(f) for f in files}
+    for name in sorted(listed):
+        m = _SHARD.match(name)
+        if m is None:
+            continue
+        prefix, digits, total = m.group(1), len(m.group(2)), int(m.group(3))
+        expected = {
+            f"{prefix}-{i:0{digits}d}-of-{m.group(3)}.safetensors"
+            for i in range(1, total + 1)
+        }
+        missing = sorted(expected - listed)
+        if missing:
+            raise CheckpointError(
+                f"{index}: maps no tensor to {missing[:3]} although its shards are "
+                f"{total} ({name} is listed): the index is incomplete; copy or "
+                "download it again"
+            )
+        return
 
 
 def plan_shards(
@@ -262,6 +312,16 @@ class SafetensorsWriter:
     ) -> None:
         self.path = os.fspath(path)
         self._metadata = dict(metadata or {"format": "pt"})
+        if max_shard_size is not None and (
+            isinstance(max_shard_size, bool)
+            or not isinstance(max_shard_size, (int, np.integer))
+            or max_shard_size < 1
+        ):
+            raise CheckpointError(
+                f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}"
+            )
+        for name, _, dtype in specs:
+            dtype_name(dtype, name)
         self._shards = plan_shards(
             [(n, tuple(s), np.dtype(d)) for n, s, d in specs], max_shard_size
         )

@@ -15,11 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from mats_jax.io.errors import CheckpointError
 from mats_jax.io.orbax import OrbaxReader
-from mats_jax.stats.io import FORMAT
+from mats_jax.stats.io import read_layout
+from mats_jax.stats.likelihood import StatisticsInputError
 from mats_jax.stats.statistic import Statistic
 
 __all__ = ["StatisticsReader"]
@@ -55,24 +55,28 @@ class StatisticsReader:
                 f"{self.path}: no statistics checkpoint there; save one with mats_jax.save_statistics"
             )
         try:
-            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-                meta = checkpointer.restore(
-                    self.path, args=ocp.args.Composite(layout=ocp.args.JsonRestore())
-                )["layout"]
-        except Exception as e:
-            raise CheckpointError(
-                f"{self.path}: not a readable statistics checkpoint ({type(e).__name__}: {e})"
-            ) from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{self.path}: not a mats_jax statistics checkpoint (format {FORMAT})"
-            )
+            meta = read_layout(self.path)
+        except StatisticsInputError as e:
+            raise CheckpointError(str(e)) from e
         self._layout: dict[str, Any] = meta["layout"]
         self.leaves: list[str] = list(meta["order"])
         has_arrays = any(entry is not None for entry in self._layout.values())
         self._arrays = (
             OrbaxReader(os.path.join(self.path, "arrays")) if has_arrays else None
         )
+        for leaf, entry in self._layout.items():
+            if entry is None:
+                continue
+            kind = Statistic.by_kind(entry["type"])
+            assert self._arrays is not None
+            missing = [
+                f for f in kind.array_fields if f"{leaf}/{f}" not in self._arrays.specs
+            ]
+            if missing:
+                raise CheckpointError(
+                    f"{self.path}: leaf {leaf!r} ({kind.kind}) has no saved {missing} "
+                    "under arrays/; the checkpoint is incomplete or damaged: save it again"
+                )
 
     def abstract(self, leaf: str) -> Statistic | None:
         """The statistic saved for ``leaf`` with shapes in place of arrays

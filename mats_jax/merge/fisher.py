@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mats_jax.checks import MergeInputError
+from mats_jax.checks import MergeInputError, check_traced, is_traced
 from mats_jax.engine import run_in_memory
 from mats_jax.merge.subspace import SubspaceMerge, check_fallback
 from mats_jax.solver.options import SolverOptions
@@ -54,7 +54,9 @@ class FisherParameters:
     fallback: Any = "average"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.floor, jax.core.Tracer) and not float(self.floor) >= 0:
+        if is_traced(self.floor):
+            check_traced("floor", self.floor, lambda f: f >= 0, ">= 0")
+        elif not float(self.floor) >= 0:
             raise MergeInputError(f"floor must be >= 0, got {self.floor!r}")
         check_fallback(self.fallback)
 
@@ -99,6 +101,12 @@ def fisher_merge(
     fallback: Any = "average",
 ) -> MergeResult:
     """Merges by per-entry Fisher-weighted averaging; see the module docstring.
+
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
 
     Args:
       models: M fine-tuned parameter pytrees.

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from mats_jax.checks import check_number
+from mats_jax.checks import check_flag, check_number
 from mats_jax.engine import run_in_memory
 from mats_jax.method import MergeInputs, MergeMethod, Needs
 from mats_jax.sharding import Placement
@@ -91,12 +91,17 @@ class TaskArithmeticParameters:
 
     Attributes:
       scale: λ, finite (traced: sweeping it does not recompile).
+      normalize: divide the weighted sum of task vectors by Σ_m w_m
+        (mergekit's ``normalize``; off by default, as there).
     """
 
+    static_fields: ClassVar[tuple[str, ...]] = ("normalize",)
     scale: Any = 1.0
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         check_number("scale", self.scale)
+        check_flag("normalize", self.normalize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,8 @@ class TaskArithmetic(MergeMethod):
     """Task arithmetic (Ilharco et al., 2023): add the scaled sum of task vectors.
 
     .. math:: \\theta = \\theta_0 + \\lambda \\sum_m w_m (\\theta_m - \\theta_0)
+
+    (divided by :math:`\\sum_m w_m` with ``normalize``).
     """
 
     elementwise: ClassVar[bool] = True
@@ -116,6 +123,9 @@ class TaskArithmetic(MergeMethod):
     ) -> MergeResult:
         assert inputs.weights is not None
         total = weighted_sum(inputs.weights, task_vectors(inputs.base, inputs.models))
+        if params.normalize:
+            weights = inputs.weights
+            total = jax.tree.map(lambda t: t / jnp.sum(weights).astype(t.dtype), total)
         merged = jax.tree.map(
             lambda b, t: add_scaled(b, t, params.scale), inputs.base, total
         )
@@ -133,6 +143,12 @@ def average(models: Sequence[Params], *, weights: Any = None) -> Params:
 
     In the MaTS view this is ``C_m = w_m I``. Arithmetic runs in float32 (or
     the leaf's dtype if wider); each leaf is returned in its own dtype.
+
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
 
     Args:
       models: M parameter pytrees of one structure.
@@ -152,7 +168,12 @@ def average(models: Sequence[Params], *, weights: Any = None) -> Params:
 
 
 def task_arithmetic(
-    base: Params, models: Sequence[Params], *, scale: Any = 1.0, weights: Any = None
+    base: Params,
+    models: Sequence[Params],
+    *,
+    scale: Any = 1.0,
+    weights: Any = None,
+    normalize: bool = False,
 ) -> Params:
     """Task arithmetic (Ilharco et al., 2023): add the scaled sum of task vectors.
 
@@ -160,11 +181,18 @@ def task_arithmetic(
 
     With ``scale = 1/M`` and equal weights this is the average.
 
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
+
     Args:
       base: the pretrained parameters θ₀.
       models: the fine-tuned parameters θ_m.
       scale: λ; traced, so sweeping it does not recompile.
       weights: per-model weights w_m (default 1).
+      normalize: divide the weighted sum by Σ_m w_m (mergekit's option).
 
     Returns:
       The merged parameters, each leaf in its own dtype.
@@ -177,7 +205,7 @@ def task_arithmetic(
     """
     return run_in_memory(
         TASK_ARITHMETIC,
-        TASK_ARITHMETIC.parameters(scale=scale),
+        TASK_ARITHMETIC.parameters(scale=scale, normalize=normalize),
         base=base,
         models=models,
         weights=weights,

@@ -91,6 +91,12 @@ def mats(
 ) -> MergeResult:
     """Merges by conjugate gradient on ``(Σ_m w_m C_m) θ = Σ_m w_m C_m θ_m``.
 
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
+
     Args:
       models: M fine-tuned parameter pytrees θ_m.
       statistics: M pytrees with the parameters' structure holding a statistic
@@ -172,6 +178,12 @@ def solve(
     cg: Literal["per_block", "jax_scipy"] = "per_block",
 ) -> MergeResult:
     """Solves ``(Σ_m w_m C_m + δI) θ = Σ_m w_m C_m θ_m + δ θ_init`` per block.
+
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
 
     Args:
       models: the M fine-tuned parameter pytrees θ_m.

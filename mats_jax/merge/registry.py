@@ -5,7 +5,7 @@ Examples:
   >>> import jax.numpy as jnp
   >>> import mats_jax
   >>> sorted(mats_jax.METHODS)
-  ['average', 'dare', 'fisher_merge', 'mats', 'regmean', 'task_arithmetic', 'ties']
+  ['average', 'breadcrumbs', 'dare', 'della', 'fisher_merge', 'iso_c', 'iso_cts', 'mats', 'model_stock', 'multislerp', 'regmean', 'slerp', 'task_arithmetic', 'ties', 'tsv_m']
   >>> mats_jax.merge_pytrees("average", models=[{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}]).params
   {'w': Array([0.5, 0.5], dtype=float32)}
 """
@@ -21,11 +21,16 @@ import jax
 
 from mats_jax.checks import MergeInputError
 from mats_jax.engine import lower_in_memory, run_in_memory
+from mats_jax.merge.breadcrumbs import BREADCRUMBS
+from mats_jax.merge.della import DELLA
 from mats_jax.merge.fisher import FISHER_MERGE
 from mats_jax.merge.linear import AVERAGE, TASK_ARITHMETIC
 from mats_jax.merge.mats import MATS
+from mats_jax.merge.model_stock import MODEL_STOCK
 from mats_jax.merge.regmean import REGMEAN
+from mats_jax.merge.slerp import MULTISLERP, SLERP
 from mats_jax.merge.sparse import DARE, TIES
+from mats_jax.merge.svd import ISO_C, ISO_CTS, TSV_M
 from mats_jax.method import MergeMethod
 from mats_jax.solver.report import MergeResult
 from mats_jax.typing import Array, Params, StatTree
@@ -35,7 +40,23 @@ __all__ = ["METHODS", "get_method", "lower_merge", "merge_pytrees"]
 METHODS: Mapping[str, MergeMethod] = types.MappingProxyType(
     {
         m.name: m
-        for m in (AVERAGE, TASK_ARITHMETIC, TIES, DARE, FISHER_MERGE, REGMEAN, MATS)
+        for m in (
+            AVERAGE,
+            TASK_ARITHMETIC,
+            TIES,
+            DARE,
+            FISHER_MERGE,
+            REGMEAN,
+            MATS,
+            SLERP,
+            MULTISLERP,
+            MODEL_STOCK,
+            BREADCRUMBS,
+            DELLA,
+            TSV_M,
+            ISO_C,
+            ISO_CTS,
+        )
     }
 )
 """Every registered method by name (read-only)."""
@@ -53,7 +74,7 @@ def get_method(name: str) -> MergeMethod:
       >>> get_method("tie")
       Traceback (most recent call last):
       ...
-      mats_jax.checks.MergeInputError: unknown method 'tie'; did you mean 'ties'? Methods: average, task_arithmetic, ties, dare, fisher_merge, regmean, mats
+      mats_jax.checks.MergeInputError: unknown method 'tie'; did you mean 'ties'? Methods: average, task_arithmetic, ties, dare, fisher_merge, regmean, mats, slerp, multislerp, model_stock, breadcrumbs, della, tsv_m, iso_c, iso_cts
     """
     if name not in METHODS:
         close = difflib.get_close_matches(str(name), METHODS, n=1)
@@ -82,6 +103,12 @@ def merge_pytrees(
     record's fields (``method.Parameters``; MaTS's ``method="closed_form"``
     too: ``method`` here is positional); base, statistics and key are taken
     by the methods that need them.
+
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
 
     Returns:
       A :class:`~mats_jax.MergeResult`: parameters and a report per leaf.

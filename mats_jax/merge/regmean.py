@@ -96,6 +96,12 @@ def regmean(
 ) -> MergeResult:
     """Merges dense kernels by RegMean; see the module docstring.
 
+    Values are checked before any work when concrete; traced ones (under an
+    outer ``jax.jit``: NaN or Inf in models, weights or statistics,
+    hyperparameters out of range, negative weights) are checked only when
+    the call is wrapped in ``jax.experimental.checkify.checkify``, and pass
+    unchecked otherwise (:func:`~mats_jax.checks.check_traced`).
+
     Args:
       models: M fine-tuned parameter pytrees.
       grams: M pytrees with the parameters' structure holding a

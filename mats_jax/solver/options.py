@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import jax
 
-from mats_jax.checks import MergeInputError
+from mats_jax.checks import MergeInputError, check_flag, check_traced
 from mats_jax.tree import register_record
 
 __all__ = ["CG_LOOPS", "SOLVE_METHODS", "SolverOptions"]
@@ -107,8 +107,14 @@ class SolverOptions:
             raise MergeInputError(
                 f"maxiter must be a non-negative integer, got {self.maxiter!r}"
             )
+        check_traced(
+            "maxiter", self.maxiter, lambda x: x >= 0, "a non-negative integer"
+        )
         for name in ("tol", "damping"):
             value = getattr(self, name)
+            check_traced(
+                name, value, lambda x: (x >= 0) & (x < float("inf")), "finite and >= 0"
+            )
             if _concrete(value) and not (
                 math.isfinite(float(value)) and float(value) >= 0
             ):
@@ -117,15 +123,15 @@ class SolverOptions:
             raise MergeInputError(f"check_every must be >= 0, got {self.check_every!r}")
         # Static: part of the compiled program's shape, so a plain int.
         object.__setattr__(self, "check_every", int(self.check_every))
+        check_traced(
+            "divergence_factor", self.divergence_factor, lambda x: x > 1, "> 1"
+        )
         if _concrete(self.divergence_factor) and not float(self.divergence_factor) > 1:
             raise MergeInputError(
                 f"divergence_factor must be > 1, got {self.divergence_factor!r}"
             )
-        for name in ("preconditioner", "group_blocks"):
-            if not isinstance(getattr(self, name), bool):
-                raise MergeInputError(
-                    f"{name} must be True or False, got {getattr(self, name)!r}"
-                )
+        check_flag("preconditioner", self.preconditioner)
+        check_flag("group_blocks", self.group_blocks)
         if self.precision not in (None, "float32", "float64"):
             raise MergeInputError(
                 f"precision must be 'float32' or 'float64', got {self.precision!r}"

@@ -768,6 +768,11 @@ def estimate(
 ) -> StatTree:
     """Estimates ``target`` statistics of ``fn`` over ``batches``; see the module docstring.
 
+    Every check (labels within the classes, masks, the logits' dtype, batch
+    shapes) is made on concrete values: estimators run eagerly over concrete
+    batches and parameters, jitting their own per-micro-batch steps, and
+    cannot themselves be called under ``jax.jit``.
+
     Args:
       target: the statistic type to estimate, from the sums it names
         (:attr:`~mats_jax.Statistic.estimator_sums`): kernel statistics such as
@@ -784,6 +789,12 @@ def estimate(
     if fallback not in ("diagonal", None):
         raise StatisticsInputError(
             f"fallback must be 'diagonal' or None, got {fallback!r}"
+        )
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+        raise StatisticsInputError(
+            "params are traced: estimators cannot be called under jax.jit (they "
+            "iterate over concrete batches and jit their own steps); call the "
+            "estimator outside the jitted function"
         )
     gradient_sums = {"output_gradients", "squared_gradients"}
     needs_fisher = bool(gradient_sums & set(target.estimator_sums)) or (

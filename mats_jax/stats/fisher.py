@@ -70,6 +70,10 @@ def diagonal_fisher(
 
     (module docstring: the cotangents u of each kind, the masks).
 
+    Every check is made on concrete values: estimators run eagerly over
+    concrete batches and parameters (jitting their own steps) and cannot be
+    called under ``jax.jit`` (:func:`~mats_jax.stats.estimate.estimate`).
+
     Args:
       logits_fn: ``logits_fn(params, inputs) -> logits``, floating point, of
         shape (batch, classes) or (batch, positions, classes): e.g.

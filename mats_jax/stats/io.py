@@ -26,14 +26,105 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mats_jax.stats.likelihood import StatisticsInputError
 from mats_jax.stats.statistic import Statistic
 from mats_jax.tree import nest_paths, path_str
 from mats_jax.typing import StatTree
 
-__all__ = ["FORMAT", "load_statistics", "save_statistics"]
+__all__ = [
+    "FORMAT",
+    "is_statistics",
+    "load_statistics",
+    "read_layout",
+    "save_statistics",
+]
 
 FORMAT = "mats_jax.statistics/1"
 """The ``format`` entry of a statistics checkpoint's layout record."""
+
+
+LAYOUT_FILE = os.path.join("layout", "metadata")
+"""Where in a statistics checkpoint its layout record is (orbax's JSON item)."""
+
+
+def is_statistics(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory holding a statistics checkpoint (its
+    layout record is there; :func:`read_layout` checks it)."""
+    return os.path.isfile(os.path.join(os.fspath(path), LAYOUT_FILE))
+
+
+def read_layout(path: str) -> dict[str, Any]:
+    """The layout record of the statistics checkpoint at ``path``, checked.
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      StatisticsInputError: naming ``path`` and what is wrong: a parameter
+        checkpoint rather than statistics, a missing or damaged layout
+        record, or statistics arrays that are missing.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"no statistics checkpoint at {path}; save one with mats_jax.save_statistics"
+        )
+    if not is_statistics(path):
+        if os.path.exists(os.path.join(path, "_METADATA")) or os.path.exists(
+            os.path.join(path, "manifest.ocdbt")
+        ):
+            raise StatisticsInputError(
+                f"{path}: an orbax checkpoint of parameters, not statistics (no "
+                f"{LAYOUT_FILE} record in it): statistics are written by "
+                "mats_jax.save_statistics; parameters are read with mats_jax.load_orbax "
+                "or given as a model's path"
+            )
+        raise StatisticsInputError(
+            f"{path}: not a statistics checkpoint (no {LAYOUT_FILE} record in it); "
+            "save statistics with mats_jax.save_statistics"
+        )
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            meta = checkpointer.restore(
+                path, args=ocp.args.Composite(layout=ocp.args.JsonRestore())
+            )["layout"]
+    except Exception as e:
+        raise StatisticsInputError(
+            f"{path}: its layout record {LAYOUT_FILE} is unreadable "
+            f"({type(e).__name__}: {e}); the checkpoint is damaged: save it again"
+        ) from e
+    problem = _layout_problem(meta)
+    if problem:
+        raise StatisticsInputError(
+            f"{path}: not a mats_jax statistics checkpoint (format {FORMAT}): "
+            f"its layout record {LAYOUT_FILE} {problem}"
+        )
+    has_arrays = any(entry is not None for entry in meta["layout"].values())
+    if has_arrays and not os.path.isdir(os.path.join(path, "arrays")):
+        raise StatisticsInputError(
+            f"{path}: its arrays/ directory (the statistics' values) is missing; "
+            "the checkpoint is incomplete: save or copy it again"
+        )
+    return meta
+
+
+def _layout_problem(meta: Any) -> str:
+    """What is wrong with a layout record, or ``""``."""
+    if not isinstance(meta, dict):
+        return f"is {type(meta).__name__}, not a JSON object"
+    if meta.get("format") != FORMAT:
+        return f"has format {meta.get('format')!r}"
+    layout, order = meta.get("layout"), meta.get("order")
+    if not isinstance(layout, dict) or not isinstance(order, list):
+        return "lacks its 'layout' mapping or 'order' list"
+    if sorted(order) != sorted(layout):
+        return "lists other leaves in 'order' than in 'layout'"
+    for name, entry in layout.items():
+        if entry is None:
+            continue
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        try:
+            Statistic.by_kind(kind)  # type: ignore[arg-type]
+        except ValueError as e:
+            return f"gives leaf {name!r} {e}"
+    return ""
 
 
 def _is_stat(x: Any) -> bool:
@@ -45,6 +136,7 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
 
     Raises:
       FileExistsError: if ``path`` exists (nothing is overwritten).
+      NotADirectoryError: if a file stands where a directory above it must be.
       TypeError: if a leaf is neither a statistic nor None.
 
     Examples:
@@ -60,6 +152,13 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
     path = os.fspath(os.path.abspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; statistics are never overwritten")
+    ancestor = os.path.dirname(path)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):  # orbax would fail in its threads
+        raise NotADirectoryError(
+            f"{path}: {ancestor} is a file, so no directory can be made there"
+        )
     flat, treedef = jax.tree_util.tree_flatten_with_path(statistics, is_leaf=_is_stat)
     arrays: dict[str, dict[str, Any]] = {}
     layout: dict[str, Any] = {}
@@ -96,8 +195,10 @@ def load_statistics(
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      ValueError: if it is not a statistics checkpoint, or ``like`` has other
-        leaves than the ones saved.
+      StatisticsInputError: (a ``ValueError``) naming ``path`` if it is not a
+        statistics checkpoint (a parameter checkpoint, a missing or damaged
+        layout record or arrays), or ``like`` has other leaves than the ones
+        saved.
 
     Examples:
       >>> import os, tempfile
@@ -110,31 +211,35 @@ def load_statistics(
       (Array([0., 1., 2.], dtype=float32), None)
     """
     path = os.fspath(os.path.abspath(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no statistics checkpoint at {path}")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        meta = checkpointer.restore(
-            path, args=ocp.args.Composite(layout=ocp.args.JsonRestore())
-        )["layout"]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} is not a mats_jax statistics checkpoint (format {FORMAT})"
-            )
-        has_arrays = any(e is not None for e in meta["layout"].values())
-        arrays = (
-            checkpointer.restore(
-                path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
-            )["arrays"]
-            if has_arrays
-            else {}
-        )
+    meta = read_layout(path)
+    has_arrays = any(e is not None for e in meta["layout"].values())
+    arrays: dict[str, Any] = {}
+    if has_arrays:
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+                arrays = checkpointer.restore(
+                    path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+                )["arrays"]
+        except Exception as e:
+            raise StatisticsInputError(
+                f"{path}: cannot read its statistics' arrays under arrays/ "
+                f"({type(e).__name__}: {e}); the checkpoint is incomplete or damaged: "
+                "save or copy it again"
+            ) from e
     stats: dict[str, Statistic | None] = {}
     for name in meta["order"]:
         entry = meta["layout"][name]
         if entry is None:
             stats[name] = None
             continue
-        stats[name] = Statistic.by_kind(entry["type"]).from_saved(arrays[name], entry)
+        kind = Statistic.by_kind(entry["type"])
+        missing = [f for f in kind.array_fields if f not in arrays.get(name, {})]
+        if missing:
+            raise StatisticsInputError(
+                f"{path}: leaf {name!r} ({kind.kind}) has no saved {missing} under "
+                "arrays/; the checkpoint is incomplete or damaged: save it again"
+            )
+        stats[name] = kind.from_saved(arrays[name], entry)
     if like is None:
         return _nest(stats)
     flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_stat)
@@ -142,7 +247,7 @@ def load_statistics(
     if sorted(names) != sorted(stats):
         missing = sorted(set(names) - set(stats))
         extra = sorted(set(stats) - set(names))
-        raise ValueError(
+        raise StatisticsInputError(
             f"{path}: saved leaves differ from `like`: missing {missing[:5]}, unexpected {extra[:5]}"
         )
     return jax.tree_util.tree_unflatten(treedef, [stats[n] for n in names])

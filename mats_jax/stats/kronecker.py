@@ -96,6 +96,10 @@ def kfac(
     over the rows r of the kernel's inputs (real tokens: weight w_r from the
     mask) and the N real examples; see :mod:`mats_jax.stats.kronecker`.
 
+    Every check is made on concrete values: estimators run eagerly over
+    concrete batches and parameters (jitting their own steps) and cannot be
+    called under ``jax.jit`` (:func:`~mats_jax.stats.estimate.estimate`).
+
     Args:
       logits_fn: ``logits_fn(params, inputs) -> logits``, floating point,
         (batch, classes) or (batch, positions, classes); any JAX function:
@@ -214,6 +218,10 @@ def gram(
     progress: bool = True,
 ) -> StatTree:
     """RegMean's Gram matrix ``A = Σ_r w_r x_r x_rᵀ / Σ_r w_r`` of the inputs of every dense kernel.
+
+    Every check is made on concrete values: estimators run eagerly over
+    concrete batches and parameters (jitting their own steps) and cannot be
+    called under ``jax.jit`` (:func:`~mats_jax.stats.estimate.estimate`).
 
     Args:
       apply_fn: ``apply_fn(params, inputs)``; its output is not used unless

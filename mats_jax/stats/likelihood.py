@@ -114,6 +114,12 @@ def check_batch(batch: Any, index: int, *, needs_labels: bool) -> int:
         for path, leaf in jax.tree_util.tree_flatten_with_path(batch[name])[0]:
             shape = np.shape(leaf)
             label = name + jax.tree_util.keystr(path)
+            if isinstance(leaf, jax.core.Tracer):
+                raise StatisticsInputError(
+                    f"{where}: {label} is traced: estimators cannot be called under "
+                    "jax.jit (they iterate over concrete batches and jit their own "
+                    "steps); call the estimator outside the jitted function"
+                )
             if not shape:
                 raise StatisticsInputError(
                     f"{where}: {label} is a scalar; every entry needs a leading batch axis"
