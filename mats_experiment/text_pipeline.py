@@ -70,7 +70,10 @@ DEFAULT_METHODS = (
     "mats_gram",
     "mats_kfac",
 )
-"""One experiment method per method of :data:`mats_jax.METHODS`, MaTS with Gram and K-FAC."""
+"""The methods of the recorded real-model run: one per method of the first
+registry, MaTS with Gram and K-FAC. The methods registered since (SLERP, Model
+Stock, Breadcrumbs, DELLA, TSV-M, ISO-C) run with ``methods=`` until the
+benchmark is rerun with them."""
 
 Progress = Callable[[str], None]
 

@@ -405,6 +405,9 @@ def check_flag(name: str, value: Any) -> None:
         raise MergeInputError(f"{name} must be True or False, got {value!r}")
 
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
 def check_fraction(
     name: str,
     value: Any,
@@ -440,6 +443,14 @@ def check_fraction(
         high_ok = v <= 1 if include_one else v < 1
         if not (math.isfinite(v) and low_ok and high_ok):
             raise MergeInputError(f"{entry} must lie in {interval}, got {value_!r}")
+        if 0 < v < _FLOAT32_TINY:
+            # XLA flushes float32 subnormals to zero: such a fraction would
+            # count as 0 in the merge (⌈γN⌉ = 0), not as the small one given.
+            raise MergeInputError(
+                f"{entry} = {value_!r} is below float32's smallest normal number "
+                f"({_FLOAT32_TINY:.3g}), which merges compute with as 0: give 0 or "
+                "a larger fraction"
+            )
 
 
 def check_statistics(

@@ -359,3 +359,17 @@ def test_per_model_lists_work_under_jit():
     got = f(jnp.asarray([0.2, 0.5, 1.0]))
     want = mats_jax.ties(base, models, density=[0.2, 0.5, 1.0], trim="per_leaf")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+
+
+def test_a_fraction_that_float32_flushes_to_zero_is_refused():
+    # Found by the suite: γ = 9.4e-42 (a float32 subnormal) dropped no entry,
+    # as XLA computes it as 0, where ⌈γN⌉ = 1 was meant.
+    base, models = _trees()
+    with pytest.raises(
+        mats_jax.MergeInputError, match=r"gamma = 9\.4e-42 is below float32"
+    ):
+        mats_jax.breadcrumbs(base, models, density=0.5, gamma=9.4e-42)
+    with pytest.raises(
+        mats_jax.MergeInputError, match=r"density\[1\] = 1e-40 is below"
+    ):
+        mats_jax.ties(base, models, density=[0.5, 1e-40, 0.5])
