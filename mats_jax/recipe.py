@@ -268,25 +268,14 @@ class Recipe:
           >>> recipe.leaf_rule("layers/1/kernel", num_layers=3)[1]
           {'density': (0.5, 0.2), 'scale': 0.5}
         """
-        method = self.method
-        params = dict(self.parameters)
-        override = None
-        for rule in self.overrides:
-            if pattern_matches(rule.pattern, path):
-                if rule.unmerged:
-                    return None, {}, rule
-                override = rule
-                if rule.method is not None and rule.method != self.method:
-                    method, params = rule.method, {}
-                break
+        override = next(
+            (r for r in self.overrides if pattern_matches(r.pattern, path)), None
+        )
+        if override is not None and override.unmerged:
+            return None, {}, override
+        method = (override.method if override else None) or self.method
+        params = self.method_parameters(method, override)
         per_model = per_model_fields(get_method(method).Parameters)
-        for name in per_model:
-            own = [m.parameters.get(name) for m in self.models]
-            if any(v is not None for v in own):
-                shared = params.get(name)
-                params[name] = tuple(shared if v is None else v for v in own)
-        if override is not None:
-            params.update(override.parameters)
         resolved = {
             name: tuple(_at_layer(v, path, num_layers, name) for v in value)
             if name in per_model and isinstance(value, tuple)
@@ -294,6 +283,23 @@ class Recipe:
             for name, value in params.items()
         }
         return method, resolved, override
+
+    def method_parameters(
+        self, method: str, override: Override | None = None
+    ) -> dict[str, Any]:
+        """``method``'s parameters where ``override`` (or none) applies, layer
+        gradients unresolved: the recipe's ``parameters`` when it is the
+        recipe's method, then each model's own (as one value per model, the
+        recipe's value for models that give none), then the override's."""
+        params = dict(self.parameters) if method == self.method else {}
+        for name in per_model_fields(get_method(method).Parameters):
+            own = [m.parameters.get(name) for m in self.models]
+            if any(v is not None for v in own):
+                shared = params.get(name)
+                params[name] = tuple(shared if v is None else v for v in own)
+        if override is not None:
+            params.update(override.parameters)
+        return params
 
     def leaf_method(
         self, path: str, num_layers: int | None = None
@@ -973,13 +979,7 @@ def _parameter_variants(
     """The parameters a method is used with (the recipe's, or an override's),
     once per value a layer gradient in them can take, so that every value is
     validated before any tensor is read."""
-    params = dict(recipe.parameters) if method == recipe.method else {}
-    for name in per_model_fields(get_method(method).Parameters):
-        own = [m.parameters.get(name) for m in recipe.models]
-        if any(v is not None for v in own):
-            params[name] = tuple(params.get(name) if v is None else v for v in own)
-    if rule is not None:
-        params.update(rule.parameters)
+    params = recipe.method_parameters(method, rule)
 
     def values(value: Any) -> list[Any]:
         if isinstance(value, tuple):  # per model: vary one model's at a time

@@ -67,13 +67,13 @@ from mats_jax.checks import (
     is_traced,
 )
 from mats_jax.engine import run_in_memory
-from mats_jax.merge.linear import add_scaled, named_report
-from mats_jax.merge.sparse import combine
+from mats_jax.merge.linear import named_report
+from mats_jax.merge.sparse import merge_sparsified
 from mats_jax.method import MergeInputs, MergeMethod, Needs, model_value
 from mats_jax.select import keep_count, magnitude_thresholds
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import MergeResult
-from mats_jax.tree import register_record, task_vectors
+from mats_jax.tree import register_record
 from mats_jax.typing import Array, Params
 
 __all__ = [
@@ -226,15 +226,13 @@ class Breadcrumbs(MergeMethod):
     def merge(
         self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
     ) -> MergeResult:
-        assert inputs.weights is not None
-        vectors = [jax.tree.leaves(t) for t in task_vectors(inputs.base, inputs.models)]
-        base_leaves, treedef = jax.tree.flatten(inputs.base)
-        merged = []
-        for b, leaves in zip(base_leaves, zip(*vectors, strict=True), strict=True):
-            kept = trim_outliers(leaves, params.density, params.gamma, placement.mesh)
-            tau = combine(kept, inputs.weights, params.sign_election, params.normalize)
-            merged.append(add_scaled(b, tau, params.scale))
-        out = jax.tree.unflatten(treedef, merged)
+        out = merge_sparsified(
+            inputs,
+            params,
+            lambda leaves, i: trim_outliers(
+                leaves, params.density, params.gamma, placement.mesh
+            ),
+        )
         return MergeResult(out, named_report(out, self.name))
 
 

@@ -76,12 +76,12 @@ from mats_jax.checks import (
     is_traced,
 )
 from mats_jax.engine import run_in_memory
-from mats_jax.merge.linear import add_scaled, named_report
-from mats_jax.merge.sparse import combine
+from mats_jax.merge.linear import named_report
+from mats_jax.merge.sparse import merge_sparsified
 from mats_jax.method import MergeInputs, MergeMethod, Needs, model_value
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import MergeResult
-from mats_jax.tree import register_record, task_vectors
+from mats_jax.tree import register_record
 from mats_jax.typing import Array, Params
 
 __all__ = [
@@ -291,26 +291,20 @@ class Della(MergeMethod):
     def merge(
         self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
     ) -> MergeResult:
-        assert inputs.weights is not None
         assert inputs.key is not None and inputs.leaf_ids is not None
-        vectors = [jax.tree.leaves(t) for t in task_vectors(inputs.base, inputs.models)]
-        base_leaves, treedef = jax.tree.flatten(inputs.base)
-        ids = jax.tree.leaves(inputs.leaf_ids)
-        merged = []
-        for b, leaf_id, leaves in zip(
-            base_leaves, ids, zip(*vectors, strict=True), strict=True
-        ):
-            kept = magprune(
+        key, ids = inputs.key, jax.tree.leaves(inputs.leaf_ids)
+        out = merge_sparsified(
+            inputs,
+            params,
+            lambda leaves, i: magprune(
                 leaves,
                 params.density,
                 params.epsilon,
-                inputs.key,
-                leaf_id,
+                key,
+                ids[i],
                 rescale=params.rescale,
-            )
-            tau = combine(kept, inputs.weights, params.sign_election, params.normalize)
-            merged.append(add_scaled(b, tau, params.scale))
-        out = jax.tree.unflatten(treedef, merged)
+            ),
+        )
         return MergeResult(out, named_report(out, self.name))
 
 

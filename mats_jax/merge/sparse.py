@@ -56,6 +56,7 @@ __all__ = [
     "combine",
     "dare",
     "drop_at_random",
+    "merge_sparsified",
     "ties",
     "trim_below",
 ]
@@ -216,6 +217,33 @@ def combine(
     )
 
 
+def merge_sparsified(
+    inputs: MergeInputs,
+    params: Any,
+    sparsify: Callable[[list[Array], int], list[Array]],
+) -> Params:
+    """Per leaf i, ``θ₀ + λ · combine(sparsify(τ_1 … τ_M, i))``: the shape every
+    sparsifying merge shares (TIES, DARE, Breadcrumbs, DELLA), with the
+    parameters' ``sign_election``, ``normalize`` and ``scale``.
+
+    Args:
+      inputs: the leaves to merge (base and weights present).
+      params: a parameters record with those three fields.
+      sparsify: one leaf's M task vectors and the leaf's index → the kept ones.
+    """
+    assert inputs.weights is not None
+    vectors = [jax.tree.leaves(t) for t in task_vectors(inputs.base, inputs.models)]
+    base_leaves, treedef = jax.tree.flatten(inputs.base)
+    merged = []
+    for i, (b, leaves) in enumerate(
+        zip(base_leaves, zip(*vectors, strict=True), strict=True)
+    ):
+        kept = sparsify(list(leaves), i)
+        tau = combine(kept, inputs.weights, params.sign_election, params.normalize)
+        merged.append(add_scaled(b, tau, params.scale))
+    return jax.tree.unflatten(treedef, merged)
+
+
 Sparsify = Callable[[list[Array], Any, Any, MergeInputs, int], list[Array]]
 
 
@@ -267,31 +295,20 @@ class SparseTaskArithmetic(MergeMethod):
     def merge(
         self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
     ) -> MergeResult:
-        assert inputs.weights is not None
-        vectors = [jax.tree.leaves(t) for t in task_vectors(inputs.base, inputs.models)]
         thresholds = jax.tree.leaves(prepared) if prepared is not None else None
         sparsify: Sparsify = (
             _by_magnitude if self.sparsify == "magnitude" else _at_random
         )
-        merged = []
-        for i, leaves in enumerate(zip(*vectors, strict=True)):
-            kept = sparsify(
-                list(leaves),
+        out = merge_sparsified(
+            inputs,
+            params,
+            lambda leaves, i: sparsify(
+                leaves,
                 params,
                 thresholds[i] if thresholds is not None else None,
                 inputs,
                 i,
-            )
-            merged.append(
-                combine(kept, inputs.weights, params.sign_election, params.normalize)
-            )
-        base_leaves, treedef = jax.tree.flatten(inputs.base)
-        out = jax.tree.unflatten(
-            treedef,
-            [
-                add_scaled(b, t, params.scale)
-                for b, t in zip(base_leaves, merged, strict=True)
-            ],
+            ),
         )
         return MergeResult(out, named_report(out, self.name))
 
