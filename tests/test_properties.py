@@ -934,9 +934,25 @@ ORDER_DEPENDENT = {
     # (tests/test_slerp.py::test_swapping_the_models_is_one_minus_t).
     "slerp": "t = 0 is models[0]",
 }
+ORDER_ILL_CONDITIONED = {
+    # Order-invariant in exact arithmetic, but both raise every direction of
+    # the summed task matrix to the mean singular value: a direction whose
+    # singular value is small is fixed only to rounding of order
+    # ε‖Σ τ‖ / σ_small, which the models' order changes (seen: 9e-4 on
+    # entries of 10). tests/test_svd_methods.py tests the order on task
+    # matrices whose spectra are well separated instead.
+    "iso_c": "ill-conditioned small directions",
+    "iso_cts": "ill-conditioned small directions",
+}
 
 
-@methods(*(name for name in METHODS if name not in ORDER_DEPENDENT))
+@methods(
+    *(
+        name
+        for name in METHODS
+        if name not in ORDER_DEPENDENT and name not in ORDER_ILL_CONDITIONED
+    )
+)
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_result_does_not_depend_on_the_order_of_the_models(
