@@ -121,37 +121,6 @@ def config(
 # --------------------------------------------------------------------------
 
 
-def _row(
-    rows: list[dict[str, Any]], arch: str, setting: str, method: str
-) -> dict[str, Any] | None:
-    return next(
-        (
-            r
-            for r in rows
-            if r["architecture"] == arch
-            and r["setting"] == setting
-            and r["method"] == method
-        ),
-        None,
-    )
-
-
-def head_to_head(
-    rows: list[dict[str, Any]], arch: str, setting: str, a: str, b: str
-) -> str:
-    ra, rb = _row(rows, arch, setting, a), _row(rows, arch, setting, b)
-    if ra is None or rb is None:
-        return ""
-    diffs = np.asarray(ra["per_seed_normalised"]) - np.asarray(
-        rb["per_seed_normalised"]
-    )
-    wins = int(np.sum(diffs > 0))
-    return (
-        f"{ra['label']} − {rb['label']}: {diffs.mean():+.2f} normalised points "
-        f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}; ahead on {wins}/{diffs.size} seeds)"
-    )
-
-
 PAPER_ORDER = [
     ("MaTS", ["mats_kfac"]),
     ("RegMean", ["regmean"]),
@@ -174,7 +143,9 @@ def paper_check(rows: list[dict[str, Any]], arch: str, setting: str) -> str:
     score = {}
     for name, methods in PAPER_ORDER:
         values = [
-            r["normalised"][0] for m in methods if (r := _row(rows, arch, setting, m))
+            r["normalised"][0]
+            for m in methods
+            if (r := report.row(rows, arch, setting, m))
         ]
         if values:
             score[name] = float(np.mean(values))
@@ -311,8 +282,8 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for arch, setting in panels:
             a, b = (
-                _row(rows, arch, setting, method),
-                _row(rows, arch, setting, "mats_kfac"),
+                report.row(rows, arch, setting, method),
+                report.row(rows, arch, setting, "mats_kfac"),
             )
             if a is None or b is None:
                 cells.append("—")
@@ -329,7 +300,10 @@ def per_task_difference(rows: list[dict[str, Any]], a: str, b: str) -> str:
     """Multitask: per task, mean test accuracy of method a minus method b."""
     lines = []
     for arch in sorted({r["architecture"] for r in rows}):
-        ra, rb = _row(rows, arch, "multitask", a), _row(rows, arch, "multitask", b)
+        ra, rb = (
+            report.row(rows, arch, "multitask", a),
+            report.row(rows, arch, "multitask", b),
+        )
         if ra is None or rb is None:
             continue
         diffs = ", ".join(
@@ -392,7 +366,7 @@ def findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for arch in sorted({r["architecture"] for r in results["runs"]}):
         mats, regmean = (
-            _row(rows, arch, "multitask", m) for m in ("mats_kfac", "regmean")
+            report.row(rows, arch, "multitask", m) for m in ("mats_kfac", "regmean")
         )
         if mats is None or regmean is None:
             continue
@@ -416,7 +390,7 @@ def findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                 + f": in Σ_m C_m it weighs at most {max(r for _, r in small):.2g}× the "
                 "other tasks' median in those leaves."
             )
-        equal = _row(rows, arch, "multitask", "mats_kfac_equalised")
+        equal = report.row(rows, arch, "multitask", "mats_kfac_equalised")
         if equal is not None:
             d = np.asarray(equal["per_seed_normalised"]) - np.asarray(
                 mats["per_seed_normalised"]
@@ -427,7 +401,7 @@ def findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                 f"{d.mean():+.2f} ({int(np.sum(d > 0))}/{d.size} seeds up), to "
                 f"{equal['normalised'][0] - regmean['normalised'][0]:+.2f} against RegMean."
             )
-        gram = _row(rows, arch, "multitask", "mats_gram")
+        gram = report.row(rows, arch, "multitask", "mats_gram")
         if gram is not None:
             line += (
                 f" Dropping G altogether (MaTS with Gram statistics) gives "
@@ -510,8 +484,8 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
 # Grids of the chosen hyperparameters, by method and name (TIES and DARE-TIES
 # search their own λ grid).
 def grid_of(cfg: dict[str, Any], method: str, name: str) -> list[Any] | None:
-    key = "ties_scale" if name == "scale" and method in ("ties", "dare_ties") else name
-    return cfg["grids"].get(key)
+    field = METHODS[method].grid.get(name) if method in METHODS else None
+    return cfg["grids"].get(field) if field else None
 
 
 def chosen_by_seed(results: dict[str, Any], arch: str, method: str) -> list[str]:
@@ -649,10 +623,27 @@ def markdown(
                 ("mats_kfac_kernels_only", "mats_kfac"),
                 ("mats_kfac_kernels_only", "regmean"),
             ):
-                line = head_to_head(rows, arch, setting, a, b)
+                line = report.head_to_head(rows, arch, setting, a, b)
                 if line:
                     out.append(f"  - {line}")
             out.append(f"  - Ranking: {ranking(rows, arch, setting)}")
+    out += [
+        "",
+        "Every other method against MaTS (K-FAC exact, init TA), RegMean and TIES: its "
+        "average normalised test accuracy and, per reference, the mean difference over "
+        "seeds (normalised points) and on how many seeds it was ahead:",
+        "",
+    ]
+    standings = []
+    for arch in archs:
+        for setting in settings:
+            standings += [
+                f"**{arch.upper()}, {setting}**",
+                "",
+                report.standing_table(rows, arch, setting),
+                "",
+            ]
+    out += [*marked("standings", "\n".join(standings).strip())]
     out += [
         "",
         "MaTS against RegMean per model, the task where MaTS does worst, and that task's "
@@ -694,15 +685,21 @@ def markdown(
         "",
         "Hyperparameters, chosen on the validation splits only (multitask: the mean over tasks "
         "of validation accuracy / the task's fine-tuned validation accuracy; intermediate: the "
-        f"target's): task arithmetic λ ∈ {cfg['grids']['scale']}; TIES and DARE-TIES λ ∈ "
-        f"{cfg['grids']['ties_scale']}, TIES density k ∈ {cfg['grids']['density']} (global "
-        f"trim), DARE drop rate ∈ {cfg['grids']['drop_rate']}; RegMean α ∈ {cfg['grids']['alpha']}; "
-        f"MaTS CG iterations ∈ {cfg['grids']['cg_iterations']} (tol 1e-6), initialised from the "
-        "task arithmetic (or TIES) merge that validation chose. Intermediate-task merging: "
+        "target's), from the grids below; TIES trims globally; MaTS's CG (tol 1e-6) starts "
+        "from the task arithmetic (or TIES) merge that validation chose, and its `maxiter` "
+        "is the CG iteration count. Intermediate-task merging: "
         f"weights (1, w) for (target B, intermediate A), w ∈ {cfg['intermediate_weights']}, "
-        "with every method (its weights= argument), pairs (A → B): "
+        "with every method that weighs its models (its weights= argument; Model Stock, "
+        "which does not, runs at w = 1 only), pairs (A → B): "
         + ", ".join(f"{a} → {b}" for a, b in cfg["intermediate_pairs"])
         + ".",
+        "",
+        *(
+            f"- {line}"
+            for line in report.grid_summary(
+                [m for m in cfg["methods"] if m in METHODS], cfg["grids"]
+            )
+        ),
         "",
         "Normalised accuracy: a task's test accuracy divided by that of its own fine-tuned model "
         "(×100), averaged over tasks (intermediate: over the target tasks); ± is the sample "

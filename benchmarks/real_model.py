@@ -75,6 +75,10 @@ GRIDS = Grids(
     drop_rate=(0.5, 0.9),
     alpha=(0.5, 0.9),
     cg_iterations=(10, 30, 100),
+    gamma=(0.01,),
+    della_density=(0.3, 0.7),
+    epsilon=(0.1,),
+    svd_scale=(0.7, 1.0, 1.3),
 )
 """Smaller grids than the image benchmark's: every candidate costs a validation pass of BERT."""
 
@@ -287,9 +291,19 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], plot: str) -> str:
         "",
         f"![average normalised accuracy per method]({plot})",
         "",
+        "Every other method against MaTS (K-FAC exact, init TA), RegMean and TIES: its "
+        "average normalised test accuracy and, per reference, the mean difference over "
+        "seeds (normalised points) and on how many seeds it was ahead:",
+        "",
+        report.standing_table(rows, arch, "multitask"),
+        "",
         "## Chosen hyperparameters",
         "",
         chosen_table(results),
+        "",
+        "Chosen on validation from:",
+        "",
+        *(f"- {line}" for line in report.grid_summary(cfg["methods"], cfg["grids"])),
         "",
         "## Statistics",
         "",

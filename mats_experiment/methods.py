@@ -106,10 +106,26 @@ class Method:
     rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
     init: str | None = None
 
-    def merge(self, inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
-        """The merged body for hyperparameters ``hp``."""
+    def parameters(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """The registered method's parameters for hyperparameters ``hp`` (no init)."""
         parameters = dict(self.fixed)
         parameters.update({self.rename.get(k, k): v for k, v in hp.items()})
+        return parameters
+
+    def takes_weights(self, hp: Mapping[str, Any]) -> bool:
+        """Whether it weighs its models (Model Stock and SLERP do not).
+
+        Examples:
+          >>> METHODS["model_stock"].takes_weights({}), METHODS["ties"].takes_weights(
+          ...     {"density": 0.2, "scale": 1.0})
+          (False, True)
+        """
+        registered = mats_jax.METHODS[self.method]
+        return registered.needs(registered.parameters(**self.parameters(hp))).weights
+
+    def merge(self, inputs: MergeInputs, hp: Mapping[str, Any]) -> Params:
+        """The merged body for hyperparameters ``hp``."""
+        parameters = self.parameters(hp)
         if self.init is not None:
             parameters["init"] = inputs.init[self.init]
         with warnings.catch_warnings():

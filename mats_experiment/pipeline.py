@@ -264,8 +264,10 @@ def search_methods(
     ``ordered`` is :func:`~mats_experiment.methods.check_methods`' order (a
     MaTS variant after the method it starts from); ``score_val`` returns the
     selection score and the per-task validation accuracies. The chosen body
-    of each method goes into ``chosen_bodies``. Any model family can use it:
-    only the scoring functions see the model.
+    of each method goes into ``chosen_bodies``. A method that does not weigh
+    its models (Model Stock) runs only the weight tuples whose weights are
+    all equal, and is left out of a setting that has none. Any model family
+    can use it: only the scoring functions see the model.
     """
     out: dict[str, Any] = {}
     best_by_weight: dict[str, dict[tuple[float, ...], Params]] = {}
@@ -276,9 +278,11 @@ def search_methods(
         best: tuple[float, Params, dict[str, Any]] | None = None
         per_weight: dict[tuple[float, ...], tuple[float, Params]] = {}
         for w in weight_grid:
-            init = {k: v[w] for k, v in best_by_weight.items()}
+            init = {k: v[w] for k, v in best_by_weight.items() if w in v}
             inputs = MergeInputs(base, bodies, stats, w, init, key)
             for hp in methods.candidates(method, grids):
+                if len(set(w)) > 1 and not method.takes_weights(hp):
+                    continue
                 body = method.merge(inputs, hp)
                 score, _ = score_val(body)
                 record = {"hyperparameters": hp, "weights": list(w), "val": score}
@@ -289,7 +293,9 @@ def search_methods(
                     per_weight[w] = (score, body)
                 if best is None or score > best[0]:
                     best = (score, body, {**hp, "weights": list(w)})
-        assert best is not None
+        if best is None:
+            progress(f"{setting}: {method.label} left out (it takes no weights)")
+            continue
         best_by_weight[name] = {w: b for w, (_, b) in per_weight.items()}
         chosen_bodies[name] = best[1]
         out[name] = {

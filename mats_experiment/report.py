@@ -15,17 +15,27 @@ from typing import Any
 
 import numpy as np
 
+from mats_experiment.methods import METHODS
 from mats_experiment.metrics import mean_and_spread, normalised
 
 __all__ = [
+    "REFERENCES",
     "gain_warnings",
+    "grid_summary",
+    "head_to_head",
     "markdown_table",
     "plot_cg_curve",
     "plot_normalised",
+    "row",
+    "standing_table",
     "summarise",
 ]
 
 SETTINGS = ("multitask", "intermediate")
+
+REFERENCES = ("mats_kfac", "regmean", "ties")
+"""The methods every other one is measured against: MaTS (K-FAC exact, init
+task arithmetic), RegMean and TIES."""
 
 
 def _setting_scores(run: Mapping[str, Any], setting: str) -> dict[str, dict[str, Any]]:
@@ -125,6 +135,130 @@ def gain_warnings(results: Mapping[str, Any], minimum: float = 5.0) -> list[str]
                     f"{v['finetuned_test']:.1f}% vs pretrained (refitted head) "
                     f"{v['pretrained_test']:.1f}%: gain {v['gain_test']:.1f} < {minimum} points"
                 )
+    return lines
+
+
+def row(
+    rows: Sequence[Mapping[str, Any]], arch: str, setting: str, method: str
+) -> Mapping[str, Any] | None:
+    """The summary row of ``method`` in one panel (architecture, setting), or None."""
+    return next(
+        (
+            r
+            for r in rows
+            if r["architecture"] == arch
+            and r["setting"] == setting
+            and r["method"] == method
+        ),
+        None,
+    )
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> np.ndarray:
+    """Per seed, ``a``'s average normalised accuracy minus ``b``'s."""
+    return np.asarray(a["per_seed_normalised"]) - np.asarray(b["per_seed_normalised"])
+
+
+def head_to_head(
+    rows: Sequence[Mapping[str, Any]], arch: str, setting: str, a: str, b: str
+) -> str:
+    """Method ``a`` minus method ``b``: the mean, per seed, and seeds ``a`` was ahead.
+
+    Empty where either did not run in that panel.
+
+    Examples:
+      >>> rows = [{"architecture": "mlp", "setting": "multitask", "method": m,
+      ...          "label": m.upper(), "per_seed_normalised": v}
+      ...         for m, v in (("x", [90.0, 92.0]), ("y", [91.0, 90.0]))]
+      >>> head_to_head(rows, "mlp", "multitask", "x", "y")
+      'X − Y: +0.50 normalised points (per seed -1.00, +2.00; ahead on 1/2 seeds)'
+    """
+    ra, rb = row(rows, arch, setting, a), row(rows, arch, setting, b)
+    if ra is None or rb is None:
+        return ""
+    diffs = _differences(ra, rb)
+    return (
+        f"{ra['label']} − {rb['label']}: {diffs.mean():+.2f} normalised points "
+        f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)}; "
+        f"ahead on {int(np.sum(diffs > 0))}/{diffs.size} seeds)"
+    )
+
+
+def standing_table(
+    rows: Sequence[Mapping[str, Any]],
+    arch: str,
+    setting: str,
+    references: Sequence[str] = REFERENCES,
+) -> str:
+    """Where every other method lands against the reference methods.
+
+    A row per method of the panel that is not a reference, best first: its
+    average normalised test accuracy and, per reference, the mean difference
+    over seeds and on how many seeds it was ahead. Empty when no reference
+    ran in the panel.
+
+    Examples:
+      >>> rows = [{"architecture": "mlp", "setting": "multitask", "method": m,
+      ...          "label": m.upper(), "normalised": (sum(v) / 2, 0.0),
+      ...          "per_seed_normalised": v}
+      ...         for m, v in (("ties", [90.0, 92.0]), ("x", [91.0, 90.0]))]
+      >>> print(standing_table(rows, "mlp", "multitask"))
+      | method | avg. normalised | − TIES (ahead on) |
+      |---|---|---|
+      | X | 90.5 | -0.50 (1/2) |
+    """
+    present = [r for m in references if (r := row(rows, arch, setting, m)) is not None]
+    if not present:
+        return ""
+    others = sorted(
+        (
+            r
+            for r in rows
+            if r["architecture"] == arch
+            and r["setting"] == setting
+            and r["method"] not in references
+        ),
+        key=lambda r: -r["normalised"][0],
+    )
+    lines = [
+        "| method | avg. normalised | "
+        + " | ".join(f"− {r['label']} (ahead on)" for r in present)
+        + " |",
+        "|---|---|" + "---|" * len(present),
+    ]
+    for r in others:
+        cells = []
+        for ref in present:
+            diffs = _differences(r, ref)
+            cells.append(f"{diffs.mean():+.2f} ({int(np.sum(diffs > 0))}/{diffs.size})")
+        lines.append(
+            f"| {r['label']} | {r['normalised'][0]:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def grid_summary(names: Sequence[str], grids: Mapping[str, Sequence[Any]]) -> list[str]:
+    """A line per method: the grid validation chose its hyperparameters from.
+
+    ``grids`` is a :class:`~mats_experiment.methods.Grids` as a mapping (a
+    results file's ``config["grids"]``).
+
+    Examples:
+      >>> grid_summary(["average", "ties"], {"density": [0.1, 0.2], "ties_scale": [1.0]})
+      ['average: no hyperparameters', 'TIES: density ∈ {0.1, 0.2}; scale ∈ {1.0}']
+    """
+    lines = []
+    for name in names:
+        method = METHODS[name]
+        swept = "; ".join(
+            f"{hp} ∈ {{{', '.join(map(str, grids[field]))}}}"
+            for hp, field in method.grid.items()
+        )
+        fixed = ", ".join(f"{k}={v}" for k, v in method.fixed.items())
+        lines.append(
+            f"{method.label}: {swept or 'no hyperparameters'}"
+            + (f" (fixed: {fixed})" if fixed else "")
+        )
     return lines
 
 

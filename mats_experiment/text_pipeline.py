@@ -65,15 +65,20 @@ DEFAULT_METHODS = (
     "task_arithmetic",
     "ties",
     "dare_ties",
+    "breadcrumbs",
+    "della",
+    "multislerp",
+    "model_stock",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
     "fisher",
     "regmean",
     "mats_gram",
     "mats_kfac",
 )
-"""The methods of the recorded real-model run: one per method of the first
-registry, MaTS with Gram and K-FAC. The methods registered since (SLERP, Model
-Stock, Breadcrumbs, DELLA, TSV-M, ISO-C) run with ``methods=`` until the
-benchmark is rerun with them."""
+"""The methods of the real-model benchmark: one per registered method (SLERP,
+which takes two models, through multi-SLERP), MaTS with Gram and K-FAC."""
 
 Progress = Callable[[str], None]
 

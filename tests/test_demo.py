@@ -281,6 +281,42 @@ def test_normalised_accuracy_and_summary():
     assert intermediate["per_seed_normalised"] == [100.0, 50.0]
 
 
+def test_methods_that_take_no_weights_run_only_equal_weights():
+    """Model Stock is refused unequal weights: the search runs it at equal ones only."""
+    base = {"w": np.zeros((3, 2), np.float32)}
+    bodies = [{"w": np.full((3, 2), v, np.float32)} for v in (1.0, 2.0)]
+    calls = []
+
+    def score(body):
+        calls.append(body)
+        return float(np.sum(body["w"])), {}
+
+    def search(weight_grid):
+        return pipeline.search_methods(
+            ["task_arithmetic", "model_stock"],
+            methods.Grids(scale=(1.0,)),
+            base,
+            bodies,
+            {},
+            weight_grid,
+            score,
+            lambda body: {},
+            jax.random.key(0),
+            lambda line: None,
+            "test",
+            curve_test=False,
+            chosen_bodies={},
+        )
+
+    out = search([(1.0, 0.3), (1.0, 1.0)])
+    assert [t["weights"] for t in out["task_arithmetic"]["trials"]] == [
+        [1.0, 0.3],
+        [1.0, 1.0],
+    ]
+    assert [t["weights"] for t in out["model_stock"]["trials"]] == [[1.0, 1.0]]
+    assert set(search([(1.0, 0.3)])) == {"task_arithmetic"}
+
+
 def test_mats_variants_bring_their_initialisation():
     assert methods.check_methods(["mats_kfac_ties"]) == ["ties", "mats_kfac_ties"]
     assert methods.check_methods(["mats_gram", "average"]) == [
