@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -626,3 +629,34 @@ def test_the_models_order_does_not_matter_on_well_separated_spectra(
     permuted = merge(name, base, [models[2], models[0], models[1]]).params
     for k in SHAPES:
         np.testing.assert_allclose(permuted[k], merged[k], rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_leaves_merged_together_do_not_hang() -> None:
+    # jaxlib 0.10's batched CPU SVD waits on the intra-op pool; two at once
+    # (a vmapped SVD over each of two stacked leaves) hung this 2-core machine
+    # (this script, 3 runs out of 3, before the stacks were merged one matrix
+    # at a time). A hang fails here by the timeout, not CI's.
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np, mats_jax
+        from mats_experiment import models
+        from mats_jax.io.checkpoint import flatten
+        vit = models.build("vit", num_classes=5, width=64, depth=2)
+        body = flatten(models.init_params(vit, jax.random.key(0))["body"])
+        # The attention's query, key and output projections: stacked by nn.scan.
+        base = {p: np.asarray(x) for p, x in body.items()
+                if p.startswith("blocks/attention") and "value" not in p}
+        rng = np.random.default_rng(0)
+        tasks = [{p: x + 0.01 * rng.standard_normal(x.shape, np.float32)
+                  for p, x in base.items()} for _ in range(6)]
+        for name in ("tsv_m", "iso_cts", "tsv_m"):
+            out = mats_jax.merge_pytrees(name, models=tasks, base=base, scale=1.0)
+            jax.block_until_ready(out.params)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

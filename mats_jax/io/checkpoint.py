@@ -45,6 +45,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointWriter",
     "LeafInfo",
+    "Reader",
     "atomic_output",
     "copy_folder_files",
     "detect_format",
@@ -52,6 +53,7 @@ __all__ = [
     "load_checkpoint",
     "model_folder_files",
     "open_checkpoint",
+    "open_reader",
     "resolve_layout",
     "save_checkpoint",
     "save_model_folder",
@@ -62,7 +64,10 @@ FORMATS: tuple[str, ...] = ("safetensors", "msgpack", "orbax")
 MSGPACK_NAME = "params.msgpack"
 
 
-class _Reader(Protocol):
+class Reader(Protocol):
+    """A format's lazy reader: tensor specs in the checkpoint's own names, one
+    tensor per :meth:`read` (``specs``: name -> (shape, dtype, file))."""
+
     format: str
     separator: str
     path: str
@@ -147,7 +152,7 @@ class Checkpoint:
       names: tree path -> the checkpoint's own name for the leaf.
     """
 
-    def __init__(self, reader: _Reader, layout: Layout = IDENTITY) -> None:
+    def __init__(self, reader: Reader, layout: Layout = IDENTITY) -> None:
         self._reader = reader
         self.path = reader.path
         self.format = reader.format
@@ -222,20 +227,32 @@ def open_checkpoint(
       >>> ckpt.leaves["fc/kernel"].shape, ckpt.names["fc/kernel"]
       ((2, 3), 'fc.weight')
     """
+    return Checkpoint(open_reader(path, format=format), resolve_layout(layout))
+
+
+def open_reader(
+    path: str | os.PathLike[str], *, format: Format | None = None
+) -> Reader:
+    """The format's lazy reader of the checkpoint at ``path``, in its own names.
+
+    What :func:`open_checkpoint` wraps with a layout; a reader that derives
+    tensors from another (an adapter on its base, :mod:`mats_jax.io.adapters`)
+    wraps it too.
+
+    Raises:
+      CheckpointError: naming the file if it is missing, truncated or unreadable.
+    """
     path = os.path.abspath(os.fspath(path))
     fmt = format or detect_format(path)
-    reader: _Reader
     if fmt == "safetensors":
-        reader = st_io.SafetensorsReader(path)
-    elif fmt == "msgpack":
-        reader = msgpack_io.MsgpackReader(_msgpack_file(path))
-    elif fmt == "orbax":
-        reader = orbax_io.OrbaxReader(path)
-    else:
-        raise CheckpointError(
-            f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}"
-        )
-    return Checkpoint(reader, resolve_layout(layout))
+        return st_io.SafetensorsReader(path)
+    if fmt == "msgpack":
+        return msgpack_io.MsgpackReader(_msgpack_file(path))
+    if fmt == "orbax":
+        return orbax_io.OrbaxReader(path)
+    raise CheckpointError(
+        f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}"
+    )
 
 
 def load_checkpoint(

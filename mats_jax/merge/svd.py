@@ -467,11 +467,19 @@ _RULES: dict[str, MatrixRule] = {
 
 
 def _merge_stack(rule: MatrixRule, deltas: list[Array], params: Any) -> Array:
-    """The rule over each matrix of a leaf (the last two axes), vmapped over the rest."""
+    """The rule over each matrix of a leaf (the last two axes), one after another.
+
+    ``lax.map``, not ``vmap``: jaxlib's CPU SVD splits a batch over XLA's
+    intra-op thread pool and blocks until the pieces are done, so two batched
+    SVDs running at once on a 2-core machine hold both threads waiting and
+    the process hangs (seen with TSV-M on a ViT with scanned blocks); one
+    matrix per call runs on its own thread (as ``EighSequence`` does for
+    ``eigh``).
+    """
     shape = deltas[0].shape
     n, d = shape[-2:]
-    flat = [x.reshape(-1, n, d) for x in deltas]
-    merged = jax.vmap(lambda *ms: rule(ms, params, min(n, d)))(*flat)
+    flat = tuple(x.reshape(-1, n, d) for x in deltas)
+    merged = jax.lax.map(lambda ms: rule(ms, params, min(n, d)), flat)
     return merged.reshape(shape)
 
 
