@@ -9,6 +9,7 @@ overrides and the output, as mergekit's do::
         weight: 1.0
         statistics: stats_a/             # mats_jax.save_statistics output
       - {path: finetuned_b/, weight: 0.5, statistics: stats_b/}
+      - {adapter: lora_c/}               # a PEFT adapter, read on the base
     method: ties                         # see mats_jax.METHODS
     parameters: {density: 0.2, scale: 1.0, trim: global}
     overrides:                           # first matching pattern wins
@@ -35,6 +36,11 @@ parameters (mergekit's per-model ``density``: ``{path: a/, parameters:
 layer stack (:func:`layer_position`), as mergekit's lists are. Precedence,
 lowest first: the recipe's, each model's, the first matching override's.
 A mergekit recipe is read by :func:`mats_jax.mergekit.read_recipe`.
+
+A model given as ``adapter:`` (a PEFT LoRA or IA³ folder) is the base with
+the adapter applied, read one leaf at a time in the base's format and layout
+(:func:`mats_jax.open_adapter`): it needs ``base`` and takes no ``path``,
+``format`` or ``layout`` of its own.
 
 Patterns are globs on the whole leaf path (``/``-separated, after the input's
 layout), or regular expressions searched in it with a ``re:`` prefix; a pattern
@@ -181,6 +187,10 @@ class ModelSpec:
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """This model's own values of the method's per-model parameters
     (mergekit's per-model ``density``)."""
+    adapter: bool = False
+    """``path`` is a PEFT adapter folder: the model is the base with the
+    adapter applied (:func:`~mats_jax.io.open_adapter`), in the base's
+    format and layout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,7 +436,15 @@ _TOP = (
     "tied",
     "vocab",
 )
-_MODEL = ("format", "layout", "parameters", "path", "statistics", "weight")
+_MODEL = (
+    "adapter",
+    "format",
+    "layout",
+    "parameters",
+    "path",
+    "statistics",
+    "weight",
+)
 _BASE = ("format", "layout", "path")
 _OVERRIDE = ("method", "parameters", "pattern", "skip", "take")
 _OUTPUT = ("copy_files", "format", "layout", "max_shard_size", "path")
@@ -556,7 +574,25 @@ class _Parser:
             return ModelSpec(
                 path=self.path(node, what), line=line, written=self.value(node)
             )
-        keys = self.mapping(node, what, allowed, required=("path",))
+        keys = self.mapping(node, what, allowed)
+        adapter = "adapter" in keys
+        if adapter:
+            # An adapter is read in its base's names: its own format or
+            # layout would contradict the base's.
+            clash = [k for k in ("path", "format", "layout") if k in keys]
+            if clash:
+                raise self.fail(
+                    keys[clash[0]],
+                    f"{what}: {clash[0]!r} with 'adapter': an adapter is read on the "
+                    "recipe's base, in the base's format and layout",
+                )
+            keys["path"] = keys.pop("adapter")
+        elif "path" not in keys:
+            raise self.fail(
+                node,
+                f"{what} needs the key 'path'"
+                + (" (or 'adapter')" if "adapter" in allowed else ""),
+            )
         weight: Any = 1.0
         if "weight" in keys:
             weight = self.value(keys["weight"])
@@ -608,6 +644,7 @@ class _Parser:
             parameters=self.typed(keys["parameters"], dict, f"{what} parameters")
             if "parameters" in keys
             else {},
+            adapter=adapter,
         )
 
     def dtype(self, node: yaml.Node, what: str) -> np.dtype:
@@ -737,12 +774,20 @@ def parse_recipe(
     if not isinstance(models_node, yaml.SequenceNode) or not models_node.value:
         raise parser.fail(
             models_node,
-            "models must be a non-empty list of paths or {path, weight, statistics} mappings",
+            "models must be a non-empty list of paths or {path (or adapter), weight, "
+            "statistics} mappings",
         )
     models = tuple(
         parser.model(n, f"models[{i}]", _MODEL) for i, n in enumerate(models_node.value)
     )
     base = parser.model(keys["base"], "base", _BASE) if "base" in keys else None
+    for i, model in enumerate(models):
+        if model.adapter and base is None:
+            raise parser.fail(
+                models_node.value[i],
+                f"models[{i}] is an adapter, which changes a base: the recipe needs "
+                "'base' (the model the adapter was trained from)",
+            )
 
     parameters: dict[str, Any] = {}
     if "parameters" in keys:

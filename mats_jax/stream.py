@@ -44,6 +44,7 @@ import numpy as np
 
 from mats_jax import checks
 from mats_jax.engine import check_inputs, leaf_ids, merge_checked
+from mats_jax.io.adapters import open_adapter
 from mats_jax.io.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -180,6 +181,11 @@ class MergeSummary:
 
 def _open(spec: Any, what: str, recipe: Recipe) -> Checkpoint:
     try:
+        if spec.adapter:
+            base: Any = recipe.base  # the recipe refuses an adapter without one
+            return open_adapter(
+                spec.path, base=base.path, format=base.format, layout=base.layout
+            )
         return open_checkpoint(spec.path, format=spec.format, layout=spec.layout)
     except CheckpointError as e:
         raise CheckpointError(f"{recipe.where(spec.line)}: {what}: {e}") from None

@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mats_jax.io.errors", "mats_jax.io.layout"),
     ("mats_jax.io.safetensors", "mats_jax.io.msgpack", "mats_jax.io.orbax"),
     ("mats_jax.io.statistics", "mats_jax.io.checkpoint"),
+    ("mats_jax.io.adapters",),
     ("mats_jax.io",),
     ("mats_jax.solver.options", "mats_jax.solver.cg"),
     ("mats_jax.solver.report", "mats_jax.solver.blocking"),
