@@ -1,10 +1,12 @@
-"""The ``mats-jax`` command line: ``merge``, ``convert``, ``inspect`` and ``demo``.
+"""The ``mats-jax`` command line: ``merge``, ``convert``, ``extract-lora``, ``inspect`` and ``demo``.
 
 ``mats-jax merge RECIPE -o OUT [--overwrite]`` runs a YAML recipe
 (:mod:`mats_jax.recipe`, or a mergekit recipe: :mod:`mats_jax.mergekit`) as
 a streaming merge (:mod:`mats_jax.stream`) with progress bars for reading,
 merging and writing; ``mats-jax convert MERGEKIT_RECIPE [-o OUT]`` writes
-the mats_jax recipe a mergekit one becomes; ``mats-jax inspect CHECKPOINT``
+the mats_jax recipe a mergekit one becomes; ``mats-jax extract-lora BASE
+MERGED --rank R -o OUT`` writes a model's change to its base as a PEFT LoRA
+(:func:`mats_jax.extract_lora`); ``mats-jax inspect CHECKPOINT``
 prints a checkpoint's leaves, shapes, dtypes and size; ``mats-jax demo`` runs
 :mod:`mats_experiment.demo` (added by that package's ``mats_jax.commands``
 entry point). Bad input exits with status 2 and a one-paragraph
@@ -197,6 +199,55 @@ def convert(mergekit_recipe: str, output: str | None) -> None:
         _fail(f"{output} exists; remove it or choose another path")
     with open(output, "x") as f:
         f.write(text)
+
+
+@main.command("extract-lora")
+@click.argument("base", type=click.Path())
+@click.argument("merged", type=click.Path())
+@click.option(
+    "-o", "--output", type=click.Path(), required=True, help="The adapter folder."
+)
+@click.option("-r", "--rank", type=int, required=True, help="The LoRA rank r (≥ 1).")
+@click.option(
+    "--layout",
+    default="hf_linear",
+    show_default=True,
+    help="The base checkpoint's layout preset (names the adapter's modules).",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    help="A leaf-path pattern of the kernels to extract (repeatable; default: "
+    "every linear kernel that changed).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def extract_lora_command(
+    base: str,
+    merged: str,
+    output: str,
+    rank: int,
+    layout: str,
+    targets: tuple[str, ...],
+    overwrite: bool,
+) -> None:
+    """Write MERGED's change to BASE as a PEFT LoRA of rank R (truncated SVD).
+
+    Each module's relative error is printed and written in the adapter's
+    README.md; leaves that changed but a LoRA cannot hold (biases, norms)
+    are listed.
+    """
+    from mats_jax.io import extract_lora, save_lora
+
+    try:
+        lora = extract_lora(
+            base, merged, rank=rank, layout=layout, targets=list(targets) or None
+        )
+        save_lora(output, lora, overwrite=overwrite)
+    except (MergeInputError, FileExistsError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(lora.report())
+    click.echo(f"wrote {output}")
 
 
 @main.command("inspect")

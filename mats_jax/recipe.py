@@ -26,6 +26,7 @@ overrides and the output, as mergekit's do::
     out_dtype: bfloat16                  # floating leaves written in it (default: their input dtype)
     output: {path: merged/, format: safetensors, max_shard_size: 2GB, layout: hf,
              copy_files: true}           # the base folder's config/tokenizer files
+    # or a merged adapter: output: {path: lora/, lora: {rank: 16, targets: ["*/query/*"]}}
 
 A model's own ``parameters`` give its values of the method's per-model
 parameters (mergekit's per-model ``density``: ``{path: a/, parameters:
@@ -40,7 +41,10 @@ A mergekit recipe is read by :func:`mats_jax.mergekit.read_recipe`.
 A model given as ``adapter:`` (a PEFT LoRA or IA³ folder) is the base with
 the adapter applied, read one leaf at a time in the base's format and layout
 (:func:`mats_jax.open_adapter`): it needs ``base`` and takes no ``path``,
-``format`` or ``layout`` of its own.
+``format`` or ``layout`` of its own. ``output: {lora: {rank: r}}`` writes the
+merged model as a LoRA of rank r on the base instead (PEFT's folder, named as
+the base checkpoint: :func:`mats_jax.extract_lora`), each module's
+truncation error in its README.
 
 Patterns are globs on the whole leaf path (``/``-separated, after the input's
 layout), or regular expressions searched in it with a ``re:`` prefix; a pattern
@@ -222,6 +226,13 @@ class OutputSpec:
     max_shard_size: int | None = None
     line: int = 0
     copy_files: bool = True
+    lora_rank: int | None = None
+    """Write a LoRA adapter of this rank (the merged model's change to the
+    base, by truncated SVD: :func:`~mats_jax.extract_lora`) instead of the
+    merged model."""
+    lora_targets: tuple[str, ...] = ()
+    """Leaf-path patterns of the kernels the LoRA holds (default: every
+    linear kernel that changed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,7 +458,8 @@ _MODEL = (
 )
 _BASE = ("format", "layout", "path")
 _OVERRIDE = ("method", "parameters", "pattern", "skip", "take")
-_OUTPUT = ("copy_files", "format", "layout", "max_shard_size", "path")
+_OUTPUT = ("copy_files", "format", "layout", "lora", "max_shard_size", "path")
+_LORA = ("rank", "targets")
 
 
 class _Loader(yaml.SafeLoader):
@@ -872,7 +884,10 @@ def parse_recipe(
                         o["max_shard_size"],
                         "max_shard_size applies to safetensors output only",
                     )
+            rank, targets = _lora_output(parser, o, keys)
             output = OutputSpec(
+                lora_rank=rank,
+                lora_targets=targets,
                 path=parser.path(o["path"], "output path") if "path" in o else None,
                 format=fmt,
                 layout=parser.layout(o["layout"], "output layout")
@@ -925,6 +940,44 @@ def parse_recipe(
     )
     _check_semantics(recipe, parser, keys)
     return recipe
+
+
+def _lora_output(
+    parser: _Parser, o: Mapping[str, yaml.Node], keys: Mapping[str, yaml.Node]
+) -> tuple[int | None, tuple[str, ...]]:
+    """``output.lora: {rank, targets}``: the rank and target patterns, checked."""
+    if "lora" not in o:
+        return None, ()
+    node = o["lora"]
+    lora = parser.mapping(node, "output lora", _LORA, required=("rank",))
+    rank = parser.typed(lora["rank"], int, "output lora rank")
+    if rank < 1:
+        raise parser.fail(lora["rank"], f"output lora rank must be ≥ 1, got {rank}")
+    if "base" not in keys:
+        raise parser.fail(
+            node,
+            "output lora is the merged model's change to a base: the recipe needs 'base'",
+        )
+    for key in ("format", "max_shard_size", "layout"):
+        if key in o:
+            raise parser.fail(
+                o[key],
+                f"output {key} does not apply to a LoRA output (PEFT's safetensors "
+                "folder, named as the base checkpoint)",
+            )
+    targets: tuple[str, ...] = ()
+    if "targets" in lora:
+        value = parser.value(lora["targets"])
+        value = [value] if isinstance(value, str) else value
+        if not (
+            isinstance(value, list) and value and all(isinstance(t, str) for t in value)
+        ):
+            raise parser.fail(
+                lora["targets"],
+                "output lora targets must be a leaf-path pattern or a list of them",
+            )
+        targets = tuple(value)
+    return rank, targets
 
 
 def _take(

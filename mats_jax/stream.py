@@ -35,6 +35,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,7 +45,7 @@ import numpy as np
 
 from mats_jax import checks
 from mats_jax.engine import check_inputs, leaf_ids, merge_checked
-from mats_jax.io.adapters import open_adapter
+from mats_jax.io.adapters import extract_lora, lora_modules, open_adapter, save_lora
 from mats_jax.io.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -1142,12 +1143,66 @@ def merge_recipe(
         raise FileExistsError(
             f"{os.path.abspath(target)} exists; pass --overwrite to replace it"
         )
+    if recipe.output.lora_rank is not None:
+        return _merge_to_lora(recipe, target, overwrite, progress, checksums)
     return run_merge(
         plan_merge(recipe),
         target,
         overwrite=overwrite,
         progress=progress,
         checksums=checksums,
+    )
+
+
+def _merge_to_lora(
+    recipe: Recipe,
+    target: str | os.PathLike[str],
+    overwrite: bool,
+    progress: Progress | None,
+    checksums: bool,
+) -> MergeSummary:
+    """``output: {lora: ...}``: the merge, streamed into a temporary model named
+    as the base checkpoint, then its change to the base as a LoRA
+    (:func:`~mats_jax.extract_lora`, one kernel at a time), written
+    completely or not at all."""
+    base = recipe.base
+    assert base is not None and recipe.output.lora_rank is not None  # parse checks
+    output = dataclasses.replace(
+        recipe.output,
+        format="safetensors",
+        layout=base.layout,
+        max_shard_size=None,
+        copy_files=False,
+    )
+    plan = plan_merge(dataclasses.replace(recipe, output=output))
+    try:
+        lora_modules(
+            {leaf.path: tuple(leaf.shape) for leaf in plan.leaves},
+            base.layout,
+            recipe.output.lora_targets or None,
+        )
+    except CheckpointError as error:
+        raise RecipeError(
+            f"{recipe.source}:{recipe.output.line}: output lora: {error}"
+        ) from None
+    parent = os.path.dirname(os.path.abspath(os.fspath(target)))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".mats-jax-lora-") as tmp:
+        merged_path = os.path.join(tmp, "merged")
+        summary = run_merge(plan, merged_path, progress=progress, checksums=checksums)
+        lora = extract_lora(
+            _open(base, "base", recipe),
+            open_checkpoint(merged_path, layout=base.layout),
+            rank=recipe.output.lora_rank,
+            layout=base.layout,
+            targets=recipe.output.lora_targets or None,
+            base_model_name_or_path=base.written or base.path,
+        )
+        save_lora(target, lora, overwrite=overwrite, card=summary.card)
+    return dataclasses.replace(
+        summary,
+        output=os.path.abspath(os.fspath(target)),
+        bytes_written=sum(int(t.nbytes) for t in lora.tensors.values()),
     )
 
 

@@ -284,6 +284,29 @@ def test_merged_adapters_extracted_as_a_lora_that_peft_loads(tmp_path):
     card = (tmp_path / "extracted" / "README.md").read_text()
     assert "rank 8" in card and "relative error" in card
 
+    # The same merge with a LoRA as the recipe's output: the same adapter,
+    # with the merge's model card under the truncation report.
+    recipe = parse_recipe(
+        f"base: {{path: {MINILM}, layout: hf_bert}}\n"
+        f"models: [{{adapter: {folders[0]}}}, {{adapter: {folders[1]}}}]\n"
+        "method: task_arithmetic\nparameters: {scale: 1.0}\n"
+        f"output: {{path: {tmp_path / 'as_lora'}, lora: {{rank: 8}}}}\n",
+        source=str(tmp_path / "r.yaml"),
+    )
+    summary = merge_recipe(recipe)
+    assert summary.output == str(tmp_path / "as_lora")
+    written = load_file(str(tmp_path / "as_lora" / "adapter_model.safetensors"))
+    assert set(written) == set(lora.tensors)
+    for name, tensor in lora.tensors.items():
+        np.testing.assert_allclose(written[name], tensor, atol=1e-6, err_msg=name)
+    card = (tmp_path / "as_lora" / "README.md").read_text()
+    assert "rank 8" in card and "task_arithmetic of 2 models" in card
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["as_lora", "extracted", "merged", "r.yaml", "task0", "task1"]
+        if (tmp_path / "r.yaml").exists()
+        else ["as_lora", "extracted", "merged", "task0", "task1"]
+    )  # no temporary model left beside it
+
 
 def test_changes_a_lora_cannot_hold_are_reported(tmp_path):
     base = {"fc": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2)}}
@@ -428,7 +451,7 @@ def test_recipe_with_a_bad_adapter_fails_before_writing(tmp_path):
 def test_the_adapters_page_runs(capsys):
     page = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/adapters.md block {i}", "exec"), namespace)
@@ -436,3 +459,180 @@ def test_the_adapters_page_runs(capsys):
     assert "[[1. 1. 0.]" in out  # A_a row 0 (in 0) -> B_a; in 1 -> B_b
     assert "fc: relative error 0" in out
     assert "'adapter_config.json', 'adapter_model.safetensors'" in out
+    assert "(5, 5)" in out and out.rstrip().endswith("True")
+
+
+# --------------------------------------------------------------------------
+# Data-dependent merges of LoRA tasks, and a merged LoRA out
+# --------------------------------------------------------------------------
+
+
+def _linear_base(tmp_path):
+    rng = np.random.default_rng(3)
+    base = tmp_path / "base.safetensors"
+    weights = {
+        "fc.weight": rng.standard_normal((4, 3)).astype(np.float32),  # (out, in)
+        "fc.bias": np.zeros(4, np.float32),
+    }
+    save_file(weights, str(base))
+    return base, weights
+
+
+def test_mats_of_lora_tasks_with_kernel_statistics_as_a_merged_lora(tmp_path):
+    """LoRA tasks merge in ΔW space: each task's statistic is its kernel's
+    (K-FAC at the adapted model), the merge is MaTS's solve, and the output
+    is that merge's LoRA. The oracle: the dense solve in numpy, then the
+    truncated SVD of its change."""
+    base, weights = _linear_base(tmp_path)
+    rng = np.random.default_rng(4)
+    folders, stats, kernels, factors = [], [], [], []
+    for m in range(2):
+        a = rng.standard_normal((1, 3))  # (r, in)
+        b = rng.standard_normal((4, 1))  # (out, r)
+        folders.append(
+            _tiny_adapter(
+                tmp_path, LORA, {"fc.lora_A.weight": a, "fc.lora_B.weight": b}, f"t{m}"
+            )
+        )
+        kernels.append((weights["fc.weight"] + b @ a).T)  # Flax (in, out)
+        x = rng.standard_normal((3, 3))
+        g = rng.standard_normal((4, 4))
+        factors.append((x @ x.T + np.eye(3), g @ g.T + np.eye(4)))
+        path = tmp_path / f"stats{m}"
+        mats_jax.save_statistics(
+            path,
+            {
+                "fc": {
+                    "kernel": mats_jax.KFAC(
+                        np.asarray(factors[-1][0], np.float32),
+                        np.asarray(factors[-1][1], np.float32),
+                    ),
+                    "bias": None,
+                }
+            },
+        )
+        stats.append(path)
+    recipe = parse_recipe(
+        f"base: {{path: {base}, layout: hf_linear}}\n"
+        f"models: [{{adapter: {folders[0]}, statistics: {stats[0]}}}, "
+        f"{{adapter: {folders[1]}, statistics: {stats[1]}}}]\n"
+        "method: mats\nparameters: {method: cg, maxiter: 200, tol: 1.0e-7}\n"
+        f"output: {{path: {tmp_path / 'lora'}, lora: {{rank: 2}}}}\n",
+        source=str(tmp_path / "r.yaml"),
+    )
+    merge_recipe(recipe)
+    # (Σ A_m ⊗ G_m) vec(W) = Σ (A_m ⊗ G_m) vec(W_m), W in (in, out), row-major.
+    lhs = sum(np.kron(a, g) for a, g in factors)
+    rhs = sum(np.kron(a, g) @ w.reshape(-1) for (a, g), w in zip(factors, kernels))
+    solved = np.linalg.solve(lhs, rhs).reshape(3, 4)
+    delta = (solved - weights["fc.weight"].T).T  # (out, in)
+    u, s, vt = np.linalg.svd(delta)
+    expected = (u[:, :2] * s[:2]) @ vt[:2]
+    written = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    got = (
+        written["base_model.model.fc.lora_B.weight"]
+        @ written["base_model.model.fc.lora_A.weight"]
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["fc"]
+    readme = (tmp_path / "lora" / "README.md").read_text()
+    error = float(re.search(r"fc: relative error ([0-9.e-]+)", readme).group(1))
+    assert error == pytest.approx(np.sqrt(s[2:] @ s[2:] / (s @ s)), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("output", "match"),
+    [
+        ("{path: o, lora: {rank: 0}}", r"r\.yaml:4: output lora rank must be ≥ 1"),
+        (
+            "{path: o, lora: {rank: two}}",
+            r"r\.yaml:4: output lora rank must be an integer",
+        ),
+        ("{path: o, lora: {}}", r"r\.yaml:4: output lora needs the key 'rank'"),
+        ("{path: o, lora: {rank: 2, rnk: 1}}", r"unknown key 'rnk' in output lora"),
+        (
+            "{path: o, format: msgpack, lora: {rank: 2}}",
+            r"output format does not apply to a LoRA output",
+        ),
+        (
+            "{path: o, lora: {rank: 2, targets: [1]}}",
+            r"targets must be a leaf-path pattern",
+        ),
+    ],
+)
+def test_recipe_lora_output_lines_checked(output, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(
+            f"base: b\nmodels: [a, c]\nmethod: average\noutput: {output}\n",
+            source="r.yaml",
+        )
+
+
+def test_recipe_lora_output_needs_a_base():
+    with pytest.raises(RecipeError, match=r"r\.yaml:3: output lora .*needs 'base'"):
+        parse_recipe(
+            "models: [a, c]\nmethod: average\noutput: {path: o, lora: {rank: 2}}\n",
+            source="r.yaml",
+        )
+
+
+@pytest.mark.parametrize(
+    ("base_line", "targets", "match"),
+    [
+        (
+            "{path: BASE, layout: hf_linear}",
+            "['nothing/*']",
+            r"\['nothing/\*'\] match no 2-D leaf",
+        ),
+        ("BASE", "null", r"no leaf a LoRA can hold.*layout='hf_linear'"),
+    ],
+)
+def test_recipe_lora_targets_checked_before_anything_is_written(
+    tmp_path, base_line, targets, match
+):
+    base, _ = _linear_base(tmp_path)
+    folder = _tiny_adapter(
+        tmp_path,
+        LORA,
+        {"fc.lora_A.weight": [[1.0, 2.0, 3.0]], "fc.lora_B.weight": [[1.0]] * 4},
+    )
+    lora = "{rank: 1}" if targets == "null" else f"{{rank: 1, targets: {targets}}}"
+    recipe = parse_recipe(
+        f"base: {base_line.replace('BASE', str(base))}\n"
+        f"models: [{{adapter: {folder}}}, {{adapter: {folder}}}]\nmethod: average\n"
+        f"output: {{path: {tmp_path / 'out'}, lora: {lora}}}\n",
+        source=str(tmp_path / "r.yaml"),
+    )
+    with pytest.raises(RecipeError, match=r"r\.yaml:4: output lora: .*" + match):
+        merge_recipe(recipe)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base.safetensors"]
+
+
+def test_cli_extract_lora(tmp_path):
+    from click.testing import CliRunner
+
+    from mats_jax.cli import main
+
+    base, weights = _linear_base(tmp_path)
+    low = np.outer([1.0, 0.0, 2.0, -1.0], [0.5, 1.0, 0.0]).astype(np.float32)
+    changed = dict(weights, **{"fc.weight": weights["fc.weight"] + low})
+    save_file(changed, str(tmp_path / "merged.safetensors"))
+    args = ["extract-lora", str(base), str(tmp_path / "merged.safetensors"), "-r", "1"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    error = re.search(r"fc: relative error ([0-9.e-]+)", result.output)
+    assert error is not None and float(error.group(1)) < 1e-6  # a rank-1 change
+    written = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    got = (
+        written["base_model.model.fc.lora_B.weight"]
+        @ written["base_model.model.fc.lora_A.weight"]
+    )
+    np.testing.assert_allclose(got, low, atol=1e-6)
+    again = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "lora")])
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = CliRunner().invoke(
+        main, [*args, "-o", str(tmp_path / "other"), "--target", "nope/*"]
+    )
+    assert bad.exit_code == 2 and "match no 2-D leaf" in bad.output
+    assert not (tmp_path / "other").exists()

@@ -91,6 +91,7 @@ __all__ = [
     "extract_lora",
     "is_adapter",
     "load_adapter",
+    "lora_modules",
     "open_adapter",
     "read_adapter",
     "save_lora",
@@ -597,13 +598,67 @@ class LoraExtraction:
         return "\n".join(lines)
 
 
-def _leaves(source: Any, layout: Layout) -> tuple[list[str], Callable[[str], Any]]:
-    """Leaf paths and a reader of a checkpoint path or a parameter tree."""
+def _leaves(
+    source: Any, layout: Layout
+) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Any]]:
+    """Leaf shapes and a reader of an open checkpoint, a checkpoint path or a parameter tree."""
     if isinstance(source, str | os.PathLike):
-        ckpt = open_checkpoint(source, layout=layout)
-        return list(ckpt.leaves), ckpt.read
+        source = open_checkpoint(source, layout=layout)
+    if isinstance(source, Checkpoint):
+        return {p: info.shape for p, info in source.leaves.items()}, source.read
     flat = flatten(source)
-    return list(flat), lambda p: np.asarray(flat[p])
+    return {p: tuple(np.shape(v)) for p, v in flat.items()}, lambda p: np.asarray(
+        flat[p]
+    )
+
+
+def lora_modules(
+    shapes: Mapping[str, tuple[int, ...]],
+    layout: Layout | str | Any = "hf_linear",
+    targets: str | Sequence[str] | None = None,
+) -> dict[str, str]:
+    """The leaves a LoRA on this model can hold, with their PEFT module names.
+
+    A LoRA holds linear kernels: 2-D leaves whose checkpoint name (through
+    ``layout``) ends in ``.weight``. ``targets`` (leaf-path patterns) choose
+    among them; None: every such leaf the layout transposes (PyTorch's
+    ``(out, in)`` linear weights). Checked from the shapes alone, before any
+    tensor is read.
+
+    Raises:
+      CheckpointError: naming a target that matches no linear kernel, or when
+        no leaf is a linear kernel.
+
+    Examples:
+      >>> lora_modules({"fc/kernel": (3, 2), "fc/bias": (2,)})
+      {'fc/kernel': 'fc'}
+    """
+    layout = resolve_layout(layout)
+    patterns = [targets] if isinstance(targets, str) else list(targets or [])
+    used = dict.fromkeys(patterns, False)
+    out: dict[str, str] = {}
+    for path, shape in shapes.items():
+        name, perm = layout.to_checkpoint(path, ndim=len(shape))
+        if len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        matched = [p for p in patterns if pattern_matches(p, path)]
+        for p in matched:
+            used[p] = True
+        if matched or (not patterns and perm is not None):
+            out[path] = name[: -len(".weight")]
+    unused = [p for p, hit in used.items() if not hit]
+    if unused:
+        raise CheckpointError(
+            f"LoRA targets {unused} match no 2-D leaf whose checkpoint name ends in "
+            ".weight (a linear kernel)"
+        )
+    if not out:
+        raise CheckpointError(
+            "no leaf a LoRA can hold: no 2-D leaf whose checkpoint name (through the "
+            "layout) ends in .weight; a LoRA is named as a Hugging Face checkpoint "
+            "(layout='hf_linear' or a preset)"
+        )
+    return out
 
 
 def extract_lora(
@@ -622,7 +677,8 @@ def extract_lora(
     (PyTorch's ``(out, in)``) and truncated by its SVD.
 
     Args:
-      base, merged: parameter trees, or checkpoint paths opened with
+      base, merged: parameter trees, open checkpoints
+        (:func:`~mats_jax.open_checkpoint`), or checkpoint paths opened with
         ``layout``.
       rank: the LoRA rank r ≥ 1.
       layout: the layout of the base checkpoint the adapter is for.
@@ -650,54 +706,44 @@ def extract_lora(
         raise CheckpointError(f"rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     layout = resolve_layout(layout)
-    paths, read_base = _leaves(base, layout)
-    merged_paths, read_merged = _leaves(merged, layout)
-    if set(paths) != set(merged_paths):
-        missing = sorted(set(paths) ^ set(merged_paths))
+    shapes, read_base = _leaves(base, layout)
+    merged_shapes, read_merged = _leaves(merged, layout)
+    if set(shapes) != set(merged_shapes):
+        missing = sorted(set(shapes) ^ set(merged_shapes))
         raise CheckpointError(
             f"the base and the merged model have different leaves: {missing[:6]}"
         )
-    patterns = [targets] if isinstance(targets, str) else list(targets or [])
-    used = dict.fromkeys(patterns, False)
+    for path, shape in shapes.items():
+        if merged_shapes[path] != shape:
+            raise CheckpointError(
+                f"leaf {path!r}: the base has shape {shape}, the merged model "
+                f"{merged_shapes[path]}"
+            )
+    modules = lora_modules(shapes, layout, targets)
+    paths = list(shapes)
     tensors: dict[str, np.ndarray] = {}
     errors: dict[str, float] = {}
     not_carried: dict[str, float] = {}
     for path in paths:
         before, after = read_base(path), read_merged(path)
-        if before.shape != after.shape:
-            raise CheckpointError(
-                f"leaf {path!r}: the base has shape {before.shape}, the merged model "
-                f"{after.shape}"
-            )
-        name, perm = layout.to_checkpoint(path, ndim=before.ndim)
-        is_kernel = before.ndim == 2 and name.endswith(".weight")
-        matched = [p for p in patterns if is_kernel and pattern_matches(p, path)]
-        for p in matched:
-            used[p] = True
+        _, perm = layout.to_checkpoint(path, ndim=before.ndim)
         wide = np.promote_types(before.dtype, np.float32)
         delta = after.astype(wide) - before.astype(wide)
-        chosen = (
-            bool(matched)
-            if patterns
-            else is_kernel and perm is not None and bool(np.any(delta))
-        )
+        chosen = path in modules and (targets is not None or bool(np.any(delta)))
         if not chosen:
             change = float(np.max(np.abs(delta))) if delta.size else 0.0
             if change > 0:
                 not_carried[path] = change
             continue
         oriented = np.transpose(delta, inverse_permutation(perm)) if perm else delta
-        module = name[: -len(".weight")]
+        module = modules[path]
         b, a, errors[module] = _truncate(oriented, rank)
         tensors[f"{_PREFIX}{module}.lora_A.weight"] = a.astype(np.float32)
         tensors[f"{_PREFIX}{module}.lora_B.weight"] = b.astype(np.float32)
-    unused = [p for p, hit in used.items() if not hit]
-    if unused:
-        raise CheckpointError(
-            f"targets {unused} match no 2-D leaf whose checkpoint name ends in .weight"
-        )
     if not tensors:
-        raise CheckpointError("no leaf to extract: no 2-D kernel chosen")
+        raise CheckpointError(
+            "no leaf to extract: no linear kernel differs from the base"
+        )
     config = {
         "peft_type": "LORA",
         "r": rank,
@@ -734,12 +780,14 @@ def save_lora(
     lora: LoraExtraction,
     *,
     overwrite: bool = False,
+    card: str | None = None,
 ) -> None:
     """Writes an extracted LoRA as a PEFT adapter folder, completely or not at all.
 
     ``adapter_config.json``, ``adapter_model.safetensors`` (``format: pt``
     metadata, as PEFT writes) and a ``README.md`` with the rank and each
-    module's relative error; ``peft.PeftModel.from_pretrained`` loads it.
+    module's relative error (then ``card``, e.g. the model card of the
+    merge it came from); ``peft.PeftModel.from_pretrained`` loads it.
 
     Raises:
       FileExistsError: if ``path`` exists and ``overwrite`` is False.
@@ -764,3 +812,5 @@ def save_lora(
             json.dump(dict(lora.config), f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write("# LoRA extracted by mats_jax\n\n```\n" + lora.report() + "\n```\n")
+            if card:
+                f.write("\n" + card)

@@ -1,12 +1,12 @@
 """Statistics: the per-task matrices C_m that data-dependent merging weighs tasks by.
 
 Types (:mod:`~mats_jax.stats.statistic`), estimators from any JAX model
-(:func:`diagonal_fisher`, :func:`gram`, :func:`kfac`), saving and loading
+(:func:`diagonal_fisher`, :func:`block_fisher`, :func:`gram`, :func:`kfac`), saving and loading
 (:mod:`~mats_jax.stats.io`) and a summary of what each leaf got.
 """
 
 from mats_jax.stats.estimate import MAX_FACTOR_SIZE
-from mats_jax.stats.fisher import diagonal_fisher
+from mats_jax.stats.fisher import block_fisher, diagonal_fisher
 from mats_jax.stats.io import load_statistics, save_statistics
 from mats_jax.stats.kronecker import gram, kfac
 from mats_jax.stats.likelihood import StatisticsFallbackWarning, StatisticsInputError
@@ -29,6 +29,7 @@ __all__ = [
     "Statistic",
     "StatisticsFallbackWarning",
     "StatisticsInputError",
+    "block_fisher",
     "diagonal_fisher",
     "gram",
     "kfac",

@@ -105,18 +105,26 @@ def sum_over_examples(x: Array) -> Array:
     return x[0]
 
 
-def per_example_squared_scores(
+def per_example_gradient_sums(
     logits_fn: LogitsFn,
     params: Params,
-    selected: list[bool],
+    sums: Sequence[str | None],
     micro: Mapping[str, Any],
     key: Array,
     kind: FisherKind,
     num_samples: int,
 ) -> list[Array | None]:
-    """Σ over a micro-batch's examples of their squared scores, for the selected leaves."""
+    """Σ over a micro-batch's examples of a sum of their scores, per leaf.
+
+    ``sums[i]`` names leaf i's: ``"squared_gradients"`` (``Σ_b Σ_k g_bk ⊙
+    g_bk``, leaf-shaped), ``"outer_gradients"`` (``Σ_b Σ_k g_bk g_bkᵀ`` of the
+    leaf flattened in row-major order, (n, n): one matrix product of the
+    stacked per-example gradients) or None (not computed).
+    """
     leaves, treedef = jax.tree.flatten(params)
+    selected = [name is not None for name in sums]
     chosen = [leaf for leaf, s in zip(leaves, selected, strict=True) if s]
+    modes = [name for name in sums if name is not None]
     inputs, mask = micro["inputs"], micro["mask"]
     size = mask.shape[0]
     prediction_shape = jax.eval_shape(lambda: logits_fn(params, inputs)).shape[:-1]
@@ -138,12 +146,24 @@ def per_example_squared_scores(
         weights = prediction_mask(m[None], logits.shape[:-1])
         u = logit_cotangents(logits, label[None], weights, kind, k, num_samples)
         grads = jax.vmap(pullback)(u.astype(logits.dtype))[0]
-        return [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0) for g in grads]
+        return [
+            jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0)
+            if mode == "squared_gradients"
+            else g.astype(jnp.float32).reshape(g.shape[0], -1)  # (k, n)
+            for g, mode in zip(grads, modes, strict=True)
+        ]
 
     keys = jax.random.split(key, size)
-    squares = jax.vmap(one_example)(inputs, labels, mask, keys)
-    sums = iter([sum_over_examples(s) for s in squares])
-    return [next(sums) if s else None for s in selected]
+    per_example = jax.vmap(one_example)(inputs, labels, mask, keys)
+    out = []
+    for g, mode in zip(per_example, modes, strict=True):
+        if mode == "squared_gradients":
+            out.append(sum_over_examples(g))
+        else:  # every example's every cotangent's gradient, as rows
+            rows = g.reshape(-1, g.shape[-1])
+            out.append(rows.T @ rows)
+    it = iter(out)
+    return [next(it) if s else None for s in selected]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,8 +382,8 @@ class _Plan:
     Attributes:
       kernels: the leaves that get the kernel statistic (or, for the
         diagonal, the outer-product shortcut).
-      per_example: the leaves whose squared scores come from per-example
-        gradients.
+      per_example: per leaf, the sum its per-example gradients give
+        (``"squared_gradients"``, ``"outer_gradients"``) or None.
       init_shapes: the accumulator's shapes, by leaf path and sum.
       step: the step function (jitted by the accumulator, once).
       classes: the logits' last axis, when the statistic needs the logits.
@@ -372,7 +392,7 @@ class _Plan:
     """
 
     kernels: tuple[_Kernel, ...]
-    per_example: tuple[bool, ...]
+    per_example: tuple[str | None, ...]
     init_shapes: dict[str, Any]
     step: Step
     classes: int | None
@@ -538,6 +558,7 @@ def _build_plan(
     _check_mask(tuple(mask_spec.shape), logits_shape, micro["inputs"], layers, where)
     probe_mask = jnp.ones(mask_spec.shape, mask_spec.dtype)
     squares = "squared_gradients" in target.estimator_sums
+    outer = "outer_gradients" in target.estimator_sums
     factor_names = {"inputs": "input factor A", "output_gradients": "output factor G"}
     kernels, reasons = _kernels(
         layers,
@@ -547,7 +568,19 @@ def _build_plan(
         {k: v for k, v in factor_names.items() if k in target.estimator_sums},
         max_factor_size,
     )
-    if squares:
+    if outer:
+        # Whole blocks, from per-example gradients; a block past the size
+        # limit gets the fallback, as a factor would.
+        kernels = []
+        reasons = {
+            i: f"its block would have {int(np.size(flat_params[i]))} rows, more than "
+            f"the limit of {max_factor_size}"
+            for i, leaf in enumerate(flat_params)
+            if selected[i]
+            and max_factor_size is not None
+            and int(np.size(leaf)) > max_factor_size
+        }
+    elif squares:
         # Only kernels used once, one row per example, take the outer-product
         # shortcut; the rest need per-example gradients (the same statistic).
         kernels = [
@@ -566,10 +599,17 @@ def _build_plan(
             f"was found in the model function; leaves: {', '.join(paths[:10])}"
         )
     kernel_leaves = {k.leaf for k in kernels}
-    per_example = [
-        ((squares and selected[i]) or fallback == "diagonal") and i not in kernel_leaves
-        for i in range(len(flat_params))
-    ]
+
+    def per_example_sum(i: int) -> str | None:
+        if outer and selected[i] and i not in reasons:
+            return "outer_gradients"
+        if (
+            (squares and selected[i]) or fallback == "diagonal"
+        ) and i not in kernel_leaves:
+            return "squared_gradients"
+        return None
+
+    per_example = [per_example_sum(i) for i in range(len(flat_params))]
     needs_g = "output_gradients" in target.estimator_sums or (squares and bool(kernels))
     run = tapped(fn, layers)
 
@@ -582,9 +622,12 @@ def _build_plan(
             "output_gradients": (*k.layer_shape, k.n_out, k.n_out),
         }
         init[paths[k.leaf]] = {name: shapes[name] for name in target.estimator_sums}
-    for i, chosen in enumerate(per_example):
-        if chosen:
-            init[paths[i]] = {"squared_gradients": tuple(np.shape(flat_params[i]))}
+    for i, name in enumerate(per_example):
+        if name == "squared_gradients":
+            init[paths[i]] = {name: tuple(np.shape(flat_params[i]))}
+        elif name == "outer_gradients":
+            n = int(np.size(flat_params[i]))
+            init[paths[i]] = {name: (n, n)}
 
     def step(
         acc: dict[str, Any], params: Params, micro: Mapping[str, Any], k: Array
@@ -632,7 +675,7 @@ def _build_plan(
                         entry["output_gradients"] = entry["output_gradients"] + g
                 new[paths[kern.leaf]] = entry
         if any(per_example):
-            sums = per_example_squared_scores(
+            sums = per_example_gradient_sums(
                 fn,
                 params,
                 per_example,
@@ -642,10 +685,9 @@ def _build_plan(
                 num_samples,
             )
             for i, s in enumerate(sums):
-                if s is not None:
-                    new[paths[i]] = {
-                        "squared_gradients": acc[paths[i]]["squared_gradients"] + s
-                    }
+                name = per_example[i]
+                if s is not None and name is not None:
+                    new[paths[i]] = {name: acc[paths[i]][name] + s}
         return new
 
     return _Plan(
@@ -878,8 +920,10 @@ def estimate(
         out[kern.leaf] = target.from_sums(
             sums, n_examples, in_axes=kern.in_axes, out_axes=kern.out_axes
         )
-    for i, chosen in enumerate(per_example):
-        if chosen:
+    for i, name in enumerate(per_example):
+        if name == "outer_gradients":
+            out[i] = target.from_sums(acc[paths[i]], n_examples)
+        elif name == "squared_gradients":
             out[i] = Diagonal.from_sums(acc[paths[i]], n_examples)
     if mesh is not None:
         out = [
@@ -934,9 +978,11 @@ def _accumulator_shardings(
                 entry[name] = NamedSharding(
                     mesh, factor_spec(mesh, spec, rows, other, blocks, n)
                 )
-    for i, chosen in enumerate(plan.per_example):
-        if chosen:
-            out[paths[i]] = {"squared_gradients": _leaf_sharding(flat_params[i], mesh)}
+    for i, name in enumerate(plan.per_example):
+        if name == "squared_gradients":
+            out[paths[i]] = {name: _leaf_sharding(flat_params[i], mesh)}
+        elif name == "outer_gradients":  # a small block: every device holds it
+            out[paths[i]] = {name: replicated}
     return out
 
 

@@ -224,7 +224,8 @@ class Statistic:
     estimator_sums: ClassVar[tuple[str, ...]] = ()
     """The sums over examples the estimators accumulate for it
     (:mod:`mats_jax.stats.estimate`): ``"squared_gradients"`` (per-example
-    squared scores, leaf-shaped), ``"inputs"`` (Σ_r x_r x_rᵀ of a kernel's
+    squared scores, leaf-shaped), ``"outer_gradients"`` (Σ_b g_b g_bᵀ of the
+    per-example scores of the flattened leaf), ``"inputs"`` (Σ_r x_r x_rᵀ of a kernel's
     input rows), ``"rows"`` (the number of rows) and ``"output_gradients"``
     (Σ g gᵀ of the gradients at a kernel's outputs). Empty: no estimator."""
 
@@ -426,7 +427,8 @@ class Dense(Statistic):
 
     For leaves small enough that the whole Fisher block fits (IA³ scaling
     vectors, LoRA-sized adapters, biases); the leaf is flattened in row-major
-    order.
+    order. :func:`~mats_jax.block_fisher` estimates it:
+    ``F = (1/N) Σ_i Σ_k g_ik g_ikᵀ`` over the per-example scores.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -438,6 +440,11 @@ class Dense(Statistic):
     kind: ClassVar[str] = "Dense"
     array_fields: ClassVar[tuple[str, ...]] = ("f",)
     sign_rules: ClassVar[dict[str, str]] = {"f": NONNEGATIVE_DIAGONAL}
+    estimator_sums: ClassVar[tuple[str, ...]] = ("outer_gradients",)
+
+    @classmethod
+    def from_sums(cls, sums: dict[str, Array], examples: Array, **layout: Any) -> Dense:
+        return Dense(sums["outer_gradients"] / examples)
 
     def sharding(self, leaf_sharding: NamedSharding) -> Any:
         # Dense statistics are for small leaves: every device holds all of it.
