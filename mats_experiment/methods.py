@@ -28,6 +28,7 @@ import mats_jax
 from mats_jax.typing import Params, StatTree
 
 __all__ = [
+    "ADAPTER_METHODS",
     "DERIVED",
     "METHODS",
     "STATISTICS",
@@ -231,18 +232,38 @@ METHODS: dict[str, Method] = {
 }
 
 
-def check_methods(names: Sequence[str]) -> list[str]:
+ADAPTER_METHODS: dict[str, Method] = {
+    "task_arithmetic": METHODS["task_arithmetic"],
+    "ties": METHODS["ties"],
+    "block_diagonal_fisher": Method(
+        "Fisher merging (diagonal of the block Fisher)",
+        "fisher_merge",
+        "block_diagonal",
+        {},
+    ),
+    "mats_block_fisher": _mats_method(
+        "MaTS (block Fisher, init TA)", "block_fisher", "task_arithmetic"
+    ),
+}
+"""The methods that merge adapter vectors (IA³'s l, about 1) where they were
+trained, with each vector's whole Fisher block (``block_fisher``) or its
+diagonal (``block_diagonal``)."""
+
+
+def check_methods(
+    names: Sequence[str], registry: Mapping[str, Method] = METHODS
+) -> list[str]:
     """The methods to run, in dependency order; unknown names raise ValueError.
 
     A MaTS variant brings in the method it is initialised from.
     """
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in registry]
     if unknown:
         raise ValueError(
-            f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(METHODS)}"
+            f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(registry)}"
         )
-    wanted = set(names) | {METHODS[n].init for n in names if METHODS[n].init}
-    return [n for n in METHODS if n in wanted]
+    wanted = set(names) | {registry[n].init for n in names if registry[n].init}
+    return [n for n in registry if n in wanted]
 
 
 def candidates(method: Method, grids: Grids) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import numpy as np
 
 import mats_jax
 from mats_experiment import data, derived, methods, models, tasks, train
-from mats_experiment.methods import METHODS, Grids, MergeInputs
+from mats_experiment.methods import METHODS, Grids, MergeInputs, Method
 from mats_experiment.metrics import normalised
 from mats_jax.typing import Params, StatTree
 
@@ -258,6 +258,7 @@ def search_methods(
     setting: str,
     curve_test: bool,
     chosen_bodies: dict[str, Params],
+    registry: Mapping[str, Method] = METHODS,
 ) -> dict[str, Any]:
     """Runs every method's grid, chooses on validation, reports the test scores.
 
@@ -267,12 +268,14 @@ def search_methods(
     of each method goes into ``chosen_bodies``. A method that does not weigh
     its models (Model Stock) runs only the weight tuples whose weights are
     all equal, and is left out of a setting that has none. Any model family
-    can use it: only the scoring functions see the model.
+    can use it: only the scoring functions see the model; ``registry`` names
+    the methods (:data:`~mats_experiment.methods.ADAPTER_METHODS` for
+    adapter vectors).
     """
     out: dict[str, Any] = {}
     best_by_weight: dict[str, dict[tuple[float, ...], Params]] = {}
     for name in ordered:
-        method = METHODS[name]
+        method = registry[name]
         start = time.perf_counter()
         trials = []
         best: tuple[float, Params, dict[str, Any]] | None = None

@@ -7,7 +7,9 @@ For each seed:
    glosses with the folder's own tokenizer (padded to ``length``);
 2. per task, refit a linear head on the frozen pretrained body (the
    *pretrained* baseline), then fine-tune body and head from there (the
-   task's own model, which normalised accuracy divides by);
+   task's own model, which normalised accuracy divides by): the whole body,
+   or (``finetune``) a LoRA or IA³ adapter of it
+   (:mod:`~mats_experiment.adapters`), folded into the body's kernels;
 3. per task, estimate the statistics the chosen methods need on
    ``stat_examples`` training examples of the fine-tuned model, with the
    padding positions masked out (``mask`` of shape (batch, positions)) where
@@ -18,7 +20,9 @@ For each seed:
    method and every candidate of its grid, choose on the mean normalised
    validation accuracy and report the test accuracy
    (:func:`~mats_experiment.pipeline.search_methods`, the search of the image
-   experiments).
+   experiments). IA³ fine-tunes are also merged where they were trained, as
+   vectors (:data:`ADAPTER_SPACE_METHODS`, with the block Fisher of each
+   vector: :func:`mats_jax.block_fisher`), then folded.
 
 The results have the image experiments' shape (``{"runs": [...]}``, one per
 seed, ``intermediate`` empty), so :mod:`~mats_experiment.report` summarises
@@ -36,10 +40,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import mats_jax
-from mats_experiment import bert, methods, text, train
+from mats_experiment import adapters, bert, methods, text, train
 from mats_experiment.methods import Grids
 from mats_experiment.metrics import normalised
 from mats_experiment.pipeline import (
@@ -50,6 +55,7 @@ from mats_experiment.pipeline import (
 from mats_jax.typing import Params, StatTree
 
 __all__ = [
+    "ADAPTER_SPACE_METHODS",
     "DEFAULT_METHODS",
     "TextExperimentConfig",
     "architecture_name",
@@ -80,6 +86,12 @@ DEFAULT_METHODS = (
 """The methods of the real-model benchmark: one per registered method (SLERP,
 which takes two models, through multi-SLERP), MaTS with Gram and K-FAC."""
 
+ADAPTER_SPACE_METHODS = tuple(methods.ADAPTER_METHODS)
+"""The methods that merge IA³ fine-tunes as vectors (about l = 1): data-free
+ones, and Fisher merging and MaTS with each vector's statistic."""
+
+ADAPTER_STATISTICS = ("block_fisher", "block_diagonal")
+
 Progress = Callable[[str], None]
 
 
@@ -102,6 +114,11 @@ class TextExperimentConfig:
       methods: names of :data:`~mats_experiment.methods.METHODS`.
       grids: the validation grids.
       glosses: the WordNet data files.
+      finetune: ``"full"`` (every body parameter), ``"lora"`` or ``"ia3"``
+        (:data:`~mats_experiment.adapters.KINDS`).
+      lora_rank: the LoRA rank r (``alpha = r``: scale 1).
+      adapter_training: fine-tuning of an adapter (no weight decay: IA³'s
+        vectors would decay towards 0, not 1).
     """
 
     folder: str
@@ -121,6 +138,13 @@ class TextExperimentConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     grids: Grids = dataclasses.field(default_factory=Grids)
     glosses: tuple[str, ...] = text.WORDNET
+    finetune: str = "full"
+    lora_rank: int = 8
+    adapter_training: train.TrainConfig = dataclasses.field(
+        default_factory=lambda: train.TrainConfig(
+            epochs=5, batch_size=32, learning_rate=1e-3, weight_decay=0.0
+        )
+    )
 
 
 def architecture_name(config: TextExperimentConfig) -> str:
@@ -161,6 +185,16 @@ def validate(config: TextExperimentConfig) -> None:
     for name in ("model.safetensors", "tokenizer.json"):
         if not os.path.isfile(os.path.join(config.folder, name)):
             raise ExperimentError(f"{config.folder}: no {name}")
+    if config.finetune not in adapters.KINDS:
+        raise ExperimentError(
+            f"unknown finetune {config.finetune!r}; known: {', '.join(adapters.KINDS)}"
+        )
+    if isinstance(config.lora_rank, bool) or not (
+        isinstance(config.lora_rank, int) and config.lora_rank >= 1
+    ):
+        raise ExperimentError(
+            f"lora_rank must be a positive integer, got {config.lora_rank!r}"
+        )
     if config.pooling not in bert.POOLINGS:
         raise ExperimentError(
             f"unknown pooling {config.pooling!r}; known: {', '.join(bert.POOLINGS)}"
@@ -283,6 +317,27 @@ def _statistic(
     return jax.block_until_ready(stats["body"])
 
 
+def _through_adapter(
+    apply: Callable[[Params, Any], Any], kind: str, base: Params
+) -> Callable[[Params, Any], Any]:
+    """``apply`` of ``{"adapter", "head"}``: the body is ``base`` with the adapter folded in."""
+
+    def through(params: Params, x: Any) -> Any:
+        body = adapters.fold(kind, base, params["adapter"])
+        return apply({"body": body, "head": params["head"]}, x)
+
+    return through
+
+
+def _diagonal_of(block: StatTree) -> StatTree:
+    """Each Dense block's diagonal, as the Diagonal statistic of its leaf (1-D leaves)."""
+    return jax.tree.map(
+        lambda s: mats_jax.Diagonal(jnp.diagonal(s.f)),
+        block,
+        is_leaf=lambda x: isinstance(x, mats_jax.Dense),
+    )
+
+
 def fill_missing(primary: StatTree, fallback: StatTree) -> StatTree:
     """``primary`` with each None leaf taken from ``fallback`` (same structure).
 
@@ -353,6 +408,9 @@ def _run_one(
 
     start = time.perf_counter()
     finetuned: list[Params] = []
+    trained_adapters: list[Params] = []  # {"adapter", "head"} per task
+    adapter_applies: list[Callable[[Params, Any], Any]] = []
+    through_adapter: dict[int, Callable[[Params, Any], Any]] = {}
     applies = []
     per_task: dict[str, dict[str, float]] = {}
     for i, (task, x) in enumerate(zip(task_list, inputs, strict=True)):
@@ -365,14 +423,43 @@ def _run_one(
                 feats, task.train.y, task.num_classes, steps=config.head_steps
             ),
         }
-        tuned = train.fit(
-            apply,
-            probe,
-            x["train"],
-            task.train.y,
-            config.training,
-            jax.random.fold_in(key, 100 + i),
-        )
+        if config.finetune == "full":
+            tuned = train.fit(
+                apply,
+                probe,
+                x["train"],
+                task.train.y,
+                config.training,
+                jax.random.fold_in(key, 100 + i),
+            )
+        else:
+            # One function per model (not per task), so training and the
+            # statistics compile once a seed.
+            if id(apply) not in through_adapter:
+                through_adapter[id(apply)] = _through_adapter(
+                    apply, config.finetune, base
+                )
+            adapter_apply = through_adapter[id(apply)]
+            start_adapter = adapters.init(
+                config.finetune,
+                base,
+                rank=config.lora_rank,
+                key=jax.random.fold_in(key, 400 + i),
+            )
+            trained = train.fit(
+                adapter_apply,
+                {"adapter": start_adapter, "head": probe["head"]},
+                x["train"],
+                task.train.y,
+                config.adapter_training,
+                jax.random.fold_in(key, 100 + i),
+            )
+            trained_adapters.append(trained)
+            adapter_applies.append(adapter_apply)
+            tuned = {
+                "body": adapters.fold(config.finetune, base, trained["adapter"]),
+                "head": trained["head"],
+            }
         finetuned.append(tuned)
         row = {
             "pretrained_val": train.accuracy(apply, probe, x["val"], task.val.y),
@@ -466,6 +553,61 @@ def _run_one(
         chosen_bodies=merged,
     )
     timings["multitask"] = time.perf_counter() - start
+    if config.finetune == "ia3":
+        start = time.perf_counter()
+        adapter_stats: dict[str, list[StatTree]] = {n: [] for n in ADAPTER_STATISTICS}
+        for i, (task, x) in enumerate(zip(task_list, inputs, strict=True)):
+            # Per-example masks: the logits are per example and every example
+            # is real (a positions mask would only say which examples count).
+            batches = statistics_batches(
+                x["train"][:n],
+                task.train.y[:n],
+                config.micro_batch_size,
+                positions=False,
+            )
+            block = mats_jax.block_fisher(
+                adapter_applies[i],
+                trained_adapters[i],
+                batches,
+                leaves="adapter/**",
+                micro_batch_size=config.micro_batch_size,
+                progress=False,
+            )["adapter"]
+            adapter_stats["block_fisher"].append(block)
+            adapter_stats["block_diagonal"].append(_diagonal_of(block))
+        timings["statistic block_fisher"] = time.perf_counter() - start
+        progress(f"seed {seed}: block Fisher of the IA³ vectors")
+        start = time.perf_counter()
+        vectors = [t["adapter"] for t in trained_adapters]
+        identity = jax.tree.map(np.ones_like, vectors[0])
+
+        def fold(vector: Params) -> Params:
+            return adapters.fold("ia3", base, vector)
+
+        in_adapter_space: dict[str, Params] = {}
+        searched = search_methods(
+            methods.check_methods(ADAPTER_SPACE_METHODS, methods.ADAPTER_METHODS),
+            config.grids,
+            identity,
+            vectors,
+            adapter_stats,
+            [tuple(1.0 for _ in task_list)],
+            lambda vector: score_val(fold(vector)),
+            lambda vector: evaluate(fold(vector), "test"),
+            jax.random.fold_in(key, 500),
+            progress,
+            f"seed {seed} multitask, IA³ vectors",
+            curve_test=False,
+            chosen_bodies=in_adapter_space,
+            registry=methods.ADAPTER_METHODS,
+        )
+        for name, row in searched.items():
+            multitask[f"{name}_ia3_vectors"] = {
+                **row,
+                "label": f"{row['label']}, IA³ vectors",
+            }
+            merged[f"{name}_ia3_vectors"] = fold(in_adapter_space[name])
+        timings["multitask_ia3_vectors"] = time.perf_counter() - start
     return {
         "architecture": architecture_name(config),
         "seed": seed,
@@ -478,6 +620,9 @@ def _run_one(
         "models": {
             "pretrained": base,
             "finetuned": dict(zip([t.name for t in task_list], finetuned, strict=True)),
+            "adapters": dict(
+                zip([t.name for t in task_list], trained_adapters, strict=False)
+            ),
             "merged_bodies": merged,
             "body_config": body_config,
             "pooling": config.pooling,
@@ -497,7 +642,8 @@ def run(
       config: the experiment.
       progress: called with a description after each unit of work.
       keep_models: also return, per run, the pretrained body, the fine-tuned
-        parameters, each method's chosen merged body, the body's
+        parameters (and the trained adapters, ``{"adapter", "head"}`` per task,
+        for adapter fine-tuning), each method's chosen merged body, the body's
         :class:`~mats_experiment.bert.BertConfig` and the tokenised inputs
         under ``"models"`` (arrays, not JSON).
     """
