@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import jax
 import pytest
+
+# A suite started in the background by a shell without job control inherits
+# SIGINT ignored (POSIX), and Python then keeps it ignored: the interrupt
+# tests (tests/test_adversarial.py) need Python's own handler, in this
+# process and, through exec's reset of handled signals, in the processes it
+# starts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="module")
