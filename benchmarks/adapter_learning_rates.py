@@ -18,8 +18,7 @@ import jax
 import numpy as np
 import real_model
 
-from mats_experiment import adapters, bert, text, train
-from mats_experiment import text_pipeline as tp
+from mats_experiment import adapters, bert, text, text_pipeline, train
 
 CANDIDATES = {"lora": (3e-4, 1e-3, 3e-3, 1e-2), "ia3": (3e-3, 1e-2, 3e-2, 1e-1)}
 
@@ -27,7 +26,7 @@ CANDIDATES = {"lora": (3e-4, 1e-3, 3e-3, 1e-2), "ia3": (3e-3, 1e-2, 3e-2, 1e-1)}
 def main() -> None:
     cfg = real_model.config(False, (0,), 2)
     glosses = text.load_glosses(cfg.glosses)
-    tokenizer = tp.load_tokenizer(cfg.folder)
+    tokenizer = text_pipeline.load_tokenizer(cfg.folder)
     body_config, base = bert.load_body(cfg.folder, cfg.layers)
     key = jax.random.key(0)
     scores: dict[tuple[str, float], list[float]] = {}
@@ -37,8 +36,16 @@ def main() -> None:
             s: bert.tokenize(tokenizer, getattr(task, s).texts, cfg.length)
             for s in ("train", "val")
         }
-        _, apply = tp._model(body_config, task.num_classes, cfg.pooling)
-        feats = tp._batched_features(body_config, base, x["train"], cfg.pooling)
+        model = bert.TextClassifier(body_config, task.num_classes, cfg.pooling)
+
+        def apply(params, inputs, model=model):
+            return model.apply({"params": params}, inputs)
+
+        feats = np.asarray(
+            jax.jit(bert.body_features, static_argnums=(0, 3))(
+                body_config, base, x["train"], cfg.pooling
+            )
+        )
         head = train.fit_head(
             feats, task.train.y, task.num_classes, steps=cfg.head_steps
         )
@@ -47,7 +54,11 @@ def main() -> None:
         )
         print(f"{spec.name}: pretrained body, refitted head: val {pretrained:.1f}")
         for kind, rates in CANDIDATES.items():
-            through = tp._through_adapter(apply, kind, base)
+
+            def through(params, inputs, kind=kind, apply=apply):
+                body = adapters.fold(kind, base, params["adapter"])
+                return apply({"body": body, "head": params["head"]}, inputs)
+
             for rate in rates:
                 start = time.perf_counter()
                 params = {
