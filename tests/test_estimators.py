@@ -638,7 +638,7 @@ def test_data_parallel_on_eight_devices_equals_single_device():
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh
-        from mats_jax import diagonal_fisher, kfac
+        from mats_jax import block_fisher, diagonal_fisher, kfac
         assert jax.device_count() == 8, jax.devices()
         key = jax.random.PRNGKey(0)
         params = {"w1": jax.random.normal(key, (3, 5)), "b": jnp.zeros(5),
@@ -649,7 +649,7 @@ def test_data_parallel_on_eight_devices_equals_single_device():
         y = jax.random.randint(key, (50,), 0, 4)
         batches = [{"inputs": x[:30], "labels": y[:30]}, {"inputs": x[30:], "labels": y[30:]}]
         mesh = Mesh(np.array(jax.devices()), ("data",))
-        for estimator in (kfac, diagonal_fisher):
+        for estimator in (kfac, diagonal_fisher, block_fisher):
             single = estimator(fn, params, batches, micro_batch_size=16, progress=False)
             sharded = estimator(fn, params, batches, micro_batch_size=16, mesh=mesh, progress=False)
             for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
