@@ -107,12 +107,20 @@ def _check_values(entries: Sequence[tuple[str, str, Array, str | None]]) -> None
     concrete = [e for e in entries if not is_traced(e[2])]
     if not concrete:
         return
-    rules = tuple(e[3] for e in concrete)
-    # Concrete arrays are checked now even when the merge is being traced (a
-    # jitted call closing over concrete models).
-    with jax.ensure_compile_time_eval():
-        flags = _value_flags([e[2] for e in concrete], rules)
-    finite, signed = np.asarray(flags)
+    flags: list[tuple[bool, bool] | None] = [_host_flags(e[2], e[3]) for e in concrete]
+    on_device = [e for e, f in zip(concrete, flags, strict=True) if f is None]
+    if on_device:
+        rules = tuple(e[3] for e in on_device)
+        # Concrete arrays are checked now even when the merge is being traced
+        # (a jitted call closing over concrete models).
+        with jax.ensure_compile_time_eval():
+            finite_rows, signed_rows = np.asarray(
+                _value_flags([e[2] for e in on_device], rules)
+            )
+        device = iter(zip(finite_rows, signed_rows, strict=True))
+        flags = [f if f is not None else next(device) for f in flags]
+    finite = [bool(f[0]) for f in flags if f is not None]
+    signed = [bool(f[1]) for f in flags if f is not None]
     for (owner, path, _, rule), ok, sign_ok in zip(
         concrete, finite, signed, strict=True
     ):
@@ -127,6 +135,43 @@ def _check_values(entries: Sequence[tuple[str, str, Array, str | None]]) -> None
             raise MergeInputError(
                 f"{owner} at {path!r}: has {what}; a statistic must be positive semi-definite"
             )
+
+
+_HOST_CHECKED = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_HOST_BLOCK = 1 << 22  # entries per block: the boolean temporary's size
+
+
+def _host_flags(array: Any, rule: str | None) -> tuple[bool, bool] | None:
+    """(finite, sign rule holds) by numpy, in blocks, for an array whose data
+    is in host memory (numpy, or a JAX array on one CPU device: viewed, not
+    copied); None for the others, which :func:`_value_flags` checks.
+
+    On the host numpy needs no compilation: the jitted check compiled once
+    per set of shapes and took about 1.5 s of a streamed merge's 6 s over
+    the IO benchmark's 4 GB of inputs, numpy 0.5–1 s.
+    """
+    if rule not in (None, NONNEGATIVE):
+        return None
+    if isinstance(array, jax.Array):
+        devices = array.devices()
+        if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+            return None
+        if not array.is_fully_addressable:
+            return None
+    elif not isinstance(array, np.ndarray):
+        return None
+    if array.dtype not in _HOST_CHECKED:
+        return None
+    flat = np.asarray(array).reshape(-1)
+    finite = signed = True
+    for i in range(0, flat.size, _HOST_BLOCK):
+        block = flat[i : i + _HOST_BLOCK]
+        finite = finite and bool(np.isfinite(block).all())
+        if rule == NONNEGATIVE:
+            signed = signed and bool((block >= 0).all())
+        if not (finite and signed):
+            break
+    return finite, signed
 
 
 @functools.partial(jax.jit, static_argnums=1)

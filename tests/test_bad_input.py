@@ -1013,3 +1013,47 @@ def test_public_functions_check_their_statistics_before_any_transform(
     bad = PUBLIC_BAD_STATISTICS[name](value)
     with rejects(r"\[1\] at '.*': (has negative|contains NaN or Inf)"):
         PUBLIC_WITH_STATISTICS[name]([model(1), model(2)], [good, bad])
+
+
+# --- the finiteness and sign checks on large host arrays ----------------------
+# Arrays in host memory are checked by numpy in blocks of 2**22 entries, the
+# others by a jitted pass: a bad entry in any block, of any float dtype, in a
+# numpy array or a JAX array, is found, and a clean array passes.
+LARGE = (1 << 22) + 5  # the last block holds 5 entries
+
+
+@pytest.mark.parametrize("where", [0, (1 << 22) - 1, 1 << 22, LARGE - 1])
+@pytest.mark.parametrize("bad", NAN_INF)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_non_finite_entry_of_a_large_leaf_found_in_every_block(
+    where: int, bad: float, dtype: str, kind: str
+) -> None:
+    good = np.zeros(LARGE, jnp.dtype(dtype))
+    leaf = good.copy()
+    leaf[where] = bad
+    if kind == "jax":
+        good, leaf = jnp.asarray(good), jnp.asarray(leaf)
+    mj.checks.check_models([{"w": good}, {"w": good}])
+    with pytest.raises(
+        mj.MergeInputError, match=r"models\[1\] at 'w': contains NaN or Inf"
+    ):
+        mj.checks.check_models([{"w": good}, {"w": leaf}])
+
+
+@pytest.mark.parametrize("where", [0, 1 << 22, LARGE - 1])
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_negative_entry_of_a_large_diagonal_statistic_found(
+    where: int, kind: str
+) -> None:
+    model = {"w": np.zeros(LARGE, np.float32)}
+    entries = np.ones(LARGE, np.float32)
+    entries[where] = -1.0
+    if kind == "jax":
+        entries = jnp.asarray(entries)
+    good = mj.Diagonal(np.ones(LARGE, np.float32))
+    mj.checks.check_statistics([{"w": good}], [model])
+    with pytest.raises(
+        mj.MergeInputError, match=r"statistics\[0\] at 'w/f': has negative entries"
+    ):
+        mj.checks.check_statistics([{"w": mj.Diagonal(entries)}], [model])

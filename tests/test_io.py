@@ -227,6 +227,44 @@ def test_lazy_reader_reads_one_leaf(tmp_path):
         ckpt.read("nope")
 
 
+def test_safetensors_reads_equal_the_library_s_own_load(tmp_path):
+    # The reader takes each tensor's bytes at its offset in the header; the
+    # library's load_file is the oracle, over dtypes, an empty tensor, a scalar
+    # and the file's metadata block.
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a.weight": rng.standard_normal((3, 5)).astype(np.float32),
+        "b": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+        "c.empty": np.zeros((0, 4), np.float16),
+        "d.scalar": np.array(3, np.int64),
+        "e.mask": np.array([True, False, True]),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "np"})
+    expected = load_file(str(path))
+    ckpt = open_checkpoint(path)
+    for name, x in expected.items():
+        got = ckpt.read(name.replace(".", "/"))
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        assert got.tobytes() == x.tobytes(), name
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed"])
+def test_safetensors_damaged_after_opening_named(tmp_path, damage):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, str(path))
+    ckpt = open_checkpoint(path)
+    if damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 100])
+        match = r"m\.safetensors: cannot read tensor 'w': the file ends 100 bytes"
+    else:
+        os.remove(path)
+        match = r"m\.safetensors: file not found"
+    with pytest.raises(CheckpointError, match=match):
+        ckpt.read("w")
+
+
 # --- atomic output ---------------------------------------------------------
 
 
