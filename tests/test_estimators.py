@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from mats_jax import (
     gram,
     kfac,
 )
+from mats_jax.stats.capture import find_layers
 
 KEY = jax.random.PRNGKey(0)
 
@@ -631,6 +633,37 @@ def test_bad_inputs_raise_clear_errors():
         kfac(mlp, bad, as_batches(x, y), progress=False)
 
 
+@pytest.mark.parametrize("estimator", [kfac, gram, diagonal_fisher])
+def test_a_non_finite_batch_is_named_with_its_leaves(estimator):
+    # The test runs on each step's increment: the batch that brings the NaN
+    # is named, not a later one, whatever the micro-batch it is in.
+    x, y = data()
+    x = x.at[14, 1].set(jnp.nan)  # batch 1 of 10-example batches
+    with pytest.raises(
+        StatisticsInputError, match=r"NaN or Inf appeared .* batch 1, at 'hidden/"
+    ):
+        estimator(
+            mlp, mlp_params(), as_batches(x, y), micro_batch_size=3, progress=False
+        )
+
+
+def test_finite_increments_whose_sum_overflows_are_refused_as_an_overflow():
+    # Each micro-batch's x² is 2.25e38 (finite); their sum is not. The
+    # increments' test cannot see it: the final test of the sums does.
+    params = {"w": jnp.ones((1, 2))}
+    x = jnp.full((3, 1), 1.5e19)
+    with pytest.raises(
+        StatisticsInputError,
+        match=r"overflowed float32 at 'w/inputs': every batch's sums",
+    ):
+        gram(lambda p, xb: xb @ p["w"], params, as_batches(x, size=1), progress=False)
+    # Within float32's range, the same sums are fine.
+    ok = gram(
+        lambda p, xb: xb @ p["w"], params, as_batches(x / 1e4, size=1), progress=False
+    )
+    np.testing.assert_allclose(ok["w"].a, [[2.25e30]], rtol=1e-5)
+
+
 def test_data_parallel_on_eight_devices_equals_single_device():
     script = textwrap.dedent(
         """
@@ -722,3 +755,188 @@ def test_estimating_many_tasks_compiles_once(caplog):
     assert [
         r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()
     ] == []
+
+
+# --- biases' per-example squares from the taps ------------------------------------
+
+
+def loop_squared_scores(log_lik, params, n):
+    """Σ_i (∇ log_lik(params, i))² / n, one example at a time: the definition."""
+    total = jax.tree.map(jnp.zeros_like, params)
+    for i in range(n):
+        total = jax.tree.map(lambda t, g: t + g**2, total, jax.grad(log_lik)(params, i))
+    return jax.tree.map(lambda t: t / n, total)
+
+
+def opaque_bias(b):
+    # The same values, through a product the capture does not read as a
+    # bias: the leaf takes the vmapped per-example pass (the slow twin).
+    return b * 1.0
+
+
+def token_params(vocab=5, dim=3, hidden=4):
+    keys = jax.random.split(jax.random.fold_in(KEY, 31), 5)
+    return {
+        "embed": jax.random.normal(keys[0], (vocab, dim)),
+        "up": {
+            "kernel": jax.random.normal(keys[1], (dim, hidden)),
+            "bias": jax.random.normal(keys[2], (hidden,)),
+        },
+        "out": {
+            "kernel": jax.random.normal(keys[3], (hidden, vocab)),
+            "bias": jax.random.normal(keys[4], (vocab,)),
+        },
+    }
+
+
+def token_lm(p, tokens, bias=lambda b: b):
+    """Logits per position; the next layer mixes positions (padding included)."""
+    h = jnp.tanh(p["embed"][tokens] @ p["up"]["kernel"] + bias(p["up"]["bias"]))
+    h = h + jnp.mean(h, axis=1, keepdims=True)  # pads reach real positions
+    return h @ p["out"]["kernel"] + bias(p["out"]["bias"])
+
+
+TOKENS = jax.random.randint(jax.random.fold_in(KEY, 32), (7, 4), 0, 5)
+LENGTHS = jnp.array([4, 3, 2, 4, 1, 3, 2])
+TOKEN_MASK = (jnp.arange(4)[None] < LENGTHS[:, None]).astype(jnp.float32)
+
+
+def test_the_capture_proves_which_leaves_are_a_taps_bias():
+    params = token_params()
+    names = jax.tree.leaves(mats_jax.tree.leaf_paths(params))
+    layers = find_layers(token_lm, params, TOKENS)
+    assert sorted(names[b.leaf] for b in layers.biases) == ["out/bias", "up/bias"]
+    assert layers.uses[names.index("up/bias")] == ("broadcast_in_dim",)
+
+    def not_biases(p, x):
+        y = x @ p["w"]
+        z = y + p["read_twice"]
+        u = x @ p["v"] * 2.0 + p["after_a_scale"]  # g at u is not g at the product
+        t = x @ p["t"]
+        return (z * y + u + (t + p["twice"]) + (t + p["twice"])) @ p["head"]
+
+    p = {
+        name: jnp.ones(shape)
+        for name, shape in {
+            "w": (3, 2),
+            "v": (3, 2),
+            "t": (3, 2),
+            "head": (2, 2),
+            "read_twice": (2,),
+            "after_a_scale": (2,),
+            "twice": (2,),
+        }.items()
+    }
+    assert find_layers(not_biases, p, jnp.ones((5, 3))).biases == ()
+
+
+BIAS_ESTIMATORS = {
+    "diagonal_fisher": diagonal_fisher,
+    "kfac": kfac,
+    "gram": functools.partial(gram, fallback="diagonal"),
+}
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+@pytest.mark.parametrize("estimator", sorted(BIAS_ESTIMATORS))
+def test_mlp_biases_from_the_taps_equal_the_per_example_pass_and_a_loop(
+    estimator, kind
+):
+    params = mlp_params(sizes=(3, 6, 4))
+    x, y = data(n=13)
+
+    def opaque(p, xb):
+        h = jnp.tanh(xb @ p["hidden"]["kernel"] + opaque_bias(p["hidden"]["bias"]))
+        return h @ p["out"]["kernel"]
+
+    def run(fn):
+        return BIAS_ESTIMATORS[estimator](
+            fn,
+            params,
+            as_batches(x, y, size=5),
+            kind=kind,
+            micro_batch_size=4,
+            progress=False,
+        )
+
+    got, twin = run(mlp), run(opaque)
+    want = loop_fisher(params, x, y, kind)["hidden"]["bias"]
+    np.testing.assert_allclose(got["hidden"]["bias"].f, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        got["hidden"]["bias"].f, twin["hidden"]["bias"].f, rtol=1e-5, atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("estimator", ["diagonal_fisher", "kfac"])
+def test_token_model_biases_from_the_taps_equal_the_per_example_pass_and_a_loop(
+    estimator,
+):
+    # Rows are tokens: a bias's per-example gradient sums its example's
+    # positions, padded ones included (they reach real ones through the mean).
+    # diagonal_fisher of the biases alone: with the kernels and the embedding
+    # it would keep its per-example pass, and then takes no bias from the taps
+    # whose output gradient it does not form anyway.
+    params = token_params()
+    batches = [
+        {
+            "inputs": TOKENS[s : s + 4],
+            "labels": TOKENS[s : s + 4],
+            "mask": TOKEN_MASK[s : s + 4],
+        }
+        for s in (0, 4)
+    ]
+    call = {
+        "diagonal_fisher": functools.partial(diagonal_fisher, leaves="*/bias"),
+        "kfac": kfac,
+    }[estimator]
+
+    def run(fn):
+        return call(
+            fn, params, batches, kind="empirical", micro_batch_size=3, progress=False
+        )
+
+    got = run(token_lm)
+    twin = run(lambda p, t: token_lm(p, t, bias=opaque_bias))
+
+    def log_lik(p, i):
+        logp = jax.nn.log_softmax(token_lm(p, TOKENS[i : i + 1]))[0]
+        picked = jnp.take_along_axis(logp, TOKENS[i][:, None], axis=1)[:, 0]
+        return jnp.sum(TOKEN_MASK[i] * picked)
+
+    want = loop_squared_scores(log_lik, params, TOKENS.shape[0])
+    for leaf in ("up", "out"):
+        np.testing.assert_allclose(
+            got[leaf]["bias"].f, want[leaf]["bias"], rtol=1e-5, atol=1e-7
+        )
+        np.testing.assert_allclose(
+            got[leaf]["bias"].f, twin[leaf]["bias"].f, rtol=1e-5, atol=1e-8
+        )
+
+
+def test_scanned_biases_from_the_taps_equal_a_loop():
+    # Stacked per-layer biases (nn.scan) take their layer's taps.
+    x, y = data()
+    net = ScannedNet()
+    params = net.init(KEY, x)
+    got = diagonal_fisher(
+        net.apply,
+        params,
+        as_batches(x, y),
+        kind="empirical",
+        micro_batch_size=4,
+        leaves="*/bias",
+        progress=False,
+    )["params"]
+
+    def log_lik(p, i):
+        return jax.nn.log_softmax(net.apply(p, x[i : i + 1]))[0, y[i]]
+
+    want = loop_squared_scores(log_lik, params, x.shape[0])["params"]
+    names = jax.tree.leaves(mats_jax.tree.leaf_paths(params))
+    proven = {names[b.leaf] for b in find_layers(net.apply, params, x[:4]).biases}
+    assert "params/layers/fc/bias" in proven
+    for path in (("layers", "fc"), ("embed",), ("head",)):
+        g, w = got, want
+        for key in path:
+            g, w = g[key], w[key]
+        np.testing.assert_allclose(g["bias"].f, w["bias"], rtol=1e-4, atol=1e-7)

@@ -1,8 +1,9 @@
 """Summing a statistic over a data iterator, in fixed-size micro-batches, optionally sharded.
 
-Every estimator is a *step* ``acc ← step(acc, params, micro_batch, key)`` that adds
-one micro-batch's sums to an accumulator pytree keyed by parameter path. This
-module jits it and runs it over a Python iterable of batches: it validates each
+Every estimator is a *step* ``increment = step(params, micro_batch, key)``: one
+micro-batch's sums, a pytree keyed by parameter path that this module adds to
+the accumulator. It jits the step with that sum and runs it over a Python
+iterable of batches: it validates each
 batch, asks the estimator for the step of that batch (batches of different
 shapes, such as text padded per batch to its own length, get their own
 steps, all adding to the one accumulator), cuts it into micro-batches of one
@@ -10,9 +11,11 @@ fixed size (the last one padded with masked-out examples, so each step
 compiles once per distinct shape), shards each micro-batch's
 examples over a device mesh when one is given (data parallel: XLA sums across
 devices), shows a progress bar, and raises a clear error on an empty iterator
-or a non-finite sum. The finiteness test runs on the device once per batch (it
-records the first batch whose sums stopped being finite), so the loop never
-waits for the device between batches.
+or a non-finite sum. The finiteness test runs on the device inside each step,
+on the step's increment (it records the first batch with a non-finite one),
+so the loop never waits for the device between micro-batches; the sums
+themselves are tested once, at the end, for finite increments whose total
+overflowed.
 
 Memory is bounded by the micro-batch, whatever the number of examples.
 
@@ -47,7 +50,7 @@ from mats_jax.typing import Array
 
 __all__ = ["accumulate", "record_first_bad"]
 
-Step = Callable[[Any, Any, Mapping[str, Any], Array], Any]
+Step = Callable[[Any, Mapping[str, Any], Array], Any]
 StepFor = Callable[[Mapping[str, Any], int], Step]
 
 
@@ -98,10 +101,11 @@ def accumulate(
     Args:
       step_for: ``step_for(batch, index) -> step`` gives the step for the
         micro-batches of batch ``index`` (validated, before it is cut; the
-        index is for its errors): ``step(acc, params, micro_batch, key) ->
-        acc``, traceable (it is jitted here, once per step function, with the
-        parameters as an argument, not as constants). Every step adds to the
-        same accumulator.
+        index is for its errors): ``step(params, micro_batch, key) ->
+        increment``, the micro-batch's sums in ``init``'s structure,
+        traceable (it is jitted here with the sum and the finiteness test,
+        once per step function, with the parameters as an argument, not as
+        constants). Every step adds to the same accumulator.
       init: the zero accumulator.
       params: the model's parameters, passed to ``step``.
       batches: an iterable of batch mappings (see
@@ -125,7 +129,8 @@ def accumulate(
 
     Raises:
       StatisticsInputError: on a bad batch, an empty iterator, or a sum that
-        became NaN or Inf (naming the batch and the accumulator entry).
+        became NaN or Inf (naming the batch and the accumulator entry, or
+        saying that finite sums overflowed).
     """
     if int(micro_batch_size) != micro_batch_size or micro_batch_size < 1:
         raise StatisticsInputError(
@@ -154,18 +159,15 @@ def accumulate(
     with _progress(progress, description) as advance:
         for index, batch in enumerate(batches):
             batch_size = check_batch(batch, index, needs_labels=needs_labels)
-            jitted_step = _jitted(step_for(batch, index))
+            checked_step = _jitted(step_for(batch, index))
             for micro in _micro_batches(batch, local_size, batch_size):
                 if sharding is not None:
                     micro = _put_examples(micro, sharding)
-                state["sums"] = jitted_step(
-                    state["sums"], params, micro, jax.random.fold_in(key, steps)
+                # One dispatch per micro-batch, which never waits for the device.
+                state = checked_step(
+                    state, params, micro, key, np.int32(steps), np.int32(index)
                 )
                 steps += 1
-            # Once per batch, on the device: no wait for the result here.
-            state["first_bad"] = record_first_bad(
-                state["sums"], state["first_bad"], index
-            )
             seen += _real_examples(batch, batch_size)
             advance(batch_size)
     if mesh is not None and not _addressable(mesh):
@@ -235,23 +237,68 @@ def _put_examples(micro: dict[str, Any], sharding: NamedSharding) -> Any:
     )
 
 
-_JITTED: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = (
+_JITTED: weakref.WeakKeyDictionary[Step, dict[Any, Callable[..., Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def _jitted(step: Step) -> Callable[..., Any]:
-    """One jitted executable per step function, so repeated calls compile once."""
-    if step not in _JITTED:
-        _JITTED[step] = jax.jit(step)
-    return _JITTED[step]
+    """The step with its sum and finiteness test, jitted once per step function.
+
+    The entry lives as long as the step does: the jitted function reaches the
+    step through a weak reference, since a weak dictionary's entry whose
+    value holds its key never goes. It is kept per finiteness test too
+    (:func:`record_first_bad`, read here), so that a test replaced for
+    profiling gets its own executable and the original keeps its own.
+    """
+    by_test = _JITTED.setdefault(step, {})
+    test = record_first_bad
+    if test not in by_test:
+        by_test[test] = jax.jit(_checked(weakref.ref(step), test))
+    return by_test[test]
 
 
-@jax.jit
-def record_first_bad(sums: Any, first_bad: Array, index: Array) -> Array:
-    """``index`` if the sums just stopped being finite, else ``first_bad``."""
+def _checked(ref: weakref.ref[Step], test: Callable[..., Array]) -> Callable[..., Any]:
+    """``state ← state + step(...)``, recording the first batch whose increment is not finite.
+
+    The step ``ref`` refers to is alive whenever this is called (it is
+    reached only through the step's own entry in ``_JITTED``). The function
+    is named like the step, so that compilation logs and profiles name it.
+    """
+
+    def checked_step(
+        state: dict[str, Any],
+        params: Any,
+        micro: Mapping[str, Any],
+        key: Array,
+        steps: Array,
+        index: Array,
+    ) -> dict[str, Any]:
+        step = ref()
+        assert step is not None, "a jitted step outlived its step function"
+        increment = step(params, micro, jax.random.fold_in(key, steps))
+        return {
+            "sums": jax.tree.map(jnp.add, state["sums"], increment),
+            "first_bad": test(increment, state["first_bad"], index),
+        }
+
+    checked_step.__name__ = checked_step.__qualname__ = (
+        f"checked_{getattr(ref(), '__name__', 'step')}"
+    )
+    return checked_step
+
+
+def record_first_bad(increment: Any, first_bad: Array, index: Array) -> Array:
+    """``index`` if the increment is not finite and no batch before was, else ``first_bad``.
+
+    The increment, not the sums: from finite sums, a sum turns non-finite
+    only where an increment is, or where finite increments overflow
+    float32, which :func:`accumulate` catches once, at the end
+    (:func:`_check_finite`). Traced inside the step, it fuses with the
+    increment's making: no pass over the accumulator, no dispatch of its own.
+    """
     finite = jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(sums)])
+        jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(increment)])
     )
     return jnp.where((first_bad < 0) & ~finite, index, first_bad)
 
@@ -265,18 +312,27 @@ def _real_examples(batch: Mapping[str, Any], batch_size: int) -> int:
 
 
 def _check_finite(acc: Any, index: int) -> None:
-    """Raises if batch ``index`` (≥ 0) made the sums non-finite, naming the leaves."""
-    if index < 0:
-        return
+    """Raises if the sums are not finite, naming the leaves and why.
+
+    ``index`` (≥ 0) is the first batch whose increment was not finite; else
+    a non-finite sum is finite increments that overflowed float32. One pass
+    over the accumulator, once per call.
+    """
     # The accumulator is keyed by parameter paths, so its paths name the leaf.
     flags = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), acc))
     flat = jax.tree_util.tree_flatten_with_path(flags)[0]
-    bad = [path_str(p) for p, ok in flat if not bool(ok)]
-    if bad:
+    bad = ", ".join(repr(path_str(p)) for p, ok in flat if not bool(ok))
+    if index >= 0:
         raise StatisticsInputError(
             f"a NaN or Inf appeared in the statistics while adding batch {index}, at "
-            + ", ".join(repr(b) for b in bad[:10])
+            + bad
             + ": the model's outputs or gradients are not finite on that batch"
+        )
+    if bad:
+        raise StatisticsInputError(
+            f"the statistics overflowed float32 at {bad}: every batch's sums were "
+            "finite, but their total exceeds float32's range (about 3.4e38); "
+            "the model's activations or gradients are too large to sum"
         )
 
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 
 from mats_jax.typing import Array, Params
 
-__all__ = ["Layers", "Tap", "find_layers", "tapped"]
+__all__ = ["Bias", "Layers", "Tap", "find_layers", "tapped"]
 
 # Primitives through which a parameter keeps its identity (its values, or a
 # cast of them): the product downstream is still a product with the parameter.
@@ -159,6 +159,30 @@ class Tap:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bias:
+    """A leaf added, broadcast over leading axes, to one tap's output and used nowhere else.
+
+    Its gradient is then a sum of the tap's output gradient g over the axes
+    it is broadcast along: for a dense layer's bias, over the rows (an
+    example's tokens, when rows are tokens); for a position embedding added
+    to a patch embedding, over nothing but the examples.
+
+    Attributes:
+      leaf: index of the parameter leaf.
+      tap: index of the tap (in :attr:`Layers.taps`) whose output it is added to.
+      levels: which enclosing scans slice the leaf (indices into the tap's
+        ``loop_shape``, as :attr:`Tap.layer_levels`): its leading axes.
+      ndim: how many trailing axes of the tap's per-iteration output the
+        leaf's other axes are (in order).
+    """
+
+    leaf: int
+    tap: int
+    levels: tuple[int, ...]
+    ndim: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Layers:
     """What :func:`find_layers` found: the taps, and the leaves it could not read.
 
@@ -170,6 +194,8 @@ class Layers:
         product could not be read: ``"dot_general: ..."``).
       num_leaves, eps_shapes, eps_dtypes: the leaves, and the perturbations
         :func:`tapped` expects.
+      biases: the unrecognised leaves proven to be a :class:`Bias` of a tap
+        (their only use: added to its output, which has no other use).
     """
 
     taps: tuple[Tap, ...]
@@ -178,6 +204,7 @@ class Layers:
     eps_shapes: tuple[tuple[int, ...], ...]
     eps_dtypes: tuple[Any, ...]
     uses: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    biases: tuple[Bias, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +219,68 @@ class _Tag:
     leaf: int
     levels: tuple[int, ...]
     axes: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """A value that is leaf ``leaf`` (sliced by ``levels``, its axes in order)
+    broadcast along new leading axes: its last ``ndim`` axes are the leaf's
+    other axes. The shape a bias has when it is added to a product."""
+
+    leaf: int
+    levels: tuple[int, ...]
+    ndim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _TapOutput:
+    """A value that is tap ``tap``'s output (its perturbation added), as this
+    interpreter numbers its taps."""
+
+    tap: int
+
+
+# How a bias reaches the product it is added to: as ``reshape(b, (1, …, 1, O))``
+# (flax's Dense) or ``broadcast_in_dim`` (jnp's broadcasting).
+_VIEWS = {"reshape", "broadcast_in_dim"}
+
+
+def _as_view(tag: Any, x: Any) -> _View | None:
+    """A leaf (with its axes in order) or a view of it, as a view; else None."""
+    if isinstance(tag, _View):
+        return tag
+    if isinstance(tag, _Tag) and tag.axes == tuple(
+        range(len(tag.levels), len(tag.levels) + x.ndim)
+    ):
+        return _View(tag.leaf, tag.levels, x.ndim)
+    return None
+
+
+def _view_of(eqn: Any, x: Any, of: _Tag | _View) -> _View | None:
+    """The output of a ``reshape``/``broadcast_in_dim`` of a leaf (or view) as a view, or None."""
+    tag = _as_view(of, x)
+    if tag is None:
+        return None
+    inner = tuple(x.shape[x.ndim - tag.ndim :])
+    out = tuple(eqn.outvars[0].aval.shape)
+    if tag.ndim > len(out) or out[len(out) - tag.ndim :] != inner:
+        return None
+    if eqn.primitive.name == "reshape":
+        lead_in, lead_out = x.shape[: x.ndim - tag.ndim], out[: len(out) - tag.ndim]
+        ok = all(n == 1 for n in (*lead_in, *lead_out))
+    else:
+        dims = tuple(eqn.params["broadcast_dimensions"])
+        ok = dims[len(dims) - tag.ndim :] == tuple(range(len(out) - tag.ndim, len(out)))
+    return tag if ok else None
+
+
+def _use_counts(jaxpr: Any) -> dict[Any, int]:
+    """How often each variable of ``jaxpr`` is read (as an operand or an output)."""
+    counts: dict[Any, int] = {}
+    for v in [*(v for e in jaxpr.eqns for v in e.invars), *jaxpr.outvars]:
+        if not isinstance(v, jex.core.Literal):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
 
 
 class _Interpreter:
@@ -216,6 +305,7 @@ class _Interpreter:
         self.taps: list[Tap] = []
         self.xs: list[Array] = []
         self.unrecognised: dict[int, set[str]] = {}
+        self.biases: list[Bias] = []  # candidates, indexed by self.taps
         self.cursor = 0  # next tap index, relative to this interpreter's eps
 
     def reject(self, tag: _Tag, use: str) -> None:
@@ -242,37 +332,52 @@ class _Interpreter:
         for v, val, tag in zip(jaxpr.invars, args, tags, strict=True):
             env[v] = val
             tag_env[v] = tag
+        counts = _use_counts(jaxpr)
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             intags = [read_tag(v) for v in eqn.invars]
-            outvals, outtags = self._eqn(eqn, invals, intags)
+            outvals, outtags = self._eqn(eqn, invals, intags, counts)
             for v, val, tag in zip(eqn.outvars, outvals, outtags, strict=True):
                 if not isinstance(v, jex.core.DropVar):
                     env[v] = val
                     tag_env[v] = tag
-        return [read(v) for v in jaxpr.outvars], [read_tag(v) for v in jaxpr.outvars]
+        outtags = [read_tag(v) for v in jaxpr.outvars]
+        # A tap's output leaves an inlined call as one only if nothing inside
+        # read it: a bias added outside must be all that reads it.
+        outtags = [
+            None if isinstance(t, _TapOutput) and counts[v] > 1 else t
+            for v, t in zip(jaxpr.outvars, outtags, strict=True)
+        ]
+        return [read(v) for v in jaxpr.outvars], outtags
 
     def _eqn(
-        self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
-    ) -> tuple[list[Any], list[_Tag | None]]:
+        self,
+        eqn: Any,
+        invals: list[Any],
+        intags: list[Any],
+        counts: Mapping[Any, int],
+    ) -> tuple[list[Any], list[Any]]:
         name = eqn.primitive.name
+        if name == "add":
+            tap = self._bias(eqn, invals, intags, counts)
+            if tap is not None:
+                # Still the tap's output plus leaves, read through this sum
+                # alone: a second bias may follow (a position embedding).
+                return self._bind(eqn, invals), [tap]
+        # Only a bias's add reads a tap's output as one: elsewhere (and
+        # inside calls) it is an activation like any other.
+        intags = [None if isinstance(t, _TapOutput) else t for t in intags]
         tagged = [t for t in intags if t is not None]
         if not tagged:
             return self._bind(eqn, invals), [None] * len(eqn.outvars)
         if name in _TRANSPARENT and len(invals) == 1:
             return self._bind(eqn, invals), [intags[0]]
-        if name == "transpose" and intags[0] is not None:
-            tag = intags[0]
-            axes = tuple(tag.axes[a] for a in eqn.params["permutation"])
-            return self._bind(eqn, invals), [_Tag(tag.leaf, tag.levels, axes)]
-        if name == "dot_general":
-            tapped_out, why = self._dot(eqn, invals, intags)
-            if tapped_out is not None:
-                return [tapped_out], [None]
-            use = f"dot_general: {why}"
-        elif name == "scan":
-            return self._scan(eqn, invals, intags)
-        elif name in _INLINE and _INLINE[name] in eqn.params:
+        if name in _VIEWS and intags[0] is not None:
+            # Not a product: the leaf's use is listed as before; the view it
+            # makes may still prove it a bias.
+            self.reject(intags[0], name)
+            return self._bind(eqn, invals), [_view_of(eqn, invals[0], intags[0])]
+        if name in _INLINE and _INLINE[name] in eqn.params:
             inner = eqn.params[_INLINE[name]]
             closed = (
                 inner if hasattr(inner, "jaxpr") else jex.core.ClosedJaxpr(inner, ())
@@ -281,11 +386,59 @@ class _Interpreter:
             return self.run(
                 closed.jaxpr, closed.consts, invals[-n_args:], intags[-n_args:]
             )
+        if any(isinstance(t, _View) for t in tagged):
+            use = name  # a view read otherwise than added to a tap's output
+        elif name == "transpose" and intags[0] is not None:
+            tag = intags[0]
+            axes = tuple(tag.axes[a] for a in eqn.params["permutation"])
+            return self._bind(eqn, invals), [_Tag(tag.leaf, tag.levels, axes)]
+        elif name == "dot_general":
+            tapped_out, why = self._dot(eqn, invals, intags)
+            if tapped_out is not None:
+                return [tapped_out], [_TapOutput(self.cursor - 1)]
+            use = f"dot_general: {why}"
+        elif name == "scan":
+            return self._scan(eqn, invals, intags)
         else:
             use = name
         for t in tagged:
             self.reject(t, use)
         return self._bind(eqn, invals), [None] * len(eqn.outvars)
+
+    def _bias(
+        self,
+        eqn: Any,
+        invals: list[Any],
+        intags: list[Any],
+        counts: Mapping[Any, int],
+    ) -> _TapOutput | None:
+        """The tap whose output ``add`` adds a leaf to, broadcast, if nothing else reads it; recorded.
+
+        Then the leaf's gradient is a sum of the tap's output gradient (the
+        add's, since the tap's output reaches the loss only through it).
+        Only the tap's parameter-output (trailing) axes may hold the leaf,
+        and at least the leading row axis (the examples) must be broadcast.
+        Candidates only: :func:`find_layers` keeps a leaf with no other use.
+        """
+        if self.eps is not None or len(invals) != 2:
+            return None  # recorded in discovery; evaluation needs no tags
+        for i in (0, 1):
+            out, other = intags[i], intags[1 - i]
+            view = _as_view(other, invals[1 - i])
+            if not isinstance(out, _TapOutput) or view is None:
+                continue
+            tap, y = self.taps[out.tap], invals[i]
+            if (
+                not tap.param_first
+                and not tap.x_batch
+                and counts[eqn.invars[i]] == 1
+                and invals[1 - i].ndim == y.ndim
+                and tuple(eqn.outvars[0].aval.shape) == tuple(y.shape)
+                and view.ndim < y.ndim
+            ):
+                self.biases.append(Bias(view.leaf, out.tap, view.levels, view.ndim))
+                return out
+        return None
 
     @staticmethod
     def _bind(eqn: Any, invals: list[Any]) -> list[Any]:
@@ -411,7 +564,11 @@ class _Interpreter:
             self.unrecognised.setdefault(leaf, set()).update(uses)
         if discovering:
             self.scan_tap_counts[id(eqn)] = len(inner.taps)
+            offset = len(self.taps)
             self.taps.extend(inner.taps)
+            self.biases.extend(
+                dataclasses.replace(b, tap=b.tap + offset) for b in inner.biases
+            )
         self.cursor = start + (len(inner.taps) if discovering else count)
         self.xs.extend(inner_xs)
         return [*final_carry, *ys], [None] * (n_carry + len(ys))
@@ -487,6 +644,22 @@ def find_layers(fn: Callable[..., Any], params: Params, *args: Any) -> Layers:
         eps_shapes=tuple(t.loop_shape + t.out_shape for t in finder.taps),
         eps_dtypes=tuple(jnp.result_type(leaves[t.leaf]) for t in finder.taps),
         uses={leaf: tuple(sorted(u)) for leaf, u in finder.unrecognised.items()},
+        biases=_proven_biases(finder),
+    )
+
+
+def _proven_biases(finder: _Interpreter) -> tuple[Bias, ...]:
+    """The candidate biases with no use besides their one add (and its views)."""
+    adds: dict[int, int] = {}
+    for b in finder.biases:
+        adds[b.leaf] = adds.get(b.leaf, 0) + 1
+    products = {t.leaf for t in finder.taps}
+    return tuple(
+        b
+        for b in finder.biases
+        if adds[b.leaf] == 1
+        and b.leaf not in products
+        and finder.unrecognised.get(b.leaf, set()) <= _VIEWS
     )
 
 

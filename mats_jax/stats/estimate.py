@@ -44,9 +44,13 @@ sums needs no change here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import types
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -55,7 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax.stats.accumulate import Step, accumulate
-from mats_jax.stats.capture import Layers, Tap, find_layers, tapped
+from mats_jax.stats.capture import Bias, Layers, Tap, find_layers, tapped
 from mats_jax.stats.likelihood import (
     FisherKind,
     StatisticsFallbackWarning,
@@ -329,6 +333,67 @@ def _tap_sums(
     return a, g, count
 
 
+def _biases_from_taps(
+    layers: Layers, per_example: Sequence[str | None], leaves: list[Any], size: int
+) -> dict[int, Bias]:
+    """The leaves that want per-example squares and can take them from a tap (:func:`_bias_squares`).
+
+    A :class:`~mats_jax.stats.capture.Bias` whose tap's rows are led by the
+    micro-batch's examples, so that each example's gradient is the sum of
+    its own rows.
+    """
+    out = {}
+    for bias in layers.biases:
+        tap = layers.taps[bias.tap]
+        shape = (
+            *(tap.loop_shape[level] for level in bias.levels),
+            *tap.out_shape[len(tap.out_shape) - bias.ndim :],
+        )
+        if (
+            per_example[bias.leaf] == "squared_gradients"
+            and tap.row_shape[:1] == (size,)
+            and shape == tuple(np.shape(leaves[bias.leaf]))
+        ):
+            out[bias.leaf] = bias
+    return out
+
+
+def _worth_taking(
+    biases: dict[int, Bias], per_example: Sequence[str | None], g_taps: set[int]
+) -> dict[int, Bias]:
+    """The biases to take from the taps: all, if then no leaf is left to the
+    per-example pass; else those whose tap's output gradient is formed anyway.
+
+    A tap's g costs a backward pass down to it, which XLA prunes when nothing
+    reads it: measured on the benchmark's ViT (LayerNorms left to the
+    per-example pass either way), taking every bias from the taps halved
+    diagonal_fisher's rate. Without the per-example pass at all, the batched
+    backward is cheaper than the vmapped one it replaces.
+    """
+    wanted = {i for i, name in enumerate(per_example) if name is not None}
+    if wanted <= biases.keys():
+        return biases
+    return {i: b for i, b in biases.items() if b.tap in g_taps}
+
+
+def _bias_squares(bias: Bias, tap: Tap, gs: Array) -> Array:
+    """``Σ_b Σ_k (Σ_r g_bkr)²``: a bias's squared per-example gradients, from its tap's.
+
+    ``gs`` is the tap's output gradient, (cotangents, loops…, rows…,
+    outputs…), its first row axis the examples. Example b's gradient of a
+    leaf added to the tap's output along its last ``bias.ndim`` axes is the
+    sum of g over the axes it is broadcast along: the example's other rows,
+    and the loops that do not slice the leaf. Padding needs no mask: the
+    cotangents carry it, and a padded row's g is what it contributes.
+    """
+    lead = len(tap.loop_shape)
+    loops = tuple(1 + i for i in range(lead) if i not in bias.levels)
+    rows = tuple(1 + lead + a for a in range(1, len(tap.out_shape) - bias.ndim))
+    per_example = jnp.sum(gs.astype(jnp.float32), axis=loops + rows)
+    squares = jnp.sum(jnp.square(per_example), axis=0)  # (levels…, b, leaf…)
+    return sum_over_examples(jnp.moveaxis(squares, len(bias.levels), 0))
+
+
 def _one_row_per_example(tap: Tap, size: int) -> bool:
     """A tap whose rows are the examples themselves, applied once per example."""
     return (
@@ -375,6 +440,35 @@ def _describe(spec: Mapping[str, Any]) -> str:
     )
 
 
+class _LentFunction:
+    """The model function a cached plan traces, lent by each estimate that runs the plan.
+
+    A plan outlives the estimate that built it and serves every function its
+    key matches (:func:`_function_key`), so it must hold none of them: it
+    would keep the first one, its closure and its model alive for the
+    process. Each estimate lends its own function for as long as it runs
+    (the only time the plan's step is traced) and takes it back.
+    """
+
+    def __init__(self) -> None:
+        self.fn: Callable[[Params, Any], Any] | None = None
+
+    def __call__(self, params: Params, inputs: Any) -> Any:
+        if self.fn is None:
+            raise RuntimeError(
+                "an estimator's step was traced outside the estimate that runs it"
+            )
+        return self.fn(params, inputs)
+
+    @contextlib.contextmanager
+    def lent(self, fn: Callable[[Params, Any], Any]) -> Iterator[None]:
+        previous, self.fn = self.fn, fn
+        try:
+            yield
+        finally:
+            self.fn = previous
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What one configuration of an estimator computes for one batch shape, and its step.
@@ -389,6 +483,8 @@ class _Plan:
       classes: the logits' last axis, when the statistic needs the logits.
       fallbacks: the leaves with products that do not get the kernel
         statistic, and why (by leaf path).
+      model: the model function the step calls, lent to it by the estimate
+        running it.
     """
 
     kernels: tuple[_Kernel, ...]
@@ -397,6 +493,7 @@ class _Plan:
     step: Step
     classes: int | None
     fallbacks: dict[str, str]
+    model: _LentFunction
 
     def layout(self) -> Any:
         """What every batch shape must agree on: the accumulator and its reading."""
@@ -407,9 +504,172 @@ class _Plan:
         )
 
 
-_PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
 # Enough for a text pipeline's length buckets across a few tasks' estimates.
 _PLAN_CACHE_SIZE = 64
+# How deep the key looks into the lists, tuples and dicts a function refers to.
+_KEY_DEPTH = 4
+_KEY_ITEMS = 256
+# Immutable, hashable and compared by value: numpy's scalars and dtypes
+# cannot be weakly referenced, and need not be.
+_BY_VALUE = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    type(Ellipsis),
+    np.generic,
+    np.dtype,
+)
+
+
+class _Unkeyable(Exception):
+    """A value the plan cache can compare neither by value nor by identity."""
+
+
+def _value_key(obj: Any, watched: list[Any], depth: int = 0) -> Hashable:
+    """How the plan cache compares a value a model function refers to.
+
+    Immutable scalars by value; small tuples, lists and dicts by their items
+    (a dict the user changes between two estimates then changes the key); anything
+    else by identity, ``("id", id(obj))``, with ``obj`` appended to
+    ``watched``: the cache holds it weakly and drops the entry when it dies,
+    before its id can be reused. Raises :class:`_Unkeyable` for an object it
+    can hold neither way (no weak references: containers nested past
+    ``_KEY_DEPTH`` or longer than ``_KEY_ITEMS`` among them).
+    """
+    if isinstance(obj, _BY_VALUE):
+        return (type(obj), obj)
+    if (
+        type(obj) in (tuple, list, dict)
+        and depth < _KEY_DEPTH
+        and len(obj) <= _KEY_ITEMS
+    ):
+        items = tuple(obj.items()) if type(obj) is dict else obj
+        return (type(obj), tuple(_value_key(x, watched, depth + 1) for x in items))
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        raise _Unkeyable from None
+    watched.append(obj)
+    return ("id", id(obj))
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names a code object (and the functions defined inside it) may read as globals."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _function_key(fn: Any, watched: list[Any]) -> Hashable:
+    """What fixes what ``fn`` computes, as the plan cache compares it.
+
+    A Python function by its code object, its closure cells' contents, its
+    defaults and the globals its code names (each as :func:`_value_key`
+    compares it); a ``functools.partial`` by its function's key and its
+    arguments; a bound method by its function's key and its object. So a
+    fresh ``lambda p, x: model.apply(p, x)`` built again for every task
+    matches the first one while ``model`` is the same object, and a lambda
+    closing over another model does not. Any other callable (a jitted
+    function, an object with ``__call__``) by identity.
+    """
+    if isinstance(fn, functools.partial):
+        return (
+            functools.partial,
+            _function_key(fn.func, watched),
+            _value_key(fn.args, watched),
+            _value_key(fn.keywords, watched),
+        )
+    if isinstance(fn, types.MethodType):
+        # A fresh bound method at every ``model.apply``: its function is the
+        # class's own, compared by identity.
+        return (
+            types.MethodType,
+            _value_key(fn.__func__, watched),
+            _value_key(fn.__self__, watched),
+        )
+    if not isinstance(fn, types.FunctionType):
+        return _value_key(fn, watched)
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(_value_key(cell.cell_contents, watched))
+        except ValueError:  # a cell not yet assigned
+            cells.append(None)
+    names = sorted(_global_names(fn.__code__) & fn.__globals__.keys())
+    return (
+        fn.__code__,
+        tuple(cells),
+        _value_key(fn.__defaults__, watched),
+        _value_key(fn.__kwdefaults__, watched),
+        tuple((name, _value_key(fn.__globals__[name], watched)) for name in names),
+    )
+
+
+class _PlanCache:
+    """The plans of recent estimates, least recently used first, holding no model function.
+
+    A key compares some objects by identity (:func:`_value_key`); the cache
+    holds each weakly, and an entry goes when one of its objects dies, so no
+    id of a dead object can match a new one. The weak references' callbacks
+    only note the death (they may run inside any allocation, even in the
+    middle of an update of this cache); entries go at the next lookup.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.plans: collections.OrderedDict[Hashable, _Plan] = collections.OrderedDict()
+        self.ids: dict[Hashable, frozenset[int]] = {}
+        self.watching: dict[int, weakref.ref[Any]] = {}
+        self.dead: list[int] = []
+
+    def get(self, key: Hashable) -> _Plan | None:
+        self._forget_dead()
+        plan = self.plans.get(key)
+        if plan is not None:
+            self.plans.move_to_end(key)
+        return plan
+
+    def put(self, key: Hashable, plan: _Plan, watched: Sequence[Any]) -> None:
+        self._forget_dead()
+        for obj in watched:
+            if id(obj) not in self.watching:
+                self.watching[id(obj)] = weakref.ref(
+                    obj, functools.partial(self._note_death, id(obj))
+                )
+        self.plans[key] = plan
+        self.ids[key] = frozenset(id(obj) for obj in watched)
+        while len(self.plans) > self.size:
+            oldest, _ = self.plans.popitem(last=False)
+            del self.ids[oldest]
+        self._unwatch_unused()
+
+    def __len__(self) -> int:
+        self._forget_dead()
+        return len(self.plans)
+
+    def _note_death(self, i: int, _: weakref.ref[Any]) -> None:
+        self.dead.append(i)
+
+    def _forget_dead(self) -> None:
+        while self.dead:
+            i = self.dead.pop()
+            self.watching.pop(i, None)
+            for key in [k for k, ids in self.ids.items() if i in ids]:
+                del self.plans[key], self.ids[key]
+
+    def _unwatch_unused(self) -> None:
+        used = frozenset().union(*self.ids.values())
+        for i in [i for i in self.watching if i not in used]:
+            del self.watching[i]
+
+
+_PLANS = _PlanCache(_PLAN_CACHE_SIZE)
 
 
 def _signature(tree: Any) -> Any:
@@ -437,6 +697,25 @@ class _Config(NamedTuple):
     needs_fisher: bool
 
 
+def _cache_key(fn: Any, rest: Hashable) -> tuple[Hashable | None, list[Any]]:
+    """The plan cache's key for ``fn`` and ``rest``, and the objects it compares by identity.
+
+    A function the key cannot read (it refers to a set, say) is compared by
+    identity instead (its plan lives as long as it does); one that cannot be
+    weakly referenced either, or a key that is not hashable, gets None: no
+    caching.
+    """
+    for read in (_function_key, _value_key):
+        watched: list[Any] = []
+        try:
+            key = (read(fn, watched), rest)
+            hash(key)
+        except (_Unkeyable, TypeError):
+            continue
+        return key, watched
+    return None, []
+
+
 def _plan(
     fn: Callable[[Params, Any], Any],
     params: Params,
@@ -448,21 +727,20 @@ def _plan(
 
     Reusing the plan reuses its step function, and with it the jitted
     executable: estimating the statistics of many tasks of one model
-    compiles once per batch shape. ``where`` names the batch in errors.
+    compiles once per batch shape, also when each task builds its own
+    ``lambda`` of the model (:func:`_function_key`). The caller lends ``fn``
+    to the plan's :attr:`_Plan.model` while it runs the step. ``where`` names
+    the batch in errors.
     """
-    try:
-        key = (fn, config, _signature(params), _signature(micro))
-        hash(key)
-    except TypeError:  # an unhashable model function: no caching
-        key = None
-    if key is not None and key in _PLANS:
-        _PLANS.move_to_end(key)
-        return _PLANS[key]
-    built = _build_plan(fn, params, micro, config, where)
+    key, watched = _cache_key(fn, (config, _signature(params), _signature(micro)))
+    cached = None if key is None else _PLANS.get(key)
+    if cached is not None:
+        return cached
+    model = _LentFunction()
+    with model.lent(fn):
+        built = _build_plan(model, params, micro, config, where)
     if key is not None:
-        _PLANS[key] = built
-        if len(_PLANS) > _PLAN_CACHE_SIZE:
-            _PLANS.popitem(last=False)
+        _PLANS.put(key, built, watched)
     return built
 
 
@@ -544,16 +822,17 @@ def _check_mask(
 
 
 def _build_plan(
-    fn: Callable[[Params, Any], Any],
+    model: _LentFunction,
     params: Params,
     micro: Mapping[str, Any],
     config: _Config,
     where: str,
 ) -> _Plan:
+    """The plan of ``model`` (lent its function while this runs) for these shapes."""
     target, kind, num_samples, fallback, selected, size, max_factor_size, _ = config
     flat_params = jax.tree.leaves(params)
     paths = jax.tree.leaves(leaf_paths(params))
-    layers, logits_shape = _traced(fn, params, micro, config, where)
+    layers, logits_shape = _traced(model, params, micro, config, where)
     mask_spec = micro["mask"]
     _check_mask(tuple(mask_spec.shape), logits_shape, micro["inputs"], layers, where)
     probe_mask = jnp.ones(mask_spec.shape, mask_spec.dtype)
@@ -610,8 +889,24 @@ def _build_plan(
         return None
 
     per_example = [per_example_sum(i) for i in range(len(flat_params))]
-    needs_g = "output_gradients" in target.estimator_sums or (squares and bool(kernels))
-    run = tapped(fn, layers)
+    biases = _worth_taking(
+        _biases_from_taps(layers, per_example, flat_params, size),
+        per_example,
+        {
+            t
+            for k in kernels
+            for t in k.taps
+            if squares or "output_gradients" in target.estimator_sums
+        },
+    )
+    # The leaves left to the second, vmapped per-example pass.
+    vmapped = [None if i in biases else name for i, name in enumerate(per_example)]
+    needs_g = (
+        "output_gradients" in target.estimator_sums
+        or (squares and bool(kernels))
+        or bool(biases)
+    )
+    run = tapped(model, layers)
 
     init: dict[str, Any] = {}  # shapes of the accumulator's arrays
     for k in kernels:
@@ -629,12 +924,15 @@ def _build_plan(
             n = int(np.size(flat_params[i]))
             init[paths[i]] = {name: (n, n)}
 
-    def step(
-        acc: dict[str, Any], params: Params, micro: Mapping[str, Any], k: Array
-    ) -> dict[str, Any]:
+    def step(params: Params, micro: Mapping[str, Any], k: Array) -> dict[str, Any]:
         inputs, mask = micro["inputs"], micro["mask"]
-        new = dict(acc)
-        if kernels:
+        # The micro-batch's sums, added to zeros (which XLA folds away) where
+        # a kernel sums over several taps.
+        new: dict[str, Any] = {
+            path: {name: jnp.zeros(shape, jnp.float32) for name, shape in entry.items()}
+            for path, entry in init.items()
+        }
+        if kernels or biases:
             eps = [
                 jnp.zeros(s, d)
                 for s, d in zip(layers.eps_shapes, layers.eps_dtypes, strict=True)
@@ -674,20 +972,24 @@ def _build_plan(
                         assert g is not None
                         entry["output_gradients"] = entry["output_gradients"] + g
                 new[paths[kern.leaf]] = entry
-        if any(per_example):
+            for i, bias in biases.items():
+                assert gs is not None
+                squared = _bias_squares(bias, layers.taps[bias.tap], gs[bias.tap])
+                new[paths[i]] = {"squared_gradients": squared}
+        if any(vmapped):
             sums = per_example_gradient_sums(
-                fn,
+                model,
                 params,
-                per_example,
+                vmapped,
                 micro,
                 jax.random.fold_in(k, 1),
                 kind,
                 num_samples,
             )
             for i, s in enumerate(sums):
-                name = per_example[i]
+                name = vmapped[i]
                 if s is not None and name is not None:
-                    new[paths[i]] = {name: acc[paths[i]][name] + s}
+                    new[paths[i]] = {name: s}
         return new
 
     return _Plan(
@@ -697,6 +999,7 @@ def _build_plan(
         step=step,
         classes=None if logits_shape is None else logits_shape[-1],
         fallbacks={paths[i]: r for i, r in sorted(reasons.items())},
+        model=model,
     )
 
 
@@ -720,7 +1023,8 @@ class _PlansByShape:
     Called as the accumulator's ``step_for``: plans the batch's shape (once
     per shape), checks that it accumulates into the same statistics as the
     first batch did, checks concrete labels against the classes, and returns
-    the plan's step.
+    the plan's step. A context manager: within it, every plan it handed out
+    is lent the model function (:class:`_LentFunction`).
     """
 
     def __init__(
@@ -729,6 +1033,13 @@ class _PlansByShape:
         self.fn, self.params, self.config = fn, params, config
         self.plans: dict[Any, _Plan] = {}
         self.first: tuple[_Plan, str] | None = None
+        self.lending = contextlib.ExitStack()
+
+    def __enter__(self) -> _PlansByShape:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lending.close()
 
     def plan(self, batch: Mapping[str, Any], index: int) -> _Plan:
         spec = _micro_spec(batch, self.config.size)
@@ -739,6 +1050,7 @@ class _PlansByShape:
         if self.first is not None:
             where += f"; batch 0 had {self.first[1]}"
         plan = _plan(self.fn, self.params, spec, self.config, where)
+        self.lending.enter_context(plan.model.lent(self.fn))
         if self.first is None:
             self.first = (plan, _describe(spec))
         elif plan.layout() != self.first[0].layout():
@@ -866,47 +1178,44 @@ def estimate(
     first, batches = _peek(batches)
     needs_fisher_labels = needs_fisher and kind == "empirical"
     check_batch(first, 0, needs_labels=needs_fisher_labels)
-    plans = _PlansByShape(
-        fn,
-        params,
-        _Config(
-            target,
-            kind,
-            num_samples,
-            fallback,
-            tuple(selected),
-            size,
-            None if max_factor_size is None else int(max_factor_size),
-            needs_fisher,
-        ),
+    config = _Config(
+        target,
+        kind,
+        num_samples,
+        fallback,
+        tuple(selected),
+        size,
+        None if max_factor_size is None else int(max_factor_size),
+        needs_fisher,
     )
-    plan = plans.plan(first, 0)
-    _warn_fallbacks(plan, target, fallback)
-    kernels, per_example = plan.kernels, plan.per_example
-    flat_params = jax.tree.leaves(params)
-    paths = jax.tree.leaves(leaf_paths(params))
-    init = jax.tree.map(
-        lambda shape: jnp.zeros(shape, jnp.float32),
-        plan.init_shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-    acc, n = accumulate(
-        plans,
-        init,
-        params,
-        batches,
-        key=key if key is not None else jax.random.key(0),
-        micro_batch_size=size,
-        needs_labels=needs_fisher_labels,
-        mesh=mesh,
-        state_shardings=(
-            None
-            if mesh is None
-            else _accumulator_shardings(plan, flat_params, paths, mesh)
-        ),
-        progress=progress,
-        description=f"{target.kind} ({kind})" if needs_fisher else target.kind,
-    )
+    with _PlansByShape(fn, params, config) as plans:
+        plan = plans.plan(first, 0)
+        _warn_fallbacks(plan, target, fallback)
+        kernels, per_example = plan.kernels, plan.per_example
+        flat_params = jax.tree.leaves(params)
+        paths = jax.tree.leaves(leaf_paths(params))
+        init = jax.tree.map(
+            lambda shape: jnp.zeros(shape, jnp.float32),
+            plan.init_shapes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+        acc, n = accumulate(
+            plans,
+            init,
+            params,
+            batches,
+            key=key if key is not None else jax.random.key(0),
+            micro_batch_size=size,
+            needs_labels=needs_fisher_labels,
+            mesh=mesh,
+            state_shardings=(
+                None
+                if mesh is None
+                else _accumulator_shardings(plan, flat_params, paths, mesh)
+            ),
+            progress=progress,
+            description=f"{target.kind} ({kind})" if needs_fisher else target.kind,
+        )
     out: list[Statistic | None] = [None] * len(flat_params)
     n_examples = jnp.asarray(n, jnp.float32)
     for kern in kernels:
