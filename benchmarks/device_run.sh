@@ -5,7 +5,7 @@
 #
 #   MATS_JAX_GIT_REV=$(git rev-parse --short HEAD) bash benchmarks/device_run.sh STEP...
 #
-# STEP: solver, estimators. Since c74f544 the solver computes every product at
+# STEP: solver, estimators, streaming_inputs, streaming. Since c74f544 the solver computes every product at
 # `highest` precision (true float32) whatever JAX's default, so the solver step
 # sets JAX_DEFAULT_MATMUL_PRECISION=highest for its matmul floor too (at the
 # default an NVIDIA card runs float32 matmuls as TF32). The 2026-11-27 H200 run
@@ -15,6 +15,10 @@
 # own call, with a limit near the per-call maximum (LIMIT, seconds), so that
 # each writes its result files; a step that still times out leaves only the
 # log, from which benchmarks/device_log.py makes the results page.
+# streaming_inputs writes the 250M-parameter model, its three fine-tuned
+# copies and their K-FAC statistics (~13 GB) into the machine's scratch
+# directory; streaming (run after it, on the same warm machine) times the
+# streamed MaTS merge of benchmarks/streaming_mats.py on the card.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export MATS_JAX_GIT_REV=${MATS_JAX_GIT_REV:-unknown}
@@ -39,6 +43,10 @@ for name in "${@:-solver}"; do
       --no-probe --out "$OUT/solver_kfac_gpu" ;;
   estimators)
     step python3 benchmarks/estimators.py --device --reps 2 --out "$OUT/estimators_gpu" ;;
+  streaming_inputs)
+    step python3 benchmarks/streaming_mats.py --generate-only ;;
+  streaming)
+    step python3 benchmarks/streaming_mats.py --maxiter 5 --out "$OUT/streaming_mats_gpu" ;;
   *) echo "unknown step $name" >>"$log" ;;
   esac
 done

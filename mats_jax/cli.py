@@ -11,6 +11,20 @@ prints a checkpoint's leaves, shapes, dtypes and size; ``mats-jax demo`` runs
 :mod:`mats_experiment.demo` (added by that package's ``mats_jax.commands``
 entry point). Bad input exits with status 2 and a one-paragraph
 message naming the file, the leaf or the recipe line, and what to do.
+
+Compilation cache. A streamed merge compiles its solve (and checks) once
+per distinct leaf shape, and every command is a new process, so without a
+cache each run compiles them all again (about 8 of the 12 s of a streamed
+MaTS merge of a small model). The command line turns on JAX's persistent
+compilation cache (:func:`compilation_cache_dir`), in
+``$XDG_CACHE_HOME/mats_jax/jax`` (``~/.cache/mats_jax/jax``) by default,
+bounded to 1 GiB (least recently used entries go first) and caching every
+program however quick to compile. ``MATS_JAX_COMPILATION_CACHE=DIR`` puts it
+elsewhere, ``MATS_JAX_COMPILATION_CACHE=off`` turns it off, and a cache set
+through JAX's own ``JAX_COMPILATION_CACHE_DIR`` is used as it is. The
+library itself never changes JAX's configuration: a program that merges in
+its own process turns the cache on as JAX documents
+(``jax.config.update("jax_compilation_cache_dir", ...)``).
 """
 
 from __future__ import annotations
@@ -19,8 +33,10 @@ import importlib.metadata
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 import click
+import jax
 import numpy as np
 from rich.console import Console
 from rich.progress import (
@@ -37,7 +53,10 @@ from rich.table import Table
 from mats_jax.checks import MergeInputError
 from mats_jax.stream import Progress as MergeProgress
 
-__all__ = ["main"]
+__all__ = ["compilation_cache_dir", "main"]
+
+CACHE_ENV = "MATS_JAX_COMPILATION_CACHE"
+CACHE_MAX_BYTES = 1 << 30
 
 _STAGES = {
     "threshold": "TIES threshold",
@@ -108,10 +127,54 @@ class _Commands(click.Group):
         return command
 
 
+def compilation_cache_dir(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The directory of the command line's persistent compilation cache, or None.
+
+    ``MATS_JAX_COMPILATION_CACHE`` names it (``off``, ``0``, ``false``,
+    ``no`` or empty: no cache); otherwise ``$XDG_CACHE_HOME/mats_jax/jax``,
+    ``~/.cache/mats_jax/jax`` without ``XDG_CACHE_HOME``. None, too, when
+    JAX's own ``JAX_COMPILATION_CACHE_DIR`` is set: JAX then uses that one.
+
+    Examples:
+      >>> compilation_cache_dir({"XDG_CACHE_HOME": "/var/cache/me"})
+      '/var/cache/me/mats_jax/jax'
+      >>> compilation_cache_dir({"MATS_JAX_COMPILATION_CACHE": "off"}) is None
+      True
+    """
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    if CACHE_ENV in environ:
+        chosen = environ[CACHE_ENV].strip()
+        if chosen.lower() in ("", "0", "off", "false", "no"):
+            return None
+        return os.path.abspath(os.path.expanduser(chosen))
+    root = environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(root, "mats_jax", "jax")
+
+
+def _use_compilation_cache() -> None:
+    directory = compilation_cache_dir()
+    if directory is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    # JAX caches only programs that took a second or more to compile; a
+    # merge's are 0.1-0.3 s each, dozens of them.
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mats_jax")
 def main() -> None:
-    """Merge fine-tuned JAX/Flax and Hugging Face checkpoints (mats_jax)."""
+    """Merge fine-tuned JAX/Flax and Hugging Face checkpoints (mats_jax).
+
+    Compiled programs are cached across runs in ~/.cache/mats_jax/jax
+    (MATS_JAX_COMPILATION_CACHE=DIR elsewhere, =off for none).
+    """
+    _use_compilation_cache()
 
 
 @main.command()

@@ -108,17 +108,19 @@ import yaml
 
 from mats_jax.checks import MergeInputError
 from mats_jax.io.checkpoint import FORMATS, resolve_layout
-from mats_jax.io.layout import Layout, LayoutError
+from mats_jax.io.layout import PRESETS, Layout, LayoutError
 from mats_jax.merge.registry import METHODS, get_method
 from mats_jax.method import MergeMethod, MethodCall, check_per_model, per_model_fields
 from mats_jax.tree import pattern_matches
 
 __all__ = [
+    "RECIPE_KEYS",
     "ModelSpec",
     "OutputSpec",
     "Override",
     "Recipe",
     "RecipeError",
+    "RecipeKey",
     "build_parameters",
     "count_layers",
     "gradient_value",
@@ -433,33 +435,218 @@ def _at_layer(value: Any, path: str, num_layers: int | None, name: str) -> Any:
     return gradient_value(value, layer_position(path, num_layers))
 
 
-_TOP = (
-    "base",
-    "dtype",
-    "layouts",
-    "method",
-    "models",
-    "out_dtype",
-    "output",
-    "overrides",
-    "parameters",
-    "seed",
-    "tied",
-    "vocab",
-)
-_MODEL = (
-    "adapter",
-    "format",
-    "layout",
-    "parameters",
-    "path",
-    "statistics",
-    "weight",
-)
-_BASE = ("format", "layout", "path")
-_OVERRIDE = ("method", "parameters", "pattern", "skip", "take")
-_OUTPUT = ("copy_files", "format", "layout", "lora", "max_shard_size", "path")
-_LORA = ("rank", "targets")
+@dataclasses.dataclass(frozen=True)
+class RecipeKey:
+    """One key of a recipe mapping, as the CLI page's table of keys shows it."""
+
+    type: str
+    """What the value is, in YAML's terms."""
+    default: str
+    """What an absent key means, or ``required``."""
+    meaning: str
+    """What it does (markdown: literals in backticks)."""
+
+
+def _choices(names: Any) -> str:
+    """``a``, ``b`` or ``c``, in backticks."""
+    quoted = [f"`{n}`" for n in names]
+    return (
+        ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+    )
+
+
+_CHECKPOINT_KEYS = {
+    "format": RecipeKey(
+        f"string: {_choices(FORMATS)}",
+        "from the path",
+        "the checkpoint's format, where its path does not tell",
+    ),
+    "layout": RecipeKey(
+        "string or list of rules",
+        "the names as stored",
+        "how its names and orientations map to the tree's leaf paths: a preset "
+        f"({_choices(sorted(PRESETS))}), a name from `layouts`, or a list of "
+        "rules",
+    ),
+    "path": RecipeKey(
+        "string",
+        "required",
+        "the checkpoint: a file or a folder, relative to the recipe's folder",
+    ),
+}
+
+# The keys each mapping of a recipe accepts, by where the mapping sits ("" is
+# the recipe itself, "[i]" any entry of a list). The parser's lists of allowed
+# keys are made from it, so the documentation's table cannot name other keys.
+RECIPE_KEYS: Mapping[str, Mapping[str, RecipeKey]] = {
+    "": {
+        "base": RecipeKey(
+            "path or mapping",
+            "none",
+            "the pretrained model the others were fine-tuned from: its path, or "
+            "the keys `base.*`. Methods on task vectors, adapters and a LoRA "
+            "output need it",
+        ),
+        "dtype": RecipeKey(
+            "string: a floating dtype",
+            "each leaf's (bfloat16 and float16 in float32)",
+            "the dtype the merge computes in",
+        ),
+        "layouts": RecipeKey(
+            "mapping: name to list of rules",
+            "none",
+            "named layouts that the recipe's `layout` keys may name",
+        ),
+        "method": RecipeKey(
+            "string",
+            "required",
+            "the merge method, one of `mats_jax.METHODS`",
+        ),
+        "models": RecipeKey(
+            "list of paths or mappings",
+            "required",
+            "the models to merge: each a path, or the keys `models[i].*`",
+        ),
+        "out_dtype": RecipeKey(
+            "string: a floating dtype",
+            "each leaf's input dtype",
+            "the dtype floating leaves are written in",
+        ),
+        "output": RecipeKey(
+            "path or mapping",
+            "none (then `-o` names it)",
+            "where and how the merged model is written: its path, or the keys "
+            "`output.*`",
+        ),
+        "overrides": RecipeKey(
+            "list of mappings",
+            "none",
+            "per-leaf rules, the keys `overrides[i].*`; the first whose pattern "
+            "matches a leaf applies to it",
+        ),
+        "parameters": RecipeKey(
+            "mapping",
+            "the method's defaults",
+            "the method's hyperparameters; a number may be a layer gradient "
+            "`{gradient: [...]}`, a per-model parameter a list of one value per "
+            "model",
+        ),
+        "seed": RecipeKey(
+            "integer in [0, 2⁶³)",
+            "0",
+            "the seed of DARE's and DELLA's random masks",
+        ),
+        "tied": RecipeKey(
+            "mapping: leaf path to leaf path",
+            "none",
+            "a leaf some models store under another name "
+            "(`{lm_head/kernel: embed/embedding}`)",
+        ),
+        "vocab": RecipeKey(
+            f"string: {_choices(VOCAB_POLICIES)}",
+            "`refuse`",
+            "leaves whose sizes differ along one axis (vocabularies): stop naming "
+            "the leaf, or merge the rows all models have",
+        ),
+    },
+    "base": _CHECKPOINT_KEYS,
+    "models[i]": {
+        "adapter": RecipeKey(
+            "string",
+            "none",
+            "a PEFT LoRA or IA³ folder, in place of `path`: the model is the base "
+            "with it applied",
+        ),
+        **_CHECKPOINT_KEYS,
+        "parameters": RecipeKey(
+            "mapping",
+            "the recipe's",
+            "this model's values of the method's per-model parameters "
+            "(`density`, `drop_rate`, ...)",
+        ),
+        "statistics": RecipeKey(
+            "string",
+            "none",
+            "the folder of its statistics, saved by `mats_jax.save_statistics`; "
+            "data-dependent methods need it for every model",
+        ),
+        "weight": RecipeKey(
+            "number ≥ 0 or layer gradient",
+            "1.0",
+            "its weight in the merge",
+        ),
+    },
+    "overrides[i]": {
+        "method": RecipeKey(
+            "string", "the recipe's", "the method for the leaves that match"
+        ),
+        "parameters": RecipeKey(
+            "mapping",
+            "none",
+            "parameters over the recipe's (with the recipe's method) or the only "
+            "ones (with another)",
+        ),
+        "pattern": RecipeKey(
+            "string",
+            "required",
+            "a glob on the whole leaf path, or a regular expression after `re:`; "
+            "one that matches no leaf is an error",
+        ),
+        "skip": RecipeKey(
+            "true or false",
+            "false",
+            "copy the leaves from the base (the first model without one), unmerged",
+        ),
+        "take": RecipeKey(
+            "`base` or a model's index",
+            "none",
+            "copy the leaves from the base or from `models[i]`, unmerged",
+        ),
+    },
+    "output": {
+        "copy_files": RecipeKey(
+            "true or false",
+            "true",
+            "copy the base folder's other files (config, tokenizer) beside the output",
+        ),
+        "format": RecipeKey(
+            f"string: {_choices(FORMATS)}",
+            "`safetensors`",
+            "the output's format",
+        ),
+        "layout": RecipeKey(
+            "string or list of rules",
+            "the tree's own paths",
+            "the layout the output's names and orientations are written in",
+        ),
+        "lora": RecipeKey(
+            "mapping",
+            "none",
+            "write the merged model's change to the base as a LoRA instead, the "
+            "keys `output.lora.*`",
+        ),
+        "max_shard_size": RecipeKey(
+            "size: `2GB`, `500MiB` or bytes",
+            "one file",
+            "the largest safetensors shard",
+        ),
+        "path": RecipeKey("string", "the command's `-o`", "the output file or folder"),
+    },
+    "output.lora": {
+        "rank": RecipeKey("integer ≥ 1", "required", "the LoRA's rank"),
+        "targets": RecipeKey(
+            "pattern or list of patterns",
+            "every linear kernel that changed",
+            "the leaf paths of the kernels the LoRA holds",
+        ),
+    },
+}
+_TOP = tuple(sorted(RECIPE_KEYS[""]))
+_MODEL = tuple(sorted(RECIPE_KEYS["models[i]"]))
+_BASE = tuple(sorted(RECIPE_KEYS["base"]))
+_OVERRIDE = tuple(sorted(RECIPE_KEYS["overrides[i]"]))
+_OUTPUT = tuple(sorted(RECIPE_KEYS["output"]))
+_LORA = tuple(sorted(RECIPE_KEYS["output.lora"]))
 
 
 class _Loader(yaml.SafeLoader):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 
@@ -15,6 +16,12 @@ import pytest
 # starts.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The command line turns on JAX's persistent compilation cache in the user's
+# cache folder; tests run it in this process (CliRunner), where it would
+# switch the cache on for every later test, and in subprocesses. Tests of
+# the cache set it themselves.
+os.environ["MATS_JAX_COMPILATION_CACHE"] = "off"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1057,3 +1057,28 @@ def test_negative_entry_of_a_large_diagonal_statistic_found(
         mj.MergeInputError, match=r"statistics\[0\] at 'w/f': has negative entries"
     ):
         mj.checks.check_statistics([{"w": mj.Diagonal(entries)}], [model])
+
+
+@pytest.mark.parametrize("where", [0, 1, 1029, 2047])
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_negative_diagonal_of_a_large_kfac_factor_found(where: int, kind: str) -> None:
+    # 2048² entries span one host block; negative off-diagonal entries are
+    # allowed (a factor is PSD, not non-negative), a NaN anywhere is not.
+    model = {"w": np.zeros((2048, 8), np.float32)}
+    g = np.eye(8, dtype=np.float32)
+    a = np.eye(2048, dtype=np.float32)
+    a[where, (where + 1) % 2048] = -0.5
+    negative, not_finite = a.copy(), a.copy()
+    negative[where, where] = -1.0
+    not_finite[(where + 7) % 2048, where] = np.nan
+    put = jnp.asarray if kind == "jax" else np.asarray
+    mj.checks.check_statistics([{"w": mj.KFAC(put(a), put(g))}], [model])
+    with pytest.raises(
+        mj.MergeInputError,
+        match=r"statistics\[0\] at 'w/a': has negative diagonal entries",
+    ):
+        mj.checks.check_statistics([{"w": mj.KFAC(put(negative), put(g))}], [model])
+    with pytest.raises(
+        mj.MergeInputError, match=r"statistics\[0\] at 'w/a': contains NaN or Inf"
+    ):
+        mj.checks.check_statistics([{"w": mj.KFAC(put(not_finite), put(g))}], [model])

@@ -147,6 +147,46 @@ def test_console_script_is_installed(workdir):
     assert "fc/bias" in out.stdout
 
 
+def _merge_in_a_process(workdir, out, **env):
+    """``mats-jax merge`` of the workdir's recipe as a user runs it, with ``env``
+    over this process's environment (None removes a variable); the bytes written."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mats-jax")
+    if not os.path.exists(exe):
+        pytest.skip("package not installed with its console script")
+    environ = {**os.environ, **env}
+    proc = subprocess.run(
+        [exe, "merge", str(workdir / "recipe.yaml"), "-o", str(workdir / out), "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={k: v for k, v in environ.items() if v is not None},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (workdir / out / "model.safetensors").read_bytes()
+
+
+def test_compilation_cache_filled_once_and_reused(workdir):
+    # Each run is a new process: the second finds every program it compiles
+    # in the cache the first wrote (no new entry), and writes the same bytes.
+    cache = workdir / "cache"
+    first = _merge_in_a_process(workdir, "out1", MATS_JAX_COMPILATION_CACHE=str(cache))
+    entries = sorted(os.listdir(cache))
+    assert entries
+    second = _merge_in_a_process(workdir, "out2", MATS_JAX_COMPILATION_CACHE=str(cache))
+    assert sorted(os.listdir(cache)) == entries
+    assert first == second
+
+
+def test_compilation_cache_off_and_default_place(workdir):
+    home = workdir / "xdg"
+    off = {"MATS_JAX_COMPILATION_CACHE": "off", "XDG_CACHE_HOME": str(home)}
+    _merge_in_a_process(workdir, "off", **off)
+    assert not home.exists()
+    default = {"MATS_JAX_COMPILATION_CACHE": None, "XDG_CACHE_HOME": str(home)}
+    _merge_in_a_process(workdir, "on", **default)
+    assert os.listdir(home / "mats_jax" / "jax")
+
+
 def test_terminated_merge_leaves_no_output(workdir, monkeypatch):
     import signal
 

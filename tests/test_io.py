@@ -456,3 +456,23 @@ def test_statistics_reader_matches_load_statistics(tmp_path):
     assert reader.read("not/saved") is None
     with pytest.raises(CheckpointError, match=r"nope: no statistics checkpoint there"):
         StatisticsReader(tmp_path / "nope")
+
+
+def test_statistics_reader_logs_nothing(tmp_path, caplog):
+    # A statistics checkpoint's arrays/ is an item of a composite checkpoint:
+    # opening it as a checkpoint of its own made orbax log a missing
+    # _CHECKPOINT_METADATA warning per models[i] of every streamed merge.
+    import logging
+
+    import jax.numpy as jnp
+
+    from mats_jax import KFAC, save_statistics
+    from mats_jax.io.statistics import StatisticsReader
+
+    save_statistics(tmp_path / "s", {"k": KFAC(jnp.eye(3), jnp.eye(2))})
+    with caplog.at_level(logging.DEBUG - 9):
+        reader = StatisticsReader(tmp_path / "s")
+        np.testing.assert_array_equal(reader.read("k").a, np.eye(3))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [
+        r.getMessage() for r in caplog.records
+    ]

@@ -204,6 +204,22 @@ def test_diagonal_mean_equals_explicit_per_block(name, shape, build):
         assert max(expected) > 1.01 * min(expected)
 
 
+@pytest.mark.parametrize(("name", "shape", "build"), CASES, ids=[c[0] for c in CASES])
+def test_summed_statistics_apply_the_sum_of_the_matrices(name, shape, build):
+    # What CG's loop applies (Statistic.summed) against the explicit Σ_m C_m;
+    # types closed under addition give one statistic, K-FAC its M factors.
+    stats = [build(jax.random.PRNGKey(m), shape).scaled(0.5 + m) for m in range(3)]
+    summed = type(stats[0]).summed([s.blocked(shape) for s in stats])
+    w = jax.random.normal(jax.random.PRNGKey(9), shape)
+    fast = stats[0].from_blocks(
+        sum(s.matvec(stats[0].to_blocks(w)) for s in summed), shape
+    )
+    total = sum(explicit_matrix(s, shape) for s in stats)
+    slow = (total @ np.asarray(w, np.float64).reshape(-1)).reshape(shape)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    assert len(summed) == (3 if isinstance(stats[0], KFAC) else 1)
+
+
 CLOSED_FORM_CASES = [c for c in CASES if not c[0].startswith("kfac")]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mats_jax.io.errors import CheckpointError, check_parent, check_replaceable
 from mats_jax.stats.io import is_statistics
@@ -117,15 +118,18 @@ def _metadata_tree(path: str) -> Any:
         # tracebacks beside its error: name what is missing instead.
         raise CheckpointError(_incomplete(path, problems))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            meta = checkpointer.metadata(path)
+        # The handler's metadata, not a checkpointer's: a checkpointer also
+        # looks for the step's _CHECKPOINT_METADATA, which an item inside a
+        # composite checkpoint (a statistics checkpoint's arrays/, a
+        # CheckpointManager step's item) keeps one level up, and logs a
+        # warning for every such item it opens.
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
     except Exception as e:
         raise CheckpointError(
             f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {e}); it "
             "may be incomplete: save or copy it again"
         ) from e
-    item = getattr(meta, "item_metadata", None)
-    tree = getattr(item, "tree", None)
+    tree = getattr(meta, "tree", None)
     leaves = jax.tree.leaves(tree)
     if not leaves or not all(
         hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves

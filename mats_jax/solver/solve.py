@@ -260,7 +260,8 @@ def solve_groups(
         delta = jnp.asarray(options.damping, x0.dtype) * sum_of(
             s.diagonal_mean() for s in stats
         )
-        operands = (stats, delta)
+        # The loop applies Σ_m C_m, formed once where the type allows it.
+        operands = (stat_type.summed(stats), delta)
         b = sum_of(s.matvec(v) for s, v in zip(stats, group.models, strict=True))
         rhs = b + per_block(delta, x0) * x0
         if options.method == "closed_form":

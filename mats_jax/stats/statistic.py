@@ -320,6 +320,18 @@ class Statistic:
 
     # Operations on a sum of same-typed blocked statistics -------------------
     @classmethod
+    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
+        """Statistics whose products sum to ``Σ_m C_m x``, as few as the type
+        allows: ``[Σ_m C_m]`` for a type closed under addition (a diagonal, a
+        dense block, a Gram), else ``stats`` themselves (a sum of K-FAC
+        products ``Σ_m A_m X G_m`` is no K-FAC product).
+
+        CG applies the sum at every step: formed once, it costs one product
+        and one array per step instead of M.
+        """
+        return list(stats)
+
+    @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
     ) -> BlockInverse:
@@ -411,6 +423,10 @@ class Diagonal(Statistic):
         return jnp.mean(self.f, axis=-1)
 
     @classmethod
+    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
+        return [Diagonal(sum_of(s.f for s in stats))]  # type: ignore[attr-defined]
+
+    @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
     ) -> BlockInverse:
@@ -473,6 +489,10 @@ class Dense(Statistic):
 
     def diagonal_mean(self) -> Array:
         return jnp.mean(jnp.diagonal(self.f, axis1=-2, axis2=-1), axis=-1)
+
+    @classmethod
+    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
+        return [Dense(sum_of(s.f for s in stats))]  # type: ignore[attr-defined]
 
     @classmethod
     def sum_pinv(
@@ -681,6 +701,12 @@ class Gram(_KernelLayout, Statistic):
 
     def diagonal_mean(self) -> Array:
         return jnp.mean(jnp.diagonal(self.a, axis1=-2, axis2=-1), axis=-1)
+
+    @classmethod
+    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
+        first: Any = stats[0]
+        total = sum_of(s.a for s in stats)  # type: ignore[attr-defined]
+        return [Gram(total, first.in_axes, first.out_axes)]
 
     @classmethod
     def sum_pinv(
