@@ -635,8 +635,8 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize("estimator", [kfac, gram, diagonal_fisher])
 def test_a_non_finite_batch_is_named_with_its_leaves(estimator):
-    # The test runs on each step's increment: the batch that brings the NaN
-    # is named, not a later one, whatever the micro-batch it is in.
+    # The test runs on the sums after each batch: the batch that brings the
+    # NaN is named, not a later one, whatever the micro-batch it is in.
     x, y = data()
     x = x.at[14, 1].set(jnp.nan)  # batch 1 of 10-example batches
     with pytest.raises(
@@ -647,14 +647,14 @@ def test_a_non_finite_batch_is_named_with_its_leaves(estimator):
         )
 
 
-def test_finite_increments_whose_sum_overflows_are_refused_as_an_overflow():
-    # Each micro-batch's x² is 2.25e38 (finite); their sum is not. The
-    # increments' test cannot see it: the final test of the sums does.
+def test_finite_increments_whose_sum_overflows_are_refused():
+    # Each batch's x² is 2.25e38 (finite); the sum of two is not: the
+    # second batch is named, with the leaf and the overflow as a cause.
     params = {"w": jnp.ones((1, 2))}
     x = jnp.full((3, 1), 1.5e19)
     with pytest.raises(
         StatisticsInputError,
-        match=r"overflowed float32 at 'w/inputs': every batch's sums",
+        match=r"batch 1, at 'w/inputs'.*outgrew float32's range",
     ):
         gram(lambda p, xb: xb @ p["w"], params, as_batches(x, size=1), progress=False)
     # Within float32's range, the same sums are fine.
