@@ -1447,10 +1447,10 @@ def profile_section(summary: dict[str, Any], results: dict[str, Any]) -> str:
     text = "## Where the time goes\n\n"
     if rows:
         text += (
-            "**The finiteness test.** `accumulate` tests each batch's increment for "
-            "NaN/Inf inside the jitted step (`record_first_bad`), and the final sums "
-            "once for overflow. Replaced by a no-op for the call (same round of "
-            "measurements as the sweep):\n\n"
+            "**The finiteness test.** `accumulate` tests the sums for NaN/Inf on "
+            "the device after every batch (`record_first_bad`, one dispatch per "
+            "batch). Replaced by a no-op for the call (same round of measurements "
+            "as the sweep):\n\n"
             + _table(
                 ["model", "estimator", "m", "ex/s", "test patched out ex/s", "gain"],
                 rows,
@@ -1624,8 +1624,8 @@ def _check_conclusion(s: dict[str, Any]) -> str:
     ]
     worst = max(v["gain"] for n in MODELS for v in s[n]["no_check"].values())
     return (
-        "- **The finiteness test** runs inside the jitted step on each batch's "
-        "increment (for gram and kfac that includes the 784×784 factor of the MLP's "
+        "- **The finiteness test** runs on the device once per batch, over the sums "
+        "(for gram and kfac that includes the 784×784 factor of the MLP's "
         f"first layer). Replacing it by a no-op changes the rates at m={s['mlp']['m0']} "
         "by: "
         + ", ".join(parts)
@@ -1833,7 +1833,9 @@ def conclusions(summary: dict[str, Any], results: dict[str, Any]) -> str:
             "selection and the shapes)"
         )
     if check_gain > 1.1:
-        todo.append("test finiteness every few batches rather than on every increment")
+        todo.append(
+            "test finiteness every few batches, or on a scalar of each batch's sums"
+        )
     if any(
         s[n]["kernels_only"] is not None
         and s[n]["kernels_only"] >= 1.05 * s[n]["fisher"]

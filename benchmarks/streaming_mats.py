@@ -585,6 +585,13 @@ def markdown(r: dict[str, Any]) -> str:
         f"diagonal); statistics {sum(r['statistics_bytes'].values()) / gb:.2f} GB "
         f"({', '.join(f'{v / gb:.2f}' for v in r['statistics_bytes'].values())} GB per "
         "task). Dimensions: " + ", ".join(f"{k} {v}" for k, v in r["dims"].items()),
+        f"- Statistics: K-FAC for the {r['kfac_leaves']} attention and MLP kernels, "
+        "whose factors have at most `MAX_FACTOR_SIZE` (8192) rows; a diagonal Fisher "
+        f"for the head: its K-FAC G would be {r['dims']['vocab']}² floats, "
+        f"{4 * r['dims']['vocab'] ** 2 / gb:.1f} GB per task (the estimators give such "
+        "a leaf their diagonal fallback, and so does this benchmark), and for the "
+        "embedding and the norms. Synthetic, well-conditioned factors "
+        "(`X Xᵀ/k + I`, condition number below 16), scaled per task and leaf.",
         f"- Merge: `method: mats`, init task arithmetic (scale {TA_SCALE}), `tol: 0`, "
         f"`maxiter: {n}` (and 0); every run under `/usr/bin/time -v` after two warm "
         f"reads of every input; {len(runs['read_dd']['wall_s'])} repeat(s), medians. "
