@@ -14,10 +14,12 @@ Smoke runs write under the temporary directory (``QUICK_RESULTS``) by default.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +178,15 @@ def check_destination(out: Path, allow_dirty: bool) -> str:
             "them, or pass --out elsewhere or --allow-dirty"
         )
     return revision
+
+
+def write_results(
+    out: Path, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+) -> None:
+    """``out``.json (the measurements) and ``out``.md (``markdown`` of them), printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    report = markdown(result)
+    out.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"wrote {out}.md and {out}.json")

@@ -85,6 +85,7 @@ from provenance import (
     add_dirty_option,
     check_destination,
     machine,
+    write_results,
 )
 
 TA_SCALE = 0.3
@@ -543,12 +544,7 @@ def main() -> None:
         "load_end": os.getloadavg(),
         "total_s": time.perf_counter() - t0,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    report = markdown(result)
-    out.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"wrote {out}.md and {out}.json")
+    write_results(out, result, markdown)
 
 
 # ---------------------------------------------------------------------------
