@@ -148,6 +148,22 @@ def generate(scratch: Path, dims: Dims) -> list[Path]:
     return files
 
 
+def scratch_inputs(root: Path, quick: bool) -> tuple[Dims, Path, Path, list[Path]]:
+    """The sizes, the scratch folder under ``root``, its logs folder and the
+    four checkpoints (generated there unless present)."""
+    dims = QUICK if quick else Dims()
+    scratch = root / ("quick" if quick else "full")
+    logs = scratch / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return dims, scratch, logs, generate(scratch, dims)
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    """Reads ``paths`` twice, so that every timed run finds them in the page cache."""
+    for _ in range(2):
+        subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+
+
 def timed(
     cmd: list[str], log: Path, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -422,7 +438,11 @@ def shown(command: list[str], venv: Path | None = None) -> str:
 
 
 def alternating(
-    runs: list[Run], repeats: int, logs: Path, warm: Callable[[], None]
+    runs: list[Run],
+    repeats: int,
+    logs: Path,
+    warm: Callable[[], None],
+    env: dict[str, str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every run ``repeats`` times, in rounds (A B C, A B C, …), each after a warm-up read."""
     out: dict[str, list[dict[str, Any]]] = {r.key: [] for r in runs}
@@ -431,7 +451,7 @@ def alternating(
             if run.output is not None:
                 shutil.rmtree(run.output, ignore_errors=True)
             warm()
-            result = timed(run.command, logs / f"{run.key}_{i}.log")
+            result = timed(run.command, logs / f"{run.key}_{i}.log", env)
             result["command"] = shown(run.command, run.venv)
             out[run.key].append(result)
             print(f"  round {i}: {run.key}: {result['wall_s']:.2f} s", flush=True)
@@ -512,24 +532,13 @@ def main() -> None:
             "the benchmark compares against mergekit: pass --mergekit VENV (or set "
             "MERGEKIT_VENV), a virtual environment with mergekit and a CPU torch"
         )
-    dims = QUICK if args.quick else Dims()
-    scratch = args.scratch / ("quick" if args.quick else "full")
-    logs = scratch / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    files = generate(scratch, dims)
-
-    def warm() -> None:
-        for _ in range(2):
-            subprocess.run(
-                ["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True
-            )
-
+    dims, scratch, logs, files = scratch_inputs(args.scratch, args.quick)
     runs = read_runs(scratch, files) + mats_runs(scratch, files)
     if mergekit is not None:
         runs += mergekit_runs(scratch, files, mergekit)
-    timings = alternating(runs, args.repeats, logs, warm)
+    timings = alternating(runs, args.repeats, logs, lambda: warm_page_cache(files))
     outputs = {r.key: r.output for r in runs if r.output is not None}
     comparisons = {
         "floor_task_arithmetic": compare(

@@ -78,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from io_merge import QUICK, Dims, generate, timed
+from io_merge import Run, alternating, scratch_inputs, warm_page_cache
 from provenance import (
     QUICK_RESULTS,
     RESULTS,
@@ -404,24 +404,16 @@ def main() -> None:
         out.with_suffix(".md").write_text(markdown(result))
         return
     revision = check_destination(out, args.allow_dirty)
-    dims = QUICK if args.quick else Dims()
-    scratch = args.scratch / ("quick" if args.quick else "full")
-    logs = scratch / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    files = generate(scratch, dims)
+    dims, scratch, logs, files = scratch_inputs(args.scratch, args.quick)
     leaves = tree_leaves(files[0])
     stats = generate_statistics(scratch, files[1:], leaves)
     if args.generate_only:
         print(f"inputs ready in {scratch} ({time.perf_counter() - t0:.0f} s)")
         return
-    stat_files = sorted(str(p) for s in stats for p in s.rglob("*") if p.is_file())
-    inputs = [*map(str, files), *stat_files]
-
-    def warm() -> None:
-        for _ in range(2):
-            subprocess.run(["cat", *inputs], stdout=subprocess.DEVNULL, check=True)
+    stat_files = sorted(p for s in stats for p in s.rglob("*") if p.is_file())
+    inputs = [*files, *stat_files]
 
     # The installed command, or (on a machine with the tree on PYTHONPATH and
     # no install, as benchmarks/device_run.sh runs) the same entry point.
@@ -430,14 +422,12 @@ def main() -> None:
         [str(script)] if script.exists() else [sys.executable, "-m", "mats_jax.cli"]
     )
     dd = " && ".join(f"dd if={f} of=/dev/null bs=16M status=none" for f in inputs)
-    runs: list[tuple[str, list[str], Path | None]] = [
-        ("read_dd", ["sh", "-c", dd], None)
-    ]
+    runs = [Run("read_dd", ["sh", "-c", dd])]
     for n in (args.maxiter, 0):
         output = scratch / f"out_mats_kfac_{n}"
         config = recipe(scratch, files, stats, n)
         runs.append(
-            (
+            Run(
                 f"mats_kfac_{n}",
                 [*binary, "merge", str(config), "-o", str(output), "-q"],
                 output,
@@ -464,21 +454,19 @@ def main() -> None:
     warm_up_s = time.perf_counter() - started
     # The floor before and after the merges: load from other jobs moves it.
     floors = [floor_per_product(leaves, len(stats))]
-    timings: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in runs}
-    for i in range(args.repeats):
-        for key, command, output in runs:
-            if output is not None:
-                shutil.rmtree(output, ignore_errors=True)
-            warm()
-            result = timed(command, logs / f"streaming_{key}_{i}.log", env=env)
-            result["command"] = " ".join(
-                w.replace(str(Path(sys.executable).parent) + "/", "") for w in command
-            ).replace(dd, "dd of every input (16M blocks)")
+    logs = logs / "streaming_mats"
+    logs.mkdir(exist_ok=True)
+    timings = alternating(
+        runs, args.repeats, logs, lambda: warm_page_cache(inputs), env
+    )
+    for key, reps in timings.items():
+        for i, result in enumerate(reps):
+            result["command"] = result["command"].replace(
+                dd, "dd of every input (16M blocks)"
+            )
             if result["returncode"] != 0:
-                print((logs / f"streaming_{key}_{i}.log").read_text()[-3000:])
+                print((logs / f"{key}_{i}.log").read_text()[-3000:])
                 raise SystemExit(f"{key} failed (exit {result['returncode']})")
-            timings[key].append(result)
-            print(f"  round {i}: {key}: {result['wall_s']:.2f} s", flush=True)
     floors.append(floor_per_product(leaves, len(stats)))
     floor = {
         name: {

@@ -104,9 +104,8 @@ def accumulate(
         micro-batches of batch ``index`` (validated, before it is cut; the
         index is for its errors): ``step(params, micro_batch, key) ->
         increment``, the micro-batch's sums in ``init``'s structure,
-        traceable (it is jitted here with the sum and the finiteness test,
-        once per step function, with the parameters as an argument, not as
-        constants). Every step adds to the same accumulator.
+        traceable (it is jitted here with the sum, once per step function,
+        with the parameters as an argument, not as constants). Every step adds to the same accumulator.
       init: the zero accumulator.
       params: the model's parameters, passed to ``step``.
       batches: an iterable of batch mappings (see

@@ -228,6 +228,9 @@ class Statistic:
     per-example scores of the flattened leaf), ``"inputs"`` (Σ_r x_r x_rᵀ of a kernel's
     input rows), ``"rows"`` (the number of rows) and ``"output_gradients"``
     (Σ g gᵀ of the gradients at a kernel's outputs). Empty: no estimator."""
+    closed_under_addition: ClassVar[bool] = False
+    """Whether the sum of two statistics of the type (same layout) is the
+    statistic of their arrays summed (:meth:`summed`)."""
 
     _types: ClassVar[dict[str, type[Statistic]]] = {}
 
@@ -322,14 +325,22 @@ class Statistic:
     @classmethod
     def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
         """Statistics whose products sum to ``Σ_m C_m x``, as few as the type
-        allows: ``[Σ_m C_m]`` for a type closed under addition (a diagonal, a
-        dense block, a Gram), else ``stats`` themselves (a sum of K-FAC
-        products ``Σ_m A_m X G_m`` is no K-FAC product).
+        allows: ``[Σ_m C_m]`` for a type closed under addition
+        (:attr:`closed_under_addition`: its arrays summed, its layout kept),
+        else ``stats`` themselves (a sum of K-FAC products ``Σ_m A_m X G_m``
+        is no K-FAC product).
 
         CG applies the sum at every step: formed once, it costs one product
         and one array per step instead of M.
         """
-        return list(stats)
+        if not cls.closed_under_addition:
+            return list(stats)
+        return [
+            dataclasses.replace(
+                stats[0],
+                **{f: sum_of(getattr(s, f) for s in stats) for f in cls.array_fields},
+            )
+        ]
 
     @classmethod
     def sum_pinv(
@@ -389,6 +400,7 @@ class Diagonal(Statistic):
     array_fields: ClassVar[tuple[str, ...]] = ("f",)
     sign_rules: ClassVar[dict[str, str]] = {"f": NONNEGATIVE}
     estimator_sums: ClassVar[tuple[str, ...]] = ("squared_gradients",)
+    closed_under_addition: ClassVar[bool] = True
 
     def sharding(self, leaf_sharding: NamedSharding) -> Any:
         return Diagonal(leaf_sharding)  # type: ignore[arg-type]
@@ -423,10 +435,6 @@ class Diagonal(Statistic):
         return jnp.mean(self.f, axis=-1)
 
     @classmethod
-    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
-        return [Diagonal(sum_of(s.f for s in stats))]  # type: ignore[attr-defined]
-
-    @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
     ) -> BlockInverse:
@@ -457,6 +465,7 @@ class Dense(Statistic):
     array_fields: ClassVar[tuple[str, ...]] = ("f",)
     sign_rules: ClassVar[dict[str, str]] = {"f": NONNEGATIVE_DIAGONAL}
     estimator_sums: ClassVar[tuple[str, ...]] = ("outer_gradients",)
+    closed_under_addition: ClassVar[bool] = True
 
     @classmethod
     def from_sums(cls, sums: dict[str, Array], examples: Array, **layout: Any) -> Dense:
@@ -489,10 +498,6 @@ class Dense(Statistic):
 
     def diagonal_mean(self) -> Array:
         return jnp.mean(jnp.diagonal(self.f, axis1=-2, axis2=-1), axis=-1)
-
-    @classmethod
-    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
-        return [Dense(sum_of(s.f for s in stats))]  # type: ignore[attr-defined]
 
     @classmethod
     def sum_pinv(
@@ -673,6 +678,7 @@ class Gram(_KernelLayout, Statistic):
     layout_fields: ClassVar[tuple[str, ...]] = ("in_axes", "out_axes")
     sign_rules: ClassVar[dict[str, str]] = {"a": NONNEGATIVE_DIAGONAL}
     estimator_sums: ClassVar[tuple[str, ...]] = ("inputs", "rows")
+    closed_under_addition: ClassVar[bool] = True
 
     def sharding(self, leaf_sharding: NamedSharding) -> Any:
         a: Any = self._factor_sharding(leaf_sharding, "a")
@@ -701,12 +707,6 @@ class Gram(_KernelLayout, Statistic):
 
     def diagonal_mean(self) -> Array:
         return jnp.mean(jnp.diagonal(self.a, axis1=-2, axis2=-1), axis=-1)
-
-    @classmethod
-    def summed(cls, stats: Sequence[Statistic]) -> list[Statistic]:
-        first: Any = stats[0]
-        total = sum_of(s.a for s in stats)  # type: ignore[attr-defined]
-        return [Gram(total, first.in_axes, first.out_axes)]
 
     @classmethod
     def sum_pinv(
