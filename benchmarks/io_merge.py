@@ -76,8 +76,9 @@ import numpy as np
 from provenance import (
     QUICK_RESULTS,
     RESULTS,
-    add_dirty_option,
+    add_output_options,
     check_destination,
+    render_only,
     write_results,
 )
 
@@ -501,13 +502,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="small checkpoints (~20 MB): a smoke run"
     )
-    parser.add_argument("--out", type=Path, help="output prefix, without suffix")
-    parser.add_argument(
-        "--render",
-        action="store_true",
-        help="only rewrite the markdown from the recorded JSON",
-    )
-    add_dirty_option(parser)
+    add_output_options(parser)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -519,9 +514,7 @@ def main() -> None:
     out = args.out or (
         QUICK_RESULTS / "io_merge_quick" if args.quick else RESULTS / "io_merge"
     )
-    if args.render:
-        result = json.loads(out.with_suffix(".json").read_text())
-        out.with_suffix(".md").write_text(markdown(result))
+    if render_only(out, args.render, markdown):
         return
     revision = check_destination(out, args.allow_dirty)
     mergekit = args.mergekit

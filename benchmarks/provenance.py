@@ -145,6 +145,27 @@ def add_dirty_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--out PREFIX``, ``--render`` and ``--allow-dirty``: where the results
+    go, rewriting the markdown from the recorded JSON alone, and recording
+    from a tree with uncommitted changes."""
+    parser.add_argument("--out", type=Path, help="output prefix, without suffix")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the markdown from the JSON"
+    )
+    add_dirty_option(parser)
+
+
+def render_only(
+    out: Path, render: bool, markdown: Callable[[dict[str, Any]], str]
+) -> bool:
+    """With ``render``, rewrites ``out``.md from ``out``.json and says so."""
+    if render:
+        result = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(markdown(result))
+    return render
+
+
 def writes_results(out: Path) -> bool:
     """Whether ``out`` (a file, a prefix or a folder) lies in benchmarks/results/."""
     resolved = out.resolve()

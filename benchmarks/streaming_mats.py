@@ -82,9 +82,10 @@ from io_merge import Run, alternating, scratch_inputs, warm_page_cache
 from provenance import (
     QUICK_RESULTS,
     RESULTS,
-    add_dirty_option,
+    add_output_options,
     check_destination,
     machine,
+    render_only,
     write_results,
 )
 
@@ -384,11 +385,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="write the inputs and statistics into the scratch directory and stop",
     )
-    parser.add_argument("--out", type=Path, help="output prefix, without suffix")
-    parser.add_argument(
-        "--render", action="store_true", help="only rewrite the markdown from the JSON"
-    )
-    add_dirty_option(parser)
+    add_output_options(parser)
     return parser.parse_args()
 
 
@@ -399,9 +396,7 @@ def main() -> None:
         if args.quick
         else RESULTS / "streaming_mats"
     )
-    if args.render:
-        result = json.loads(out.with_suffix(".json").read_text())
-        out.with_suffix(".md").write_text(markdown(result))
+    if render_only(out, args.render, markdown):
         return
     revision = check_destination(out, args.allow_dirty)
     t0 = time.perf_counter()

@@ -295,23 +295,98 @@ def whole_model_pass(
     return jax.tree.unflatten(treedef, [thresholds] * len(vectors[0]))
 
 
-@functools.partial(jax.jit, static_argnames=("method", "placement"))
-def _merge_jit(
+def _flagged(
+    merged: Params, report: Any, placement: Placement
+) -> tuple[MergeResult, Array]:
+    """The merged leaves in their shardings, and whether each is finite (one
+    flag per leaf, in the merge's own program)."""
+    leaves, treedef = jax.tree.flatten(merged)
+    leaves = keep_shardings(leaves, placement.out_shardings)
+    finite = jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves], bool)
+    return MergeResult(jax.tree.unflatten(treedef, leaves), report), finite
+
+
+def _passed(
+    method: MergeMethod,
+    params: Any,
+    inputs: MergeInputs,
+    prepared: Any,
+    placement: Placement,
+) -> Any:
+    """The whole-model pass's result: ``prepared`` when the caller ran it,
+    else the pass over ``inputs`` (traced)."""
+    if prepared is not None:
+        return prepared
+    return whole_model_pass(method.whole_model_pass(params), inputs, placement)
+
+
+def _merge_traced(
     inputs: MergeInputs,
     params: Any,
     prepared: Any,
-    *,
     method: MergeMethod,
     placement: Placement,
 ) -> tuple[MergeResult, Array]:
-    if prepared is None:
-        prepared = whole_model_pass(method.whole_model_pass(params), inputs, placement)
+    prepared = _passed(method, params, inputs, prepared, placement)
     merged, report = method.merge(inputs, params, prepared, placement)
-    leaves, treedef = jax.tree.flatten(merged)
-    leaves = keep_shardings(leaves, placement.out_shardings)
-    # Whether each merged leaf is finite, in the same program (one flag each).
-    finite = jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves], bool)
-    return MergeResult(jax.tree.unflatten(treedef, leaves), report), finite
+    return _flagged(merged, report, placement)
+
+
+_merge_jit = jax.jit(_merge_traced, static_argnames=("method", "placement"))
+
+
+@functools.partial(jax.jit, static_argnames=("method", "placement"))
+def _begin_jit(
+    inputs: MergeInputs,
+    params: Any,
+    prepared: Any,
+    method: MergeMethod,
+    placement: Placement,
+) -> Any:
+    prepared = _passed(method, params, inputs, prepared, placement)
+    return method.begin(inputs, params, prepared, placement)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "placement"))
+def _finish_jit(
+    begun: Any, params: Any, method: MergeMethod, placement: Placement
+) -> tuple[MergeResult, Array]:
+    merged, report = method.finish(begun, params, placement)
+    return _flagged(merged, report, placement)
+
+
+def _delete(tree: Any, keep: Any) -> None:
+    """Frees the buffers of every JAX array in ``tree`` now, but those that
+    are also leaves of ``keep`` (an output that is an input passed through)."""
+    kept = {id(x) for x in jax.tree.leaves(keep)}
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and id(x) not in kept and not x.is_deleted():
+            x.delete()
+
+
+def _merge_consuming(
+    method: MergeMethod,
+    params: Any,
+    inputs: MergeInputs,
+    prepared: Any,
+    placement: Placement,
+) -> tuple[MergeResult, Array]:
+    """The merge, deleting the inputs' models, base and statistics once read.
+
+    (Donating them instead was measured on the CPU: XLA reuses a donated
+    buffer only for an output, and copies the input first when a later
+    computation still reads it, so the peak did not fall.)
+    """
+    owned = (inputs.models, inputs.base, inputs.statistics)
+    if not method.staged:
+        out = _merge_jit(inputs, params, prepared, method, placement)
+        _delete(owned, keep=out)
+        return out
+    begun = _begin_jit(inputs, params, prepared, method, placement)
+    _delete(owned, keep=begun)
+    out = _finish_jit(begun, params, method, placement)
+    _delete(begun, keep=out)
+    return out
 
 
 def merge_checked(
@@ -322,6 +397,7 @@ def merge_checked(
     prepared: Any = None,
     placement: Placement | None = None,
     paths: Sequence[str] | None = None,
+    consume: bool = False,
 ) -> MergeResult:
     """The jitted merge of inputs :func:`check_inputs` validated: the one program
     both engines run. ``prepared``: the whole-model pass's result when the
@@ -331,10 +407,20 @@ def merge_checked(
     With ``paths`` (the leaves' paths), a merged leaf with NaN or Inf entries
     (the inputs were checked finite, so the arithmetic overflowed) is an
     error naming it (traced: under ``checkify``, see :func:`~mats_jax.checks.check_traced`).
+
+    With ``consume``, the caller gives up the inputs' models, base and
+    statistics: their JAX arrays are deleted as soon as the merge has read
+    them, and a staged method (:attr:`~mats_jax.method.MergeMethod.staged`)
+    runs as two programs with the inputs freed in between. The result is
+    the same; the peak memory is the larger program's rather than that of
+    one program holding both (the streaming engine merges each leaf this
+    way).
     """
-    result, finite = _merge_jit(
-        inputs, params, prepared, method=method, placement=placement or Placement()
-    )
+    placement = placement or Placement()
+    if consume:
+        result, finite = _merge_consuming(method, params, inputs, prepared, placement)
+    else:
+        result, finite = _merge_jit(inputs, params, prepared, method, placement)
     if paths is not None:
         _check_merged(method, paths, result.params, finite)
     return result
@@ -438,6 +524,6 @@ def lower_in_memory(
         method, params, models=models, base=base, statistics=statistics, **inputs
     )
     lowered: jax.stages.Lowered = _merge_jit.lower(
-        checked, params, None, method=method, placement=placement
+        checked, params, None, method, placement
     )
     return lowered

@@ -16,7 +16,13 @@ mergekit's ``MergeMethod`` and optax's ``GradientTransformation``:
   traced function of :class:`MergeInputs`, the parameters and the pass's
   result. No leaf's result depends on another leaf's inputs except through
   that pass, which is what lets the streaming engine merge one leaf at a time
-  and get what the in-memory engine gets.
+  and get what the in-memory engine gets;
+- optionally (:attr:`~MergeMethod.staged`), the merge as two stages,
+  :meth:`~MergeMethod.begin` (everything that reads the inputs) and
+  :meth:`~MergeMethod.finish` (the rest): an engine that owns the inputs runs
+  them as two programs and frees the inputs in between (the data-dependent
+  methods: their conjugate gradient needs neither the models nor the summed
+  statistics' parts).
 
 The engines (:mod:`mats_jax.engine`) validate inputs, run the pass, jit the
 merge and place the result; they name no method.
@@ -171,6 +177,9 @@ class MergeMethod:
     leaf_sized_temporaries: ClassVar[bool] = False
     data_dependent: ClassVar[bool] = False
     """It merges with per-task statistics (whatever its parameters)."""
+    staged: ClassVar[bool] = False
+    """Its merge is :meth:`finish` of :meth:`begin`, and what ``begin``
+    returns holds less than its inputs (see the module docstring)."""
 
     def parameters(self, **values: Any) -> Any:
         """The validated parameters record; unknown names get a suggestion.
@@ -226,6 +235,23 @@ class MergeMethod:
           placement: the inputs' mesh, for methods that split work over it.
         """
         raise NotImplementedError
+
+    def begin(
+        self,
+        inputs: MergeInputs,
+        params: Any,
+        prepared: Any,
+        placement: Placement,
+    ) -> Any:
+        """A staged method's first stage (traced): a pytree from which
+        :meth:`finish` completes the merge without the inputs. Takes
+        :meth:`merge`'s arguments."""
+        raise NotImplementedError(f"{self.name} is not staged")
+
+    def finish(self, begun: Any, params: Any, placement: Placement) -> MergeResult:
+        """A staged method's second stage (traced): the merge from what
+        :meth:`begin` returned."""
+        raise NotImplementedError(f"{self.name} is not staged")
 
     def diagnose(
         self, params: Any, report: Any, paths: Sequence[str]

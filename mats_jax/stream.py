@@ -733,8 +733,9 @@ class _LeafMerger:
         needs = method.needs(params)
         stats = None
         if needs.statistics:
+            # On the device as read: the merge takes them over (consume=True).
             stats = [
-                {_KEY: r.read(leaf.path) if r is not None else None}
+                {_KEY: jax.device_put(r.read(leaf.path)) if r is not None else None}
                 for r in self.plan.statistics
             ]
         inputs, _, _ = check_inputs(
@@ -753,7 +754,9 @@ class _LeafMerger:
         prepared = self._prepared(leaf, base, models)
         if method.elementwise and method.leaf_sized_temporaries:
             return _merge_in_rows(method, params, inputs, prepared)
-        result = merge_checked(method, params, inputs, prepared=prepared)
+        # The leaf's inputs are this merge's own: it frees them as soon as
+        # it has read them (a solve's models once its system is formed).
+        result = merge_checked(method, params, inputs, prepared=prepared, consume=True)
         if result.report[_KEY].status is not None:
             self.report[leaf.path] = result.report[_KEY]
         for category, message in method.diagnose(params, result.report, [leaf.path]):

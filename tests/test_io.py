@@ -87,6 +87,62 @@ def test_streamed_safetensors_file_equals_the_library_file(tmp_path):
     assert ours == (tmp_path / "ref.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("block_bytes", [1, 40, 1 << 24])
+def test_non_contiguous_tensors_are_written_as_their_contiguous_copies(
+    tmp_path, monkeypatch, block_bytes
+):
+    # Oracles: the same writer given contiguous copies (the same bytes), and
+    # safetensors' own reader. The blocks of rows the writer copies (1 byte:
+    # a row at a time; 40: rows that do not divide the tensor; 16 MiB: all at
+    # once) change nothing.
+    from mats_jax.io import safetensors as st_io
+
+    monkeypatch.setattr(st_io, "WRITE_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(4)
+    views = {
+        "a_transposed": rng.normal(size=(5, 7)).astype(np.float32).T,
+        "b_bfloat16": rng.normal(size=(3, 6)).astype(ml_dtypes.bfloat16).T,
+        "c_axes": rng.normal(size=(2, 3, 4)).astype(np.float16).transpose(2, 0, 1),
+        "d_strided": rng.normal(size=(9, 4)).astype(np.float32)[::2],
+        "e_empty": np.zeros((0, 3), np.float32).T,
+    }
+    assert not any(v.flags.c_contiguous for v in views.values() if v.size)
+    copies = {k: np.ascontiguousarray(v) for k, v in views.items()}
+    write_safetensors(tmp_path / "ref.safetensors", sorted(copies.items()))
+    write_safetensors(tmp_path / "ours.safetensors", sorted(views.items()))
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+    loaded = load_file(str(tmp_path / "ours.safetensors"))
+    for name, copy in copies.items():
+        assert loaded[name].shape == copy.shape, name
+        assert loaded[name].tobytes() == copy.tobytes(), name
+
+
+def test_a_transposed_tensor_is_written_without_a_whole_copy(tmp_path, monkeypatch):
+    # numpy reports its allocations to tracemalloc: the writer's peak is a
+    # block of rows (1 MiB here), not the 8 MiB tensor a transposed copy is.
+    import tracemalloc
+
+    from mats_jax.io import safetensors as st_io
+
+    monkeypatch.setattr(st_io, "WRITE_BLOCK_BYTES", 1 << 20)
+    kernel = np.ones((1024, 2048), np.float32)
+    writer = SafetensorsWriter(
+        tmp_path / "m.safetensors", [("w", (2048, 1024), np.dtype(np.float32))]
+    )
+    tracemalloc.start()
+    try:
+        writer.write("w", kernel.T)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    writer.close()
+    assert peak < 1.5 * (1 << 20), peak
+    np.testing.assert_array_equal(
+        load_file(str(tmp_path / "m.safetensors"))["w"], kernel.T
+    )
+
+
 def test_sharded_safetensors_out_and_in(tmp_path):
     tree = _tree()
     out = tmp_path / "sharded"

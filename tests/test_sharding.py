@@ -152,6 +152,43 @@ SCRIPT = textwrap.dedent(
             for k in layout
         }
     lap("methods")
+    # The streaming engine's consuming merge on the mesh: a staged method's
+    # two programs (the inputs deleted in between) give the one-program merge
+    # and keep the leaves' shardings.
+    from mats_jax.engine import check_inputs, merge_checked
+    from mats_jax.method import MethodCall
+    def fresh(tree):
+        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), x.sharding), tree)
+    ta = mj.get_method("task_arithmetic")
+    consumed = {
+        "mats_kfac": ("mats", dict(init=MethodCall(ta, ta.parameters(scale=0.4)), maxiter=40, tol=0.0), "kfac"),
+        "mats_kfac_precond": ("mats", dict(maxiter=10, tol=1e-6, preconditioner=True, damping=1e-3), "kfac"),
+        "solve_closed_form": ("mats", dict(method="closed_form", damping=1e-2), "closed"),
+        "regmean": ("regmean", dict(alpha=0.8), "gram"),
+        "ties_global": ("ties", dict(density=0.3), None),
+    }
+    out["consumed"] = {}
+    for name, (method_name, kw, kind) in consumed.items():
+        method = mj.get_method(method_name)
+        params = method.parameters(**kw)
+        def run(consume):
+            b, ms = fresh(s_base), fresh(s_models)
+            st = fresh(sharded_stats[kind]) if kind else None
+            inputs, paths, placement = check_inputs(
+                method, params, models=ms, base=b, statistics=st, weights=weights)
+            got = merge_checked(method, params, inputs, placement=placement, paths=paths,
+                                consume=consume).params
+            taken = (ms, b if method.needs(params).base else None, st)
+            return got, all(x.is_deleted() for x in jax.tree.leaves(taken))
+        ref, _ = run(False)
+        got, deleted = run(True)
+        out["consumed"][name] = {
+            "staged": method.staged,
+            "deleted": deleted,
+            "max_abs_diff": max(float(np.max(np.abs(np.asarray(ref[k]) - np.asarray(got[k])))) for k in layout),
+            "same_sharding": all(got[k].sharding.is_equivalent_to(shardings[k], got[k].ndim) for k in layout),
+        }
+    lap("consumed")
     # The report of a sharded solve: the same iterations, on every process.
     r_single = mj.mats(models, kfacs, init=init, maxiter=200, tol=1e-5).report
     r_shard = mj.mats(s_models, s_kfacs, init=s_init, maxiter=200, tol=1e-5).report
@@ -295,6 +332,18 @@ METHODS = [
 def test_sharded_merge_equals_the_single_device_merge(measured, method):
     for leaf, seen in measured["methods"][method].items():
         assert seen["max_abs_diff"] <= 1e-5 * max(1.0, seen["scale"]), (leaf, seen)
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["mats_kfac", "mats_kfac_precond", "solve_closed_form", "regmean", "ties_global"],
+)
+def test_consuming_merge_on_a_mesh_equals_the_one_program_merge(measured, method):
+    seen = measured["consumed"][method]
+    assert seen["staged"] == (method != "ties_global")
+    assert seen["deleted"], seen  # every input it took is freed
+    assert seen["max_abs_diff"] <= 1e-6, seen
+    assert seen["same_sharding"], seen
 
 
 @pytest.mark.parametrize("method", METHODS)

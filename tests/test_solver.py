@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zoo
 
 import mats_jax
 from mats_jax import (
@@ -851,3 +852,115 @@ def test_every_product_of_the_solve_runs_at_full_float32_precision(
     dots = re.findall(r"stablehlo\.(?:dot_general|dot)\b[^\n]*", text)
     assert dots
     assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots
+
+
+def _consume_problem(kind):
+    """Models, base and statistics of ``kind`` for a consuming merge: two
+    kernels of one block shape (one group), a stacked kernel (a block per
+    layer), a bias, and a leaf without a statistic."""
+    key = jax.random.key(11)
+    shapes = {"k": (6, 4), "k2": (6, 4), "stack": (2, 6, 4), "b": (4,), "s": (3,)}
+    base = {
+        n: jax.random.normal(jax.random.fold_in(key, i), s)
+        for i, (n, s) in enumerate(shapes.items())
+    }
+    models = [
+        {
+            n: base[n] + jax.random.normal(jax.random.fold_in(key, 10 * m + i), s)
+            for i, (n, s) in enumerate(shapes.items())
+        }
+        for m in range(1, 4)
+    ]
+
+    def spd_(i, lead, n):
+        q = jax.random.normal(jax.random.fold_in(key, 100 + i), (*lead, n, 2 * n))
+        return q @ jnp.swapaxes(q, -1, -2) / (2 * n) + 0.1 * jnp.eye(n)
+
+    def task(m):
+        if kind is None:
+            return None
+        if kind is Diagonal:
+            return {
+                n: Diagonal(
+                    jnp.abs(jax.random.normal(jax.random.fold_in(key, 50 + m), s))
+                )
+                for n, s in shapes.items()
+            } | {"s": None}
+        kernels = {
+            "k": (spd_(10 * m, (), 6), spd_(10 * m + 1, (), 4), (0,), (1,)),
+            "k2": (spd_(10 * m + 2, (), 6), spd_(10 * m + 3, (), 4), (0,), (1,)),
+            "stack": (spd_(10 * m + 4, (2,), 6), spd_(10 * m + 5, (2,), 4), (1,), (2,)),
+        }
+        if kind is Gram:
+            return {n: Gram(a, i, o) for n, (a, _, i, o) in kernels.items()} | {
+                "b": None,
+                "s": None,
+            }
+        return {n: KFAC(a, g, i, o) for n, (a, g, i, o) in kernels.items()} | {
+            "b": Dense(spd_(10 * m + 6, (), 4)),
+            "s": None,
+        }
+
+    return base, models, [task(m) for m in range(3)]
+
+
+_TA = mats_jax.get_method("task_arithmetic")
+_CONSUME_CASES = {
+    **zoo.CASES,
+    "mats_init_ta": zoo.Case(
+        "mats",
+        {
+            "init": mats_jax.MethodCall(_TA, _TA.parameters(scale=0.4)),
+            "maxiter": 7,
+            "tol": 0.0,
+        },
+    ),
+    "mats_preconditioned_damped": zoo.Case(
+        "mats", {"preconditioner": True, "damping": 0.05, "maxiter": 5, "tol": 0.0}
+    ),
+    "mats_ungrouped_jax_scipy": zoo.Case(
+        "mats",
+        {"group_blocks": False, "cg": "jax_scipy", "maxiter": 5, "fallback": "base"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONSUME_CASES))
+def test_a_consuming_merge_equals_the_one_program_merge_and_frees_its_inputs(name):
+    # The streaming engine's way (consume=True: a staged method runs as two
+    # programs, the inputs deleted in between) against the in-memory engine's
+    # one program, for every registry case and solver variants.
+    from mats_jax.engine import check_inputs, merge_checked
+
+    case = _CONSUME_CASES[name]
+    method = case.merge_method
+    params = method.parameters(**case.parameters)
+    needs = method.needs(params)
+    kind = {None: None, Diagonal: Diagonal, Gram: Gram}.get(case.statistic_type, KFAC)
+    weights = [1.0, 2.0, 0.5] if needs.weights else None
+    high = needs.models[1]
+
+    def run(consume):
+        base, models, stats = _consume_problem(kind)
+        models = models[: min(3, high or 3)]
+        stats = stats[: len(models)] if kind else None
+        inputs, paths, _ = check_inputs(
+            method,
+            params,
+            models=models,
+            base=base,
+            statistics=stats,
+            weights=weights[: len(models)] if weights else None,
+            key=jax.random.key(0) if needs.key else None,
+        )
+        result = merge_checked(method, params, inputs, paths=paths, consume=consume)
+        taken = (models, base if needs.base else None, stats)
+        return result, jax.tree.leaves(taken)
+
+    want, kept = run(False)
+    got, taken = run(True)
+    assert not any(x.is_deleted() for x in kept)
+    assert all(x.is_deleted() for x in taken)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert jax.tree.structure(got.report) == jax.tree.structure(want.report)

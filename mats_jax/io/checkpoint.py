@@ -535,8 +535,8 @@ class CheckpointWriter:
             self._collected[leaf] = array
             return
         name, inverse = self._names[leaf]
-        if inverse is not None:
-            array = np.ascontiguousarray(np.transpose(array, inverse))
+        if inverse is not None:  # a view: the writer copies it block by block
+            array = np.transpose(array, inverse)
         self._stream.write(name, array)
 
     def close(self) -> None:

@@ -340,7 +340,7 @@ class SafetensorsWriter:
       metadata: string key-value pairs for each file's ``__metadata__``.
 
     Call :meth:`write` once per tensor in ``specs`` order, then :meth:`close`.
-    Memory: one tensor at a time.
+    Memory: one tensor at a time (of a non-contiguous one, a block of rows).
     """
 
     def __init__(
@@ -409,7 +409,7 @@ class SafetensorsWriter:
             self._handle.write(_header(self._shards[shard], self._metadata))
         if array.dtype.byteorder == ">":  # the format is little-endian
             array = array.astype(array.dtype.newbyteorder("<"))
-        self._handle.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        _write_array(self._handle, array)
         self._next += 1
         last_of_shard = (
             self._next == len(self._order) or self._order[self._next][0] != shard
@@ -446,6 +446,25 @@ class SafetensorsWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+WRITE_BLOCK_BYTES = 1 << 24
+"""The most bytes of a non-contiguous array copied at once when written."""
+
+
+def _write_array(handle: IO[bytes], array: np.ndarray) -> None:
+    """Writes ``array``'s bytes in C order. A non-contiguous one (a transposed
+    view, as a layout writes a kernel in the other orientation) goes in
+    blocks of rows of at most :data:`WRITE_BLOCK_BYTES`, so no copy of the
+    whole tensor is made."""
+    if array.flags.c_contiguous:
+        handle.write(array.reshape(-1).view(np.uint8).data)
+        return
+    rows = max(1, WRITE_BLOCK_BYTES // max(1, array[:1].nbytes))
+    for i in range(0, array.shape[0], rows):
+        block = np.ascontiguousarray(array[i : i + rows])
+        handle.write(block.reshape(-1).view(np.uint8).data)
+        del block  # before the next is made: one block at a time
 
 
 def write_safetensors(

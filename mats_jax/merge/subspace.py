@@ -29,7 +29,12 @@ from mats_jax.select import MagnitudeQuantiles
 from mats_jax.sharding import Placement
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import ConvergenceWarning, MergeResult, unconverged_blocks
-from mats_jax.solver.solve import check_solve_inputs, solve_traced
+from mats_jax.solver.solve import (
+    System,
+    check_solve_inputs,
+    form_system,
+    solve_system,
+)
 from mats_jax.stats.statistic import Statistic
 from mats_jax.typing import Params
 
@@ -81,6 +86,7 @@ class SubspaceMerge(MergeMethod):
     allowed: tuple[type[Statistic], ...] = (Statistic,)
     transform: Transform | None = None
     data_dependent: ClassVar[bool] = True
+    staged: ClassVar[bool] = True
 
     def needs(self, params: Any) -> Needs:
         own = Needs(
@@ -145,8 +151,17 @@ class SubspaceMerge(MergeMethod):
     def merge(
         self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
     ) -> MergeResult:
+        return self.finish(
+            self.begin(inputs, params, prepared, placement), params, placement
+        )
+
+    def begin(
+        self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
+    ) -> System:
+        """The solve's first stage (:func:`~mats_jax.solver.solve.form_system`):
+        the statistics transformed, the initialisation, every leaf's system."""
         assert inputs.weights is not None
-        merged, report = solve_traced(
+        return form_system(
             inputs.models,
             self._per_task(inputs, params),
             inputs.weights,
@@ -157,6 +172,10 @@ class SubspaceMerge(MergeMethod):
             else params.fallback,
             placement=placement,
         )
+
+    def finish(self, begun: Any, params: Any, placement: Placement) -> MergeResult:
+        """The solve's second stage (:func:`~mats_jax.solver.solve.solve_system`)."""
+        merged, report = solve_system(begun, params.solver_options(), placement)
         return MergeResult(merged, report)
 
     def diagnose(

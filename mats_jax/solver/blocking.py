@@ -24,17 +24,28 @@ __all__ = ["Blocked", "Group", "gather", "group_leaves", "pad_blocks", "split"]
 
 
 class Group(NamedTuple):
-    """Leaves (by index) whose blocks are solved as one batch."""
+    """Leaves (by index) whose blocks are solved as one batch.
 
-    indices: list[int]
+    A value with no arrays (hashable): each leaf's layout is its first task's
+    statistic with every array replaced by its shape and dtype, which is all
+    that blocking and unblocking read. So a group can be static data of a
+    traced pytree (the solver's :class:`~mats_jax.solver.solve.System`).
+    """
+
+    indices: tuple[int, ...]
     stat_type: type[Statistic]
-    layouts: list[Statistic]  # the first task's statistic of each leaf
+    layouts: tuple[Statistic, ...]
+
+
+def _skeleton(stat: Statistic) -> Statistic:
+    """``stat`` with its arrays replaced by their shapes and dtypes."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stat)
 
 
 class Blocked(NamedTuple):
     """One group's arrays, each with a leading block axis B."""
 
-    stats: list[Statistic]  # per task, weighted
+    stats: list[Statistic]  # per task, as given (the solve weighs them)
     models: list[Array]  # per task
     x0: Array
 
@@ -50,7 +61,7 @@ def group_leaves(
     """The groups of the leaves with statistics: same statistic type, blocked
     statistic shapes, block shape and compute dtype (one leaf per group
     without ``group_blocks``)."""
-    groups: dict[Any, Group] = {}
+    groups: dict[Any, tuple[type[Statistic], list[int], list[Statistic]]] = {}
     for i, stat in enumerate(per_task[0]):
         if stat is None:
             continue
@@ -64,10 +75,13 @@ def group_leaves(
             if group_blocks
             else i
         )
-        group = groups.setdefault(key, Group([], type(stat), []))
-        group.indices.append(i)
-        group.layouts.append(stat)
-    return list(groups.values())
+        _, indices, layouts = groups.setdefault(key, (type(stat), [], []))
+        indices.append(i)
+        layouts.append(_skeleton(stat))
+    return [
+        Group(tuple(indices), stat_type, tuple(layouts))
+        for stat_type, indices, layouts in groups.values()
+    ]
 
 
 def gather(
@@ -75,10 +89,9 @@ def gather(
     per_task: list[list[Statistic | None]],
     model_leaves: list[list[Array]],
     init_leaf: Callable[[int], Array],
-    weights: Array,
     dtype: Any,
 ) -> Blocked:
-    """The group's weighted statistics, models and initialisation as blocks."""
+    """The group's statistics, models and initialisation as blocks."""
     shapes = [tuple(model_leaves[0][i].shape) for i in group.indices]
 
     def blocks_of(arrays: Sequence[Array]) -> Array:
@@ -90,7 +103,7 @@ def gather(
         )
 
     stats = []
-    for m, task in enumerate(per_task):
+    for task in per_task:
         parts = [
             _present(task[i]).blocked(s).astype(dtype)
             for i, s in zip(group.indices, shapes, strict=True)
@@ -105,7 +118,7 @@ def gather(
                 for xs in zip(*(jax.tree.leaves(p) for p in parts), strict=True)
             ],
         )
-        stats.append(stacked.scaled(weights[m].astype(dtype)))
+        stats.append(stacked)
     return Blocked(
         stats,
         [blocks_of([leaves[i] for i in group.indices]) for leaves in model_leaves],
