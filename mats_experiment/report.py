@@ -306,31 +306,101 @@ def markdown_table(
     return "\n".join(lines)
 
 
+FONT_SIZE = 10
+"""Points of every text of the plots (ticks, labels, legends) at their saved
+size. The figures are 8 in wide, about a page column's width, so text shown
+at the column's width keeps nearly that size; panels stack vertically."""
+
+MATS_COLOR, OTHER_COLOR = "tab:red", "tab:blue"
+
+
+def _panel_title(arch: str, setting: str) -> str:
+    # "mlp" reads as MLP; a descriptive name ("MiniLM-L6, first 2 layers") as written.
+    return f"{arch.upper() if arch.isalnum() else arch}, {setting}"
+
+
 def plot_normalised(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Bar chart: average normalised test accuracy per method (± std over seeds)."""
+    """Bar chart: average normalised test accuracy per method (± std over seeds).
+
+    One panel per (architecture, setting), one above the other, and one
+    legend over them: MaTS (any statistic, any initialisation) in red, every
+    other method in blue, the error bar one sample standard deviation over
+    the seeds either side of the mean (no bar for one seed), the dashed
+    vertical line 100 (each task's own fine-tuned model).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     archs = sorted({r["architecture"] for r in rows})
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
-    fig, axes = plt.subplots(
-        len(archs),
-        len(settings),
-        figsize=(7 * len(settings), 4.5 * len(archs)),
-        squeeze=False,
-    )
-    for i, arch in enumerate(archs):
-        for j, setting in enumerate(settings):
-            _bars(axes[i][j], rows, arch, setting)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [
+        (arch, setting)
+        for arch in archs
+        for setting in settings
+        if any(r["architecture"] == arch and r["setting"] == setting for r in rows)
+    ]
+    bars = [
+        sum(r["architecture"] == a and r["setting"] == s for r in rows)
+        for a, s in panels
+    ]
+    legend_in = 0.6  # two rows of the legend, above the panels
+    heights = [0.27 * n + 1.0 for n in bars]
+    with plt.rc_context({"font.size": FONT_SIZE}):
+        fig, axes = plt.subplots(
+            len(panels),
+            1,
+            figsize=(8.0, sum(heights) + legend_in),
+            squeeze=False,
+            gridspec_kw={"height_ratios": heights},
+        )
+        for ax, (arch, setting) in zip(axes[:, 0], panels, strict=True):
+            _bars(ax, rows, arch, setting)
+        seeds = sorted({r["seeds"] for r in rows})
+        handles = [
+            Patch(color=MATS_COLOR, label="MaTS (any statistic, any init)"),
+            Patch(color=OTHER_COLOR, label="every other method"),
+            # Dashed, unlike the error bars' solid black.
+            Line2D(
+                [],
+                [],
+                color="0.3",
+                lw=1.0,
+                ls="--",
+                label="100: each task's own fine-tuned model",
+            ),
+        ]
+        if max(seeds) > 1:  # one seed has no spread, and no error bars
+            over = f"{seeds[0]} seeds" if len(seeds) == 1 else "the seeds"
+            handles.insert(
+                2,
+                Line2D(
+                    [],
+                    [],
+                    color="k",
+                    lw=1.5,
+                    label=f"error bar: ± 1 standard deviation over {over}",
+                ),
+            )
+        fig.legend(
+            handles=handles,
+            loc="upper center",
+            ncol=2,
+            frameon=False,
+            bbox_to_anchor=(0.5, 1.0),
+        )
+        fig.tight_layout(rect=(0, 0, 1, 1 - legend_in / (sum(heights) + legend_in)))
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def _bars(ax: Any, rows: Sequence[Mapping[str, Any]], arch: str, setting: str) -> None:
-    """One panel: a bar per method, MaTS variants in red."""
+    """One panel: a bar per method, best at the top, MaTS variants in red."""
+    from matplotlib.ticker import MaxNLocator
+
     chosen = sorted(
         (r for r in rows if r["architecture"] == arch and r["setting"] == setting),
         key=lambda r: r["normalised"][0],
@@ -341,56 +411,99 @@ def _bars(ax: Any, rows: Sequence[Mapping[str, Any]], arch: str, setting: str) -
         [r["normalised"][0] for r in chosen],
         xerr=[r["normalised"][1] for r in chosen],
         color=[
-            "tab:red" if r["method"].startswith("mats") else "tab:blue" for r in chosen
+            MATS_COLOR if r["method"].startswith("mats") else OTHER_COLOR
+            for r in chosen
         ],
+        error_kw={"lw": 1.5},
     )
-    ax.set_yticks(y, [r["label"] for r in chosen], fontsize=7)
+    ax.set_yticks(y, [r["label"] for r in chosen])
+    ax.set_ylim(-0.6, len(chosen) - 0.4)
     low = min(r["normalised"][0] - r["normalised"][1] for r in chosen)
     ax.set_xlim(max(0.0, low - 5), 105)
-    ax.axvline(100, color="k", lw=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=7, steps=[1, 2, 5, 10]))
+    ax.axvline(100, color="0.3", lw=1.0, ls="--")
+    ax.grid(axis="x", color="0.85", lw=0.6)
+    ax.set_axisbelow(True)
     ax.set_xlabel("average normalised test accuracy (%)")
-    ax.set_title(f"{arch.upper()}, {setting}")
+    ax.set_title(_panel_title(arch, setting))
 
 
 def plot_cg_curve(results: Mapping[str, Any], path: Path) -> None:
-    """MaTS (K-FAC exact, init task arithmetic) accuracy against CG iterations."""
+    """MaTS (K-FAC exact, init task arithmetic) accuracy against CG iterations.
+
+    One panel per architecture, one above the other: a colour per seed, its
+    test accuracy solid with markers, its validation accuracy dashed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     archs = sorted({r["architecture"] for r in results["runs"] if r["cg_curve"]})
-    fig, axes = plt.subplots(
-        1, max(1, len(archs)), figsize=(5 * max(1, len(archs)), 4), squeeze=False
-    )
-    for ax, arch in zip(axes[0], archs, strict=False):
-        for run in (r for r in results["runs"] if r["architecture"] == arch):
-            own = {t: v["finetuned_test"] for t, v in run["tasks"].items()}
-            iters = [max(p["iterations"], 0.5) for p in run["cg_curve"]]
-            test = [
-                float(
-                    np.mean(
-                        normalised(
-                            list(p["test"].values()), [own[t] for t in p["test"]]
+    with plt.rc_context({"font.size": FONT_SIZE}):
+        fig, axes = plt.subplots(
+            max(1, len(archs)),
+            1,
+            figsize=(8.0, 4.2 * max(1, len(archs))),
+            squeeze=False,
+        )
+        for ax, arch in zip(axes[:, 0], archs, strict=False):
+            seeds = []
+            for run in (r for r in results["runs"] if r["architecture"] == arch):
+                own = {t: v["finetuned_test"] for t, v in run["tasks"].items()}
+                iters = [max(p["iterations"], 0.5) for p in run["cg_curve"]]
+                test = [
+                    float(
+                        np.mean(
+                            normalised(
+                                list(p["test"].values()), [own[t] for t in p["test"]]
+                            )
                         )
                     )
+                    for p in run["cg_curve"]
+                ]
+                val = [p["val"] for p in run["cg_curve"]]
+                (line,) = ax.plot(iters, test, marker="o")
+                ax.plot(iters, val, ls="--", color=line.get_color())
+                seeds.append(
+                    Line2D(
+                        [],
+                        [],
+                        color=line.get_color(),
+                        lw=2,
+                        label=f"seed {run['seed']}",
+                    )
                 )
-                for p in run["cg_curve"]
+            handles = [
+                *seeds,
+                Line2D([], [], color="0.3", marker="o", label="test"),
+                Line2D([], [], color="0.3", ls="--", label="validation"),
             ]
-            val = [p["val"] for p in run["cg_curve"]]
-            (line,) = ax.plot(iters, test, marker="o", label=f"seed {run['seed']} test")
-            ax.plot(
-                iters,
-                val,
-                ls="--",
-                color=line.get_color(),
-                label=f"seed {run['seed']} val",
+            ax.set_xscale("log")
+            ticks = sorted(
+                {
+                    max(p["iterations"], 0.5)
+                    for r in results["runs"]
+                    if r["architecture"] == arch
+                    for p in r["cg_curve"]
+                }
             )
-        ax.set_xscale("log")
-        ax.set_xlabel("CG iterations (0 plotted at 0.5: the task-arithmetic init)")
-        ax.set_ylabel("average normalised accuracy (%)")
-        ax.set_title(f"{arch.upper()}: MaTS (K-FAC exact) vs iterations")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            ax.set_xticks(ticks, [f"{t:g}" if t >= 1 else "0" for t in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("CG iterations (0, the task-arithmetic init, plotted at 0.5)")
+            ax.set_ylabel("average normalised\naccuracy (%)")
+            ax.set_title(
+                f"{arch.upper() if arch.isalnum() else arch}: "
+                "MaTS (K-FAC exact, init TA) against CG iterations"
+            )
+            ax.grid(color="0.9", lw=0.6)
+            ax.legend(
+                handles=handles,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                frameon=False,
+            )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

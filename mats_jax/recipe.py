@@ -36,7 +36,7 @@ parameters (mergekit's per-model ``density``: ``{path: a/, parameters:
 ``{gradient: [v0, v1, ...], outside: v}``: interpolated linearly over the
 layer stack (:func:`layer_position`), as mergekit's lists are. Precedence,
 lowest first: the recipe's, each model's, the first matching override's.
-A mergekit recipe is read by :func:`mats_jax.mergekit.read_recipe`.
+A mergekit recipe is read by :func:`mats_jax.read_recipe`.
 
 A model given as ``adapter:`` (a PEFT LoRA or IA³ folder) is the base with
 the adapter applied, read one leaf at a time in the base's format and layout
@@ -918,7 +918,7 @@ def parse_recipe(
     """Parses and validates recipe text (paths resolve against ``directory``).
 
     A mergekit recipe (one with ``merge_method``) is refused here, with a
-    pointer to :func:`mats_jax.mergekit.read_recipe`, which converts it.
+    pointer to :func:`mats_jax.read_recipe`, which converts it.
 
     Raises:
       RecipeError: ``file:line: what is wrong and what to do``.

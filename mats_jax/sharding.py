@@ -26,7 +26,7 @@ A kernel with several input (or output) axes shards its flattened I (or O)
 rows only through its first input (output) axis when the others are
 unsharded; otherwise that factor's rows are replicated. Statistics estimated
 with a mesh (:func:`~mats_jax.kfac` and friends) come out sharded this way,
-and :func:`shard_statistics` places statistics loaded from elsewhere.
+and :func:`~mats_jax.shard_statistics` places statistics loaded from elsewhere.
 
 **The solver shards blocks.** Its unit of work is a block (one kernel, or one
 layer of a stacked kernel), and blocks of one shape are solved together
@@ -123,7 +123,9 @@ def shard_statistics(statistics: StatTree, params: Params) -> StatTree:
         target shardings).
 
     Returns:
-      The statistics, each array put on the mesh by :func:`statistic_sharding`.
+      The statistics, each array put on the mesh by its type's rule
+      (:meth:`~mats_jax.Statistic.sharding`, the table of
+      :mod:`mats_jax.sharding`).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np

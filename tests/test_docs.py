@@ -8,12 +8,14 @@ the network (its math included), and every link inside it must land.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
 import shutil
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -45,16 +47,172 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out.resolve()
 
 
-def documented_names(html: Path) -> set[str]:
+def documented_objects(html: Path) -> dict[str, str]:
+    """Every Python object the site describes (indexed), to the URI of its entry."""
     with open(html / "objects.inv", "rb") as f:
         inventory = InventoryFile.load(f, "", lambda base, uri: uri)
-    return {name for entries in inventory.values() for name in entries}
+    return {
+        name: item.uri
+        for kind, entries in inventory.items()
+        if kind.startswith("py:")
+        for name, item in entries.items()
+    }
+
+
+def resolve(name: str) -> object:
+    """The object a dotted name documents: the longest importable module
+    prefix, then attributes."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(name)
 
 
 def test_docs_build_strictly_and_reference_every_public_name(built: Path) -> None:
-    names = documented_names(built)
-    missing = [n for n in mats_jax.__all__ if f"mats_jax.{n}" not in names]
-    assert not missing, f"not in docs/api.md: {missing}"
+    documented = documented_objects(built)
+    missing = [n for n in mats_jax.__all__ if f"mats_jax.{n}" not in documented]
+    assert not missing, f"not in the API reference (docs/api/): {missing}"
+    elsewhere = {
+        n: documented[f"mats_jax.{n}"]
+        for n in mats_jax.__all__
+        if not documented[f"mats_jax.{n}"].startswith("api/")
+    }
+    assert not elsewhere, f"documented outside docs/api/: {elsewhere}"
+
+
+def test_reference_documents_each_public_name_once(built: Path) -> None:
+    # Sphinx -W already refuses one name described twice; this finds a public
+    # object described again under the path of the module that defines it
+    # (``mats_jax.mergekit.read_recipe`` beside ``mats_jax.read_recipe``).
+    # Canonical names of classes point at the same entry and are no second
+    # description.
+    documented = documented_objects(built)
+    twice = {}
+    for name in mats_jax.__all__:
+        public, entry = getattr(mats_jax, name), documented[f"mats_jax.{name}"]
+        others = [
+            f"{other} ({uri})"
+            for other, uri in documented.items()
+            if other.rsplit(".", 1)[-1] == name
+            and uri != entry
+            and resolve(other) is public
+        ]
+        if others:
+            twice[f"mats_jax.{name} ({entry})"] = others
+    assert not twice, f"described again elsewhere: {twice}"
+
+
+class SummaryTables(HTMLParser):
+    """Each row's name in a page's autosummary tables, in order: the object
+    its first cell's link names (``title``) and the link's target."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[tuple[str, str]] = []
+        self._in_table = False
+        self._cell = 0  # the cell of the current row, from 1
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "table" and "autosummary" in (values.get("class") or "").split():
+            self._in_table = True
+        elif self._in_table and tag == "tr":
+            self._cell = 0
+        elif self._in_table and tag == "td":
+            self._cell += 1
+        elif self._in_table and tag == "a" and self._cell == 1:
+            self.rows.append((values.get("title") or "", values.get("href") or ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._in_table = False
+
+
+def test_api_index_summarises_every_public_name_once(built: Path) -> None:
+    tables = SummaryTables()
+    tables.feed((built / "api.html").read_text(encoding="utf-8"))
+    documented = documented_objects(built)
+    # Each row's name links to the entry on the name's own area page.
+    listed = [name for name, _ in tables.rows]
+    assert all(name.startswith("mats_jax.") for name in listed), listed
+    names = [name.removeprefix("mats_jax.") for name in listed]
+    assert sorted(names) == sorted(mats_jax.__all__), (
+        f"not in docs/api.md's tables: {set(mats_jax.__all__) - set(names)}; "
+        f"not public: {set(names) - set(mats_jax.__all__)}"
+    )
+    assert len(names) == len(set(names)), "a name is listed twice"
+    wrong = [(n, t) for n, t in tables.rows if t != documented[n]]
+    assert not wrong, f"rows that do not link to their entry: {wrong}"
+
+
+def entry_text(page: Path, name: str) -> str:
+    """The text of the entry ``name`` on a built page, up to the next entry."""
+    html = page.read_text(encoding="utf-8")
+    start = html.index(f'id="{name}"')
+    end = html.find('<dl class="py ', start)
+    text = re.sub(r"<[^>]+>", "", html[start : end if end != -1 else None])
+    return re.sub(r"\s+", " ", unescape(text))
+
+
+def test_reference_shows_the_packages_type_aliases_by_name(built: Path) -> None:
+    kfac = entry_text(built / "api" / "statistics.html", "mats_jax.kfac")
+    assert "params (Params)" in kfac, kfac[:600]
+    assert "logits_fn (Callable[[Params, Any], Array])" in kfac, kfac[:600]
+    mats = entry_text(built / "api" / "data_dependent.html", "mats_jax.mats")
+    assert "models (Sequence[Params])" in mats, mats[:600]
+    assert "statistics (Sequence[StatTree])" in mats, mats[:600]
+    assert "init (Params | None)" in mats, mats[:600]
+    # Neither autodoc's placeholder for an alias (its repr inside a type) nor
+    # the link marker of a name (shown as text after a ``Literal``) shows.
+    leaked = [
+        f"{p.relative_to(built)}: {marker}"
+        for p in (built / "api").rglob("*.html")
+        for marker in ("TypeAliasForwardRef", "~mats_jax")
+        if marker in p.read_text(encoding="utf-8")
+    ]
+    assert not leaked, leaked
+
+
+def test_reexported_data_shows_its_own_docstring(built: Path) -> None:
+    # Not the docstring of its value's type (``int([x]) -> integer``).
+    page = built / "api" / "statistics.html"
+    assert "falls back" in entry_text(page, "mats_jax.MAX_FACTOR_SIZE")
+    page = built / "api" / "data_dependent.html"
+    assert "How a block" in entry_text(page, "mats_jax.STATUS_NAMES")
+    page = built / "api" / "methods.html"
+    assert "Every registered method" in entry_text(page, "mats_jax.METHODS")
+
+
+def test_every_table_scrolls_sideways(built: Path, pages: dict[Path, Page]) -> None:
+    # furo wraps each table in div.table-wrapper (overflow-x: auto);
+    # docs/_static/tables.css makes that overflow visible.
+    css = built / "_static" / "tables.css"
+    assert ".table-wrapper" in css.read_text(encoding="utf-8")
+    unwrapped = []
+    for path in built.rglob("*.html"):
+        html = path.read_text(encoding="utf-8")
+        # The pages' own tables, not the theme's (the module index).
+        content = r'<table class="[^"]*\bdocutils\b'
+        tables = len(re.findall(content, html))
+        wrapped = len(
+            re.findall(rf'<div class="table-wrapper[^"]*">\s*{content}', html)
+        )
+        if tables != wrapped:
+            unwrapped.append(
+                f"{path.relative_to(built)}: {tables - wrapped} of {tables}"
+            )
+        if tables and not any(
+            tag == "link" and urlsplit(url).path.endswith("_static/tables.css")
+            for tag, url in pages[path].urls
+        ):
+            unwrapped.append(f"{path.relative_to(built)} does not load tables.css")
+    assert not unwrapped, "\n".join(unwrapped)
 
 
 def needs_example(obj: object) -> bool:

@@ -100,7 +100,14 @@ def fisher_merge(
     floor: float = 1e-6,
     fallback: Any = "average",
 ) -> MergeResult:
-    """Merges by per-entry Fisher-weighted averaging; see the module docstring.
+    """Averages each entry over the models, weighted by each task's diagonal Fisher.
+
+    .. math::
+
+       \\theta^\\star = \\frac{\\sum_m w_m \\max(F_m, \\varepsilon)\\, \\theta_m}
+                            {\\sum_m w_m \\max(F_m, \\varepsilon)}
+
+    elementwise: the closed-form solve of ``C_m = diag(max(F_m, ε))``.
 
     Values are checked before any work when concrete; traced ones (under an
     outer ``jax.jit``: NaN or Inf in models, weights or statistics,

@@ -50,6 +50,8 @@ Fallback = Literal["average", "init"]
 class MatsParameters(SolverOptions):
     """MaTS's parameters: the solver's options, the initialisation and the fallback.
 
+    Its other fields are those of :class:`~mats_jax.solver.SolverOptions`.
+
     Attributes:
       init: CG's starting point (the value kept in directions no task's
         statistic sees): None or ``"average"`` (the weighted average),
@@ -57,7 +59,6 @@ class MatsParameters(SolverOptions):
         e.g. task arithmetic, the paper's choice), or a parameter pytree.
       fallback: the rule for leaves without a statistic: ``"average"``,
         ``"init"``, ``"base"`` or a parameter pytree.
-      The rest: :class:`~mats_jax.solver.SolverOptions`.
     """
 
     init: Any = None
@@ -105,12 +106,30 @@ def mats(
       init: CG's starting point: ``task_arithmetic(...)`` (the paper's
         choice), ``ties(...)``, ``average(...)``, the base model, or any
         pytree. Default: the weighted average.
-      weights, maxiter, tol, damping: see :func:`~mats_jax.solve`. The paper
-        runs 100 iterations (10 for IA³ blocks) with no damping and no
-        preconditioner, the defaults here but for ``tol``, which stops blocks
-        that converge sooner.
-      preconditioner, fallback, precision: see :func:`~mats_jax.solve`.
-      check_every, divergence_factor, group_blocks, cg: see :func:`~mats_jax.solve`.
+      weights: one non-negative weight per model, scaling its statistic
+        (default: all 1).
+      maxiter: CG steps per block at most. The paper runs 100 (the default
+        here), and 10 for IA³ blocks; early stopping regularises, so choose it
+        on validation data.
+      tol: CG's relative residual tolerance per block. The default stops the
+        blocks that converge sooner; 0 runs exactly ``maxiter`` steps, as the
+        paper does.
+      damping: relative Tikhonov damping (see :func:`~mats_jax.solve`); 0,
+        the default, as in the paper.
+      preconditioner: precondition CG with each statistic type's
+        approximation of ``Σ_m w_m C_m + δI`` (see :func:`~mats_jax.solve`);
+        off by default, as in the paper.
+      fallback: the rule for leaves whose statistic is None: ``"average"``,
+        ``"init"`` or a parameter pytree (see :func:`~mats_jax.solve`).
+      precision: ``"float64"`` solves in double precision (needs
+        ``jax_enable_x64``); default: float32, or the leaf's dtype if wider.
+      check_every: every how many CG steps the divergence test recomputes the
+        true residual (0: no test; :func:`~mats_jax.per_block_cg`).
+      divergence_factor: a block whose true residual exceeds this factor
+        times its best stops, returning its best checked iterate.
+      group_blocks: batch same-shaped blocks of different leaves into one CG.
+      cg: the CG loop, ``"per_block"`` (the default) or ``"jax_scipy"`` (see
+        :func:`~mats_jax.solve`).
 
     Returns:
       A :class:`~mats_jax.MergeResult`: the merged parameters and a per-leaf
@@ -211,7 +230,10 @@ def solve(
       precision: ``"float64"`` runs the solve in double precision (needs
         ``jax.config.update("jax_enable_x64", True)``); default: float32, or
         the leaf's dtype if wider.
-      check_every, divergence_factor: CG's divergence test (:func:`per_block_cg`).
+      check_every: every how many CG steps the divergence test recomputes the
+        true residual (0: no test; :func:`~mats_jax.per_block_cg`).
+      divergence_factor: a block whose true residual exceeds this factor
+        times its best stops, returning its best checked iterate.
       group_blocks: batch same-shaped blocks of different leaves into one CG.
       cg: the CG loop: ``"per_block"`` (:func:`~mats_jax.per_block_cg`, the
         default: per-block iterations, residuals, stopping status and a

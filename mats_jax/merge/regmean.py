@@ -94,7 +94,15 @@ def regmean(
     weights: Any = None,
     fallback: Any = "average",
 ) -> MergeResult:
-    """Merges dense kernels by RegMean; see the module docstring.
+    """Merges each dense kernel to reproduce every task's outputs on that task's inputs.
+
+    .. math::
+
+       W^\\star = \\Big(\\sum_m w_m \\tilde A_m\\Big)^{+} \\sum_m w_m \\tilde A_m W_m,
+       \\qquad \\tilde A_m = \\alpha A_m + (1 - \\alpha)\\,\\mathrm{diag}(A_m),
+
+    with A_m the Gram of the kernel's inputs in task m: the closed-form solve
+    of ``C_m = Ã_m ⊗ I``, one (in, in) system per kernel.
 
     Values are checked before any work when concrete; traced ones (under an
     outer ``jax.jit``: NaN or Inf in models, weights or statistics,

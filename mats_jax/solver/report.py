@@ -66,6 +66,13 @@ jax.tree_util.register_dataclass(
 class MergeResult(NamedTuple):
     """The merged parameters and, per leaf, a :class:`LeafReport`.
 
+    Attributes:
+      params: the merged parameters: a pytree with the models' structure,
+        each leaf in its models' dtype.
+      report: a pytree with the same structure holding, per leaf, the
+        :class:`LeafReport` of how it was merged (print it with
+        :func:`format_report`).
+
     Examples:
       >>> import jax.numpy as jnp
       >>> from mats_jax import Diagonal, fisher_merge

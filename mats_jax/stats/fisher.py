@@ -196,6 +196,10 @@ def block_fisher(
     other (an IA³ vector's scales, a bias's units). Blocks of different leaves
     are independent (block-diagonal across leaves).
 
+    The arguments not listed below (``logits_fn``, ``params``, ``batches``,
+    ``kind``, ``num_samples``, ``key``, ``micro_batch_size``, ``mesh``,
+    ``progress``) are :func:`diagonal_fisher`'s, with the same meaning.
+
     Args:
       leaves: which leaves get a block: None (all), leaf-path patterns
         (``"**/ia3_l"``) or a boolean pytree; the others get None (or the
@@ -206,7 +210,6 @@ def block_fisher(
         :class:`~mats_jax.StatisticsFallbackWarning`. None: no limit.
       fallback: ``None`` (no statistic) or ``"diagonal"`` for the leaves
         without a block.
-      Everything else: as for :func:`diagonal_fisher`.
 
     Returns:
       A pytree with ``params``' structure: a :class:`~mats_jax.Dense` (float32,

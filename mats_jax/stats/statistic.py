@@ -195,7 +195,7 @@ def _sym_pinv(
 
 @dataclasses.dataclass(frozen=True)
 class Statistic:
-    """Base class of the statistic types; see the module docstring.
+    """A task's positive semi-definite C for one parameter leaf: the statistic types' base class.
 
     A statistic is a frozen dataclass registered as a pytree (its arrays are
     leaves), so statistics pass through ``jax.jit``, ``jax.tree.map`` and
