@@ -302,7 +302,9 @@ def _flagged(
     flag per leaf, in the merge's own program)."""
     leaves, treedef = jax.tree.flatten(merged)
     leaves = keep_shardings(leaves, placement.out_shardings)
-    finite = jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves], bool)
+    # x · 0 is 0 where x is finite and NaN where not, and a sum of zeros cannot
+    # overflow: one reduction per leaf, with no leaf-sized mask (isfinite's).
+    finite = jnp.array([jnp.sum(x * 0) == 0 for x in leaves], bool)
     return MergeResult(jax.tree.unflatten(treedef, leaves), report), finite
 
 

@@ -128,10 +128,19 @@ def fallback_leaf(
 
 
 class GroupSystem(NamedTuple):
-    """One group's linear system, blocked: ``(Σ_m w_m C_m + δI) x = rhs`` from ``x0``."""
+    """One group's linear system, blocked: ``(Σ_m w_m C_m + δI) x = rhs`` from ``x0``.
 
-    stats: list[Statistic]  # the operator: Statistic.summed of the weighted statistics
-    delta: Array  # (B,) damping δ per block
+    Attributes:
+      stats: the operator's statistics: for a type closed under addition one,
+        ``Σ_m w_m C_m + δI`` (:meth:`~mats_jax.Statistic.plus_identity`);
+        else every task's ``w_m C_m``.
+      delta: (B,) the damping the statistics do not hold: δ for K-FAC, zero
+        where it is folded in.
+      x0, rhs: the start and the right-hand side ``Σ_m w_m C_m θ_m + δ x0``.
+    """
+
+    stats: list[Statistic]
+    delta: Array
     x0: Array
     rhs: Array
 
@@ -354,15 +363,21 @@ def _on_mesh(
 
 
 def _matvec(operands: tuple[list[Statistic], Array], x: Array) -> Array:
-    """``(Σ_m w_m C_m + δI) x`` for blocked ``x``; operands: the operator's statistics, δ."""
+    """``(Σ_m w_m C_m + δI) x`` for blocked ``x``; operands: the operator's
+    statistics and the damping they do not hold (:class:`GroupSystem`)."""
     stats, delta = operands
-    return sum_of(s.matvec(x) for s in stats) + per_block(delta, x) * x
+    product = sum_of(s.matvec(x) for s in stats)
+    if type(stats[0]).closed_under_addition:
+        # δ is in the statistic: no δ x term, whose per-block δ XLA would
+        # otherwise broadcast to a leaf-sized array held through the loop.
+        return product
+    return product + per_block(delta, x) * x
 
 
 def group_system(group: Blocked, weights: Array, options: SolverOptions) -> GroupSystem:
-    """One group's system: δ, the operator's statistics (``Σ_m w_m C_m``
-    formed once where the type allows it: CG applies it at every step) and
-    the right-hand side ``Σ_m w_m C_m θ_m + δ x0``."""
+    """One group's system: the operator (``Σ_m w_m C_m + δI`` formed once
+    where the type allows it: CG applies it at every step), the damping it
+    does not hold, and the right-hand side ``Σ_m w_m C_m θ_m + δ x0``."""
     x0 = group.x0
     w = [weights[m].astype(x0.dtype) for m in range(len(group.stats))]
     # δ from the unweighted statistics' diagonals: no weighted copy of a
@@ -372,9 +387,12 @@ def group_system(group: Blocked, weights: Array, options: SolverOptions) -> Grou
     )
     stats = [s.scaled(w_m) for w_m, s in zip(w, group.stats, strict=True)]
     b = sum_of(s.matvec(v) for s, v in zip(stats, group.models, strict=True))
-    return GroupSystem(
-        type(stats[0]).summed(stats), delta, x0, b + per_block(delta, x0) * x0
-    )
+    rhs = b + per_block(delta, x0) * x0
+    stat_type = type(stats[0])
+    if stat_type.closed_under_addition:
+        (total,) = stat_type.summed(stats)
+        return GroupSystem([total.plus_identity(delta)], jnp.zeros_like(delta), x0, rhs)
+    return GroupSystem(stat_type.summed(stats), delta, x0, rhs)
 
 
 def solve_groups(
@@ -386,8 +404,8 @@ def solve_groups(
     eigh = EighSequence()  # every eigendecomposition of this solve, one at a time
     inverses: list[BlockInverse | None] = []
     for system, stat_type in zip(systems, stat_types, strict=True):
-        # For a type closed under addition the pseudo-inverse of the summed
-        # statistic is that of the sum; for K-FAC the operator keeps every task's.
+        # For a type closed under addition the operator is one statistic, the
+        # damped sum (its damping here is zero); K-FAC's keeps every task's.
         if options.method == "closed_form":
             inverses.append(stat_type.sum_pinv(system.stats, system.delta, eigh))
         elif options.preconditioner:

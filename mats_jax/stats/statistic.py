@@ -318,6 +318,13 @@ class Statistic:
         """The mean of C's diagonal per block, shape (B,) (on a blocked statistic)."""
         raise NotImplementedError
 
+    def plus_identity(self, damping: Array) -> Statistic:
+        """``C + δ_b I`` for each block b (on a blocked statistic; ``damping``
+        has shape (B,)), for a type closed under addition: the solver folds
+        its damping into the summed statistic, so CG's product needs no
+        separate, leaf-sized ``δ x`` term."""
+        raise NotImplementedError(f"{self.kind} statistics do not hold a damping")
+
     def astype(self, dtype: Any) -> Statistic:
         return jax.tree.map(lambda x: x.astype(dtype), self)
 
@@ -434,6 +441,9 @@ class Diagonal(Statistic):
     def diagonal_mean(self) -> Array:
         return jnp.mean(self.f, axis=-1)
 
+    def plus_identity(self, damping: Array) -> Diagonal:
+        return Diagonal(self.f + damping[:, None].astype(self.f.dtype))
+
     @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
@@ -499,11 +509,20 @@ class Dense(Statistic):
     def diagonal_mean(self) -> Array:
         return jnp.mean(jnp.diagonal(self.f, axis1=-2, axis2=-1), axis=-1)
 
+    def plus_identity(self, damping: Array) -> Dense:
+        return Dense(self.f + _scaled_identity(damping, self.f))
+
     @classmethod
     def sum_pinv(
         cls, stats: Sequence[Statistic], damping: Array, eigh: Eigh = jnp.linalg.eigh
     ) -> BlockInverse:
         return _sym_pinv(sum_of(s.f for s in stats), damping, eigh, _dense_rule)  # type: ignore[attr-defined]
+
+
+def _scaled_identity(damping: Array, blocks: Array) -> Array:
+    """``δ_b I`` for each block b of ``blocks`` (B, n, n)."""
+    eye = jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
+    return damping.astype(blocks.dtype)[:, None, None] * eye
 
 
 def kernel_axes(
@@ -707,6 +726,12 @@ class Gram(_KernelLayout, Statistic):
 
     def diagonal_mean(self) -> Array:
         return jnp.mean(jnp.diagonal(self.a, axis1=-2, axis2=-1), axis=-1)
+
+    def plus_identity(self, damping: Array) -> Gram:
+        # (A ⊗ I) + δI = (A + δI) ⊗ I
+        return Gram(
+            self.a + _scaled_identity(damping, self.a), self.in_axes, self.out_axes
+        )
 
     @classmethod
     def sum_pinv(
