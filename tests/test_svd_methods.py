@@ -299,6 +299,25 @@ def test_tsv_m_of_copies_with_a_full_share_returns_the_model(num_models: int) ->
         np.testing.assert_allclose(got[key], model[key], err_msg=key, **TOL)
 
 
+def test_tsv_m_of_weighted_copies_adds_no_direction_from_rounding() -> None:
+    # Hypothesis's draw: Δ = θ − θ_0 has σ = 2.24, 1, 0.049 and column 1 of
+    # zeros. In float32 the copies' v_3 carry ~ε σ_1 / σ_3 ≈ 2.5e-6 along
+    # e_1, Δ's null direction, which puts a 4th singular value of 1.5e-6 in
+    # V = [V_1 V_2], above V's cutoff of 1.0e-6; orth(V) made it a unit
+    # direction and the merge put 3e-3..6e-3 into column 1.
+    base = {"w": np.array([[0, 0, 0, 0], [-3.890625, 0, 0, 2], [0, 0, 0, 1]])}
+    theta = {"w": np.array([[0, 0, 1, 0], [-4, 0, 0, 0], [0, 0, 0, 0]])}
+    base, theta = (
+        jax.tree.map(lambda x: x.astype(np.float32), t) for t in (base, theta)
+    )
+    weights = [1.0, 0.75]
+    got = mj.tsv_m(
+        base, [theta] * 2, share=1.0, scale=2 / sum(weights), weights=weights
+    )["w"]
+    np.testing.assert_allclose(got, theta["w"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_less(np.abs(np.asarray(got)[:, 1]), 1e-5)
+
+
 def test_tsv_m_of_copies_with_the_default_share_truncates_to_the_top_k() -> None:
     # M = 2 copies, k = ⌊r / 2⌋: the merge is Δ's rank-k truncation.
     base = {"w": np.zeros((6, 4), np.float32)}

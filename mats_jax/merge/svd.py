@@ -56,8 +56,15 @@ the largest) count as zero, and their directions are left out everywhere:
 ``orth`` is ``P Qᵀ`` on the range of ``X`` (the polar factor with ``X``'s own
 range and null space), a triplet of a task matrix with a zero singular
 value is dropped, and ISO-C's ``U Vᵀ`` spans the range of the sum only
-(with ``σ̄`` still the mean over all ``r``). On full-rank inputs this is
-exactly the papers' formula.
+(with ``σ̄`` still the mean over all ``r``). TSV-M judges the range of its
+bases by their accuracy: a computed singular vector of ``σ_i`` carries
+rounding of about ``ε σ_1 / σ_i`` outside its task's range (``σ_1`` that
+task's largest), so ``U`` and ``V`` are orthogonalised on the numerical
+range of ``[U_1 Σ_1 / σ_1^{(1)} ⋯ U_M Σ_M / σ_1^{(M)}]`` (and so for
+``V``), whose columns are accurate to ``ε``. Otherwise two copies of one
+task matrix with a small ``σ_r`` would bring a direction of that rounding
+alone, above the cutoff of ``U`` itself, and ``orth`` would make it a unit
+one. On full-rank inputs this is exactly the papers' formula.
 
 Leaves that are not matrices (biases, norms' scales, scalars) take the mean
 of the (weighted) task vectors, ``θ_0 + α (1/M) Σ_m w_m τ_m``, as the
@@ -74,8 +81,9 @@ the fallback instead (the papers' code merges only 2-D tensors). A recipe's
 ``overrides`` send other leaves to another rule (the reference code leaves
 embeddings and output heads to the mean).
 
-Cost: per matrix of ``(n, d)``, TSV-M takes M + 2 SVDs (one per task, then
-one of each ``(n, Mk)`` and ``(d, Mk)`` basis), ISO-C one, ISO-CTS M + 3;
+Cost: per matrix of ``(n, d)``, TSV-M takes M + 4 SVDs (one per task, then
+two of each ``(n, Mk)`` and ``(d, Mk)`` basis: its range, then its polar
+factor on that range), ISO-C one, ISO-CTS M + 3;
 each thin SVD costs ``O(n d min(n, d))`` and holds a few matrices of the
 leaf's size. They run with ``jnp.linalg.svd`` (LAPACK on CPU, cuSOLVER on
 GPU) in float32 (float64 for float64 leaves), under
@@ -291,6 +299,16 @@ def nearest_orthonormal(x: Array) -> Array:
     return (p * kept) @ qt
 
 
+def _nearest_orthonormal_on_span(x: Array, scales: Array) -> Array:
+    """:func:`nearest_orthonormal` of ``x`` on the numerical range of
+    ``x · diag(scales)``: the range whose columns are scaled by their
+    accuracy, so a direction that only the rounding of some column brings
+    in counts as zero (a ``scales`` of zero drops its column)."""
+    a, s, _ = jnp.linalg.svd(x * scales, full_matrices=False)
+    span = a * (s > rank_cutoff(s, x.shape)).astype(x.dtype)
+    return span @ nearest_orthonormal(span.T @ x)
+
+
 def _top_triplets(
     delta: Array, k: int, cutoff_scale: Any = None
 ) -> tuple[Array, Array, Array]:
@@ -343,7 +361,14 @@ def tsv_m_matrix(deltas: Sequence[Array], keep: int) -> Array:
     u = jnp.concatenate([p[0] for p in parts], axis=1)
     s = jnp.concatenate([p[1] for p in parts])
     v = jnp.concatenate([p[2] for p in parts], axis=1)
-    return (nearest_orthonormal(u) * s) @ nearest_orthonormal(v).T
+    # Each task's σ_i / σ_1: its singular vectors scaled to the accuracy
+    # they are computed to (module docstring).
+    relative = jnp.concatenate(
+        [p[1] / jnp.where(p[1][0] > 0, p[1][0], 1) for p in parts]
+    )
+    u_orth = _nearest_orthonormal_on_span(u, relative)
+    v_orth = _nearest_orthonormal_on_span(v, relative)
+    return (u_orth * s) @ v_orth.T
 
 
 def iso_c_matrix(deltas: Sequence[Array]) -> Array:
