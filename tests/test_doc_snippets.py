@@ -62,6 +62,7 @@ def run_page(page: str, min_blocks: int = 1) -> dict[str, Any]:
     [
         ("README.md", "## Statistics from any JAX model"),
         ("docs/quickstart.md", "## Statistics from your own model"),
+        ("docs/statistics.md", "## Statistics in code"),
     ],
 )
 def test_statistics_snippets_run(page, heading):
