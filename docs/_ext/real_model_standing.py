@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from docutils import nodes
-from docutils.statemachine import StringList
+from markdown_block import parsed_markdown
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
@@ -83,13 +83,7 @@ class RealModelStanding(SphinxDirective):
                     rows += 1
             if not rows:
                 raise self.error(f"no real-model results file has a row {label!r}")
-        container = nodes.container(classes=["real-model-standing"])
-        self.state.nested_parse(
-            StringList(lines, source=self.get_source_info()[0]),
-            self.content_offset,
-            container,
-        )
-        return [container]
+        return parsed_markdown(self, lines, "real-model-standing")
 
 
 def setup(app: Sphinx) -> dict[str, bool]:

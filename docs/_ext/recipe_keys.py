@@ -11,7 +11,7 @@ In a MyST page::
 from __future__ import annotations
 
 from docutils import nodes
-from docutils.statemachine import StringList
+from markdown_block import parsed_markdown
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
@@ -42,14 +42,7 @@ class RecipeKeys(SphinxDirective):
     def run(self) -> list[nodes.Node]:
         lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in key_rows()]
-        # A class of its own, for the test that reads the table back.
-        container = nodes.container(classes=["recipe-keys"])
-        self.state.nested_parse(
-            StringList(lines, source=self.get_source_info()[0]),
-            self.content_offset,
-            container,
-        )
-        return [container]
+        return parsed_markdown(self, lines, "recipe-keys")
 
 
 def setup(app: Sphinx) -> dict[str, bool]:
