@@ -20,11 +20,14 @@ For each set, in rounds (A B C … A B C …), each run a separate process under
 - the physical floor of task arithmetic (``io_merge.FLOOR``: numpy alone, the
   inputs and the output memory-mapped);
 - ``mats-jax merge -q`` with task arithmetic (weights 0.3), with the model
-  card's checksums and without (``--no-checksums``), its programs found in
+  card's checksums (sha256, and ``--checksum blake3``) and without
+  (``--no-checksums``), its programs found in
   this benchmark's own compilation cache (filled by an untimed merge of the
   same set first);
 - mergekit's task arithmetic (``mergekit-pytorch``) when its virtual
-  environment is given.
+  environment is given;
+- each digest alone: the set's files hashed in one process, one after
+  another, as the merge's checksum thread does.
 
 The report gives, per set, each run's median against ``dd`` and against the
 floor: the fixed costs (starting Python, importing JAX, compiling) weigh less
@@ -38,6 +41,7 @@ share):
 
     .venv/bin/python benchmarks/io_scaling.py [--mergekit VENV] [--repeats 3]
     .venv/bin/python benchmarks/io_scaling.py --quick   # smoke run, small files
+    .venv/bin/python benchmarks/io_scaling.py --sets "1 GB" "8 models"  # some sets
 
 Results go to ``benchmarks/results/io_scaling.{md,json}`` (``--quick``: under
 the temporary directory; ``--out PREFIX`` anywhere); ``--render`` rewrites the
@@ -94,6 +98,22 @@ SIZES = {
 
 COUNTS = (2, 4, 8)
 """Fine-tuned models of the count series (1 GB each, and a base)."""
+
+CHECKSUMS = ("sha256", "blake3")
+"""The model card's digests, each timed alone and inside a merge."""
+
+HASH = """
+import hashlib, sys
+new = hashlib.sha256 if sys.argv[1] == "sha256" else __import__("blake3").blake3
+for path in sys.argv[2:]:
+    digest = new()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+"""
+"""Hashes the files ``argv[2:]`` with digest ``argv[1]``, one after another, in
+16 MiB reads as ``mats_jax.io.checkpoint.file_digest`` does (without
+importing JAX, whose start-up is not the digest's)."""
 
 QUICK_SIZES = {
     "small": Dims(vocab=2048, hidden=128, mlp=512, layers=2),
@@ -213,6 +233,25 @@ def runs_of(s: InputSet, mergekit: Path | None) -> list[Run]:
             ],
             folder / "out_mats_nc",
         ),
+        Run(
+            "mats_jax_task_arithmetic_blake3",
+            [
+                binary,
+                "merge",
+                config,
+                "-o",
+                str(folder / "out_mats_b3"),
+                "-q",
+                "--checksum",
+                "blake3",
+            ],
+            folder / "out_mats_b3",
+        ),
+        # The digests alone, one core, as the merge computes them.
+        *(
+            Run(f"hash_{name}", [sys.executable, "-c", HASH, name, *names])
+            for name in CHECKSUMS
+        ),
     ]
     if mergekit is not None:
         mk = str(mergekit_config(folder, s.files, "task_arithmetic"))
@@ -280,6 +319,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command")
     parser.add_argument("--quick", action="store_true", help="small sets: a smoke run")
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        metavar="NAME",
+        help="only these sets (e.g. '1 GB' '8 models'; default: all)",
+    )
     add_output_options(parser)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -302,7 +347,15 @@ def main() -> None:
     cache = args.scratch / "scaling" / "compilation_cache"
     shutil.rmtree(cache, ignore_errors=True)  # every set compiles once, untimed
     sets = []
-    for s in input_sets(args.scratch, args.quick):
+    chosen = input_sets(args.scratch, args.quick)
+    if args.sets:
+        unknown = set(args.sets) - {s.name for s in chosen}
+        if unknown:
+            raise SystemExit(
+                f"no set {sorted(unknown)}: the sets are {[s.name for s in chosen]}"
+            )
+        chosen = [s for s in chosen if s.name in args.sets]
+    for s in chosen:
         s = prepared(s)
         sets.append(measure(s, args.repeats, mergekit, cache))
         if s.removable:
@@ -331,7 +384,10 @@ RUNS = (
     ("floor_task_arithmetic", "floor"),
     ("mats_jax_task_arithmetic", "mats-jax"),
     ("mats_jax_task_arithmetic_no_checksums", "mats-jax, no checksums"),
+    ("mats_jax_task_arithmetic_blake3", "mats-jax, blake3"),
     ("mergekit_task_arithmetic", "mergekit"),
+    ("hash_sha256", "sha256 alone"),
+    ("hash_blake3", "blake3 alone"),
 )
 
 
@@ -437,8 +493,11 @@ def markdown(r: dict[str, Any]) -> str:
         "finds its programs in this benchmark's compilation cache (filled by an "
         "untimed merge of each set first): these fixed costs are what the ratios "
         "against `dd` lose as the inputs grow.",
-        "- The checksums hash every input (sha256) in a thread beside the merge; "
-        "`no checksums` is the same merge with `--no-checksums`.",
+        "- The checksums hash every input (sha256 unless named) in a thread "
+        "beside the merge; `no checksums` is the same merge with "
+        "`--no-checksums`, `blake3` with `--checksum blake3`; `sha256 alone` "
+        "and `blake3 alone` hash the set's files in a process of their own, one "
+        "file after another on one core, as the merge's thread does.",
         "- Peak memory is the largest over the rounds; the streaming engine holds "
         "one leaf of each input at a time.",
     ]

@@ -189,12 +189,25 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option(
+    "--checksum",
+    type=click.Choice(["sha256", "blake3", "none"]),
+    default="sha256",
+    show_default=True,
+    help="The digest of the inputs the model card records: sha256 (what the "
+    "Hugging Face hub lists), blake3 (needs the blake3 package; faster), or none.",
+)
+@click.option(
     "--no-checksums",
     is_flag=True,
-    help="Do not record the inputs' sha256 in the model card (saves hashing them).",
+    help="The same as --checksum none.",
 )
 def merge(
-    recipe: str, output: str | None, overwrite: bool, quiet: bool, no_checksums: bool
+    recipe: str,
+    output: str | None,
+    overwrite: bool,
+    quiet: bool,
+    checksum: str,
+    no_checksums: bool,
 ) -> None:
     """Merge the checkpoints a YAML RECIPE names, one leaf at a time."""
     from mats_jax.mergekit import read_recipe
@@ -212,7 +225,7 @@ def merge(
                 output,
                 overwrite=overwrite,
                 progress=RichProgress(bars),
-                checksums=not no_checksums,
+                checksum=None if no_checksums or checksum == "none" else checksum,
             )
     except (MergeInputError, FileExistsError, FileNotFoundError) as e:
         _fail(e)

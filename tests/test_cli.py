@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 
+import blake3
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -54,6 +56,50 @@ def test_merge_writes_checkpoint_and_card(workdir):
     want = mats_jax.task_arithmetic(base, [a, b], scale=0.5)
     np.testing.assert_array_equal(got["fc"]["kernel"], want["fc"]["kernel"])
     assert (workdir / "out" / "README.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "column", "digest"),
+    [
+        ([], "sha256", lambda data: hashlib.sha256(data).hexdigest()),
+        (
+            ["--checksum", "blake3"],
+            "blake3",
+            lambda data: blake3.blake3(data).hexdigest(),
+        ),
+        (["--checksum", "none"], "checksum", lambda data: "not computed"),
+        (["--no-checksums"], "checksum", lambda data: "not computed"),
+    ],
+)
+def test_merge_card_records_the_chosen_checksum(workdir, flags, column, digest):
+    out = workdir / "out"
+    result = CliRunner().invoke(
+        main, ["merge", str(workdir / "recipe.yaml"), "-o", str(out), "-q", *flags]
+    )
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert f"| input | path | files | bytes | {column} |" in card
+    data = (workdir / "a.safetensors").read_bytes()
+    assert (
+        f"| models[0] | `a.safetensors` | 1 | {len(data)} | `{digest(data)}` |" in card
+    )
+
+
+def test_merge_refuses_an_unknown_checksum(workdir):
+    result = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            str(workdir / "recipe.yaml"),
+            "-o",
+            str(workdir / "o"),
+            "--checksum",
+            "md5",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "'md5' is not one of 'sha256', 'blake3', 'none'" in result.output
+    assert not (workdir / "o").exists()
 
 
 def test_merge_refuses_existing_output_unless_overwrite(workdir):

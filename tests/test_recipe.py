@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +214,56 @@ def test_model_card_records_recipe_checksums_and_version(checkpoints, tmp_path):
     digest = hashlib.sha256((d / "base.safetensors").read_bytes()).hexdigest()
     assert digest in card
     assert "| `fc/kernel` | [4, 6] | float32 | task_arithmetic |" in card
+
+
+def test_model_card_blake3_checksums_match_the_blake3_package(tmp_path):
+    # The oracle: the blake3 package itself over each whole file, and over the
+    # `digest  name` lines of a sharded input (what b3sum prints).
+    import hashlib
+
+    import blake3
+
+    rng = np.random.default_rng(7)
+    save_checkpoint(
+        tmp_path / "base", _model(rng), format="safetensors", max_shard_size=200
+    )
+    _two(tmp_path, _model(rng), _model(rng))
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 1
+    text = (
+        "base: base\nmodels: [a.safetensors, b.safetensors]\nmethod: task_arithmetic\n"
+    )
+    recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
+    merge_recipe(recipe, tmp_path / "out", checksum="blake3")
+    card = (tmp_path / "out" / "README.md").read_text()
+    single = (tmp_path / "a.safetensors").read_bytes()
+    lines = "".join(
+        f"{blake3.blake3((tmp_path / 'base' / f).read_bytes()).hexdigest()}  {f}\n"
+        for f in shards
+    )
+    assert "| input | path | files | bytes | blake3 |" in card
+    assert f"| base | `base` | {len(shards)} |" in card  # the shards, not the index
+    assert f"`{blake3.blake3(single).hexdigest()}`" in card
+    assert f"`{blake3.blake3(lines.encode()).hexdigest()}`" in card
+    assert hashlib.sha256(single).hexdigest() not in card
+
+
+@pytest.mark.parametrize("checksum", ["md5", "SHA256", ""])
+def test_unknown_checksum_is_refused_before_any_output(checkpoints, tmp_path, checksum):
+    d, *_ = checkpoints
+    with pytest.raises(CheckpointError, match=r"unknown checksum .*sha256, blake3"):
+        merge_recipe(_recipe(d, "task_arithmetic"), tmp_path / "out", checksum=checksum)
+    assert not (tmp_path / "out").exists()
+
+
+def test_blake3_without_its_package_says_what_to_install(
+    checkpoints, tmp_path, monkeypatch
+):
+    d, *_ = checkpoints
+    monkeypatch.setitem(sys.modules, "blake3", None)  # import blake3 fails
+    with pytest.raises(CheckpointError, match="pip install blake3"):
+        merge_recipe(_recipe(d, "task_arithmetic"), tmp_path / "out", checksum="blake3")
+    assert not (tmp_path / "out").exists()
 
 
 def test_overrides_skip_and_method(checkpoints, tmp_path):
@@ -580,7 +631,7 @@ def test_skip_copies_the_base_when_a_model_lacks_the_leaf(tmp_path):
     merge_recipe(
         parse_recipe(text, source="r.yaml", directory=str(tmp_path)),
         tmp_path / "out",
-        checksums=False,
+        checksum=None,
     )
     got = load_checkpoint(tmp_path / "out")
     np.testing.assert_array_equal(got["head"]["kernel"], base["head"]["kernel"])
