@@ -1129,7 +1129,7 @@ def merge_recipe(
       progress: progress hooks.
       checksum: the digest of each input file the model card records,
         ``"sha256"`` (what the Hugging Face hub lists) or ``"blake3"`` (the
-        ``blake3`` package; 2.4x as fast on one core here), or None for none.
+        ``blake3`` package; 2.1x as fast on one core of the benchmark machine), or None for none.
         Hashed beside the merge, at 1-3 GB/s per core: for many large
         inputs it can be the longest part of a merge.
 

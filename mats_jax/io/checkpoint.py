@@ -681,7 +681,8 @@ def atomic_output(
 CHECKSUMS = ("sha256", "blake3")
 """The digests a model card can record for its inputs. sha256 is what the
 Hugging Face hub lists per file; blake3 (the ``blake3`` package, an optional
-dependency) hashed 2.4x as fast here on one core (docs/cli.md)."""
+dependency) hashed 2.1x as fast on one core of the benchmark machine
+(docs/cli.md)."""
 
 
 def new_digest(algorithm: str) -> Any:
