@@ -51,6 +51,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mats_jax.checks import MergeInputError
+from mats_jax.io.checkpoint import CHECKSUMS
 from mats_jax.stream import Progress as MergeProgress
 
 __all__ = ["compilation_cache_dir", "main"]
@@ -190,7 +191,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option(
     "--checksum",
-    type=click.Choice(["sha256", "blake3", "none"]),
+    type=click.Choice([*CHECKSUMS, "none"]),
     default="sha256",
     show_default=True,
     help="The digest of the inputs the model card records: sha256 (what the "
