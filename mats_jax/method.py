@@ -164,10 +164,12 @@ class MergeMethod:
         large leaf in pieces.
       leaf_sized_temporaries: its merge of a leaf holds temporaries several
         times the leaf's size (TIES: each model's trimmed task vector and its
-        signs), so the streaming engine merges a large leaf of an elementwise
-        method in row blocks. Without them (a weighted sum, which XLA fuses
-        into one pass over the entries) the whole leaf is merged at once:
-        pieces would only add allocations.
+        signs), so when the streaming engine reads a large leaf whole (inputs
+        that cannot be read in blocks) it merges it in row blocks. Without
+        them (a weighted sum, which XLA fuses into one pass over the entries)
+        a leaf read whole is merged at once: pieces would only add
+        allocations. From safetensors inputs every elementwise method's
+        leaves are read and merged block by block either way.
     """
 
     name: str

@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -260,6 +261,41 @@ def magnitude_threshold(
 _NUMPY_BITS = 16
 
 
+_SIGN = np.uint16(0x8000)
+_LITTLE = sys.byteorder == "little"
+
+
+def _half_histogram(a: Any, prefix: np.uint32, shift: int) -> np.ndarray:
+    """The 65536-bin histogram of ``|a|``'s bit-pattern half at ``shift``
+    (16: the high half, over every entry; 0: the low half, over the entries
+    whose high half is ``prefix``'s).
+
+    A float32 array's halves are read in place as uint16 (its sign is the
+    high half's top bit, folded away), so no magnitude, shift or mask of the
+    whole array is formed: on the IO benchmark the first pass took half the
+    time of one through ``|a|``'s uint32 bits.
+    """
+    a = np.asarray(a)
+    if a.dtype != np.float32 or not _LITTLE or not a.flags.c_contiguous:
+        u = _float_bits(a, np)
+        in_bucket = _in_bucket(u, prefix, shift, _NUMPY_BITS)
+        if in_bucket is not None:
+            u = u[in_bucket]  # select first: the bucket is a small part
+        return np.bincount(
+            (u >> np.uint32(shift)) & np.uint32(0xFFFF), minlength=1 << 16
+        )
+    halves = a.reshape(-1).view(np.uint16)
+    high = halves[1::2]
+    if shift == 16:
+        raw = np.bincount(high, minlength=1 << 16)
+        return np.concatenate(
+            [raw[:0x8000] + raw[0x8000:], np.zeros(0x8000, raw.dtype)]
+        )
+    want = np.uint16(int(prefix) >> 16)
+    in_bucket = (high | _SIGN) == (want | _SIGN)
+    return np.bincount(halves[0::2][in_bucket], minlength=1 << 16)
+
+
 def streaming_magnitude_thresholds(
     chunks: Callable[[], Iterable[tuple[int, Any]]], ks: Sequence[int]
 ) -> list[float]:
@@ -301,16 +337,9 @@ def streaming_magnitude_thresholds(
         nonlocal checked
         hist = np.zeros((n, bins), np.int64)
         for s, a in chunks():
-            u = _float_bits(a, np)
             if not checked:
-                totals[s] += u.size
-            in_bucket = _in_bucket(u, prefixes[s], shift, _NUMPY_BITS)
-            if in_bucket is not None:
-                u = u[in_bucket]  # select first: the bucket is a small part
-            hist[s] += np.bincount(
-                (u >> np.uint32(shift)) & np.uint32(bins - 1), minlength=bins
-            )
-            del u
+                totals[s] += np.size(a)
+            hist[s] += _half_histogram(a, prefixes[s], shift)
         if not checked:
             checked = True
             for k, total in zip(ks, totals, strict=True):

@@ -7,12 +7,19 @@ each model's copy of one leaf, merges them with the method's own
 in-memory engine runs, jitted once per leaf shape) and writes the result
 before reading the next leaf: peak memory is about ``(models + 1) ×`` the
 largest leaf, plus the merge's temporaries, whatever the model's size.
-Elementwise methods whose merge holds leaf-sized temporaries (TIES) are
-merged in row blocks, so those temporaries stay block-sized. A whole-model
+An elementwise method (:attr:`~mats_jax.method.MergeMethod.elementwise`)
+reading no statistics merges safetensors inputs one block of
+``BLOCK_ENTRIES`` entries at a time, read into buffers reused from block
+to block (aligned so that JAX takes them without a copy): no leaf-sized
+array but the output is made, and no page of input memory is faulted in
+twice. Leaves that cannot be read so (other formats, a layout that
+transposes them) are read whole; those of a method whose merge holds
+leaf-sized temporaries (TIES) are then merged in row blocks. A whole-model
 pass (TIES's threshold with ``trim: global``) runs first, in two streaming
 passes of the radix select
-(:func:`~mats_jax.select.streaming_magnitude_thresholds`), giving the
-threshold the in-memory engine computes. Data-dependent methods read each
+(:func:`~mats_jax.select.streaming_magnitude_thresholds`) over the task
+vectors, read the same way, giving the threshold the in-memory engine
+computes. Data-dependent methods read each
 leaf's statistics as that leaf is merged. Methods that draw random numbers get
 the recipe's ``key(seed)`` and each leaf's path id, as in memory, so a
 streamed DARE equals the in-memory one. The engine names no method.
@@ -27,6 +34,7 @@ place only when complete, with a model card (``README.md``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -35,7 +43,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -56,6 +64,7 @@ from mats_jax.io.checkpoint import (
     open_checkpoint,
 )
 from mats_jax.io.errors import CheckpointError
+from mats_jax.io.safetensors import aligned_empty
 from mats_jax.io.statistics import StatisticsReader
 from mats_jax.mergekit import read_recipe
 from mats_jax.method import MergeInputs, MergeMethod, check_model_inputs
@@ -661,7 +670,99 @@ def _task_vector_blocks(base: Any, model: Any) -> Iterable[np.ndarray]:
         yield model[i:j].astype(dtype) - base[i:j].astype(dtype)
 
 
-def _whole_model_passes(plan: MergePlan, progress: Progress) -> dict[str, list[float]]:
+BLOCK_ENTRIES = 1 << 20
+"""Entries per block when a leaf is read in blocks into reused buffers
+(elementwise merges and thresholds from safetensors inputs): small enough
+for the host's caches, large enough that a block's dispatch costs little."""
+
+
+def _block_size(size: int) -> int:
+    """A leaf's block: a power of two (so each merge compiles for few shapes),
+    at most :data:`BLOCK_ENTRIES`, the leaf's size rounded up for a small one."""
+    return min(BLOCK_ENTRIES, 1 << max(0, (size - 1).bit_length()))
+
+
+class _BlockReader:
+    """Reads one leaf's inputs block by block into buffers reused from block
+    to block and leaf to leaf.
+
+    Each read into a fresh array page-faults its whole size in; reading
+    blocks into the same few buffers does not, and keeps them in the
+    caches while they are merged. A leaf is read this way when every input
+    it needs stores it in the tree's orientation in a format that reads
+    byte ranges (:meth:`~mats_jax.io.checkpoint.Checkpoint.reads_blocks`)
+    and any vocabulary trim keeps leading rows.
+    """
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan = plan
+        self._buffers: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+    def _buffer(self, slot: int, dtype: np.dtype, size: int) -> np.ndarray:
+        key = (slot, np.dtype(dtype))
+        buf = self._buffers.get(key)
+        if buf is None or buf.size < size:
+            buf = self._buffers[key] = aligned_empty(max(size, BLOCK_ENTRIES), dtype)
+        return buf[:size]
+
+    def _sources(
+        self, leaf: LeafPlan, with_base: bool
+    ) -> list[tuple[Checkpoint, Source]]:
+        sources = []
+        if with_base:
+            assert self.plan.base is not None and leaf.base is not None
+            sources.append((self.plan.base, leaf.base))
+        return sources + list(zip(self.plan.models, leaf.models, strict=True))
+
+    def can_read(self, leaf: LeafPlan, with_base: bool) -> bool:
+        """Whether every input ``leaf`` needs can be read in blocks."""
+        if with_base and (self.plan.base is None or leaf.base is None):
+            return False
+        return all(
+            ckpt.reads_blocks(src.path) and (src.rows is None or src.rows[0] == 0)
+            for ckpt, src in self._sources(leaf, with_base)
+        )
+
+    def blocks(
+        self, leaf: LeafPlan, with_base: bool, dtype: np.dtype | None
+    ) -> Iterable[tuple[int, int, list[np.ndarray]]]:
+        """``(start, count, arrays)`` per block of the flattened leaf: the base's
+        entries (with ``with_base``) then each model's, in ``dtype`` (None:
+        each input's own), each array of the block size with zeros past
+        ``count``. The arrays are overwritten by the next block."""
+        size = int(np.prod(leaf.shape, dtype=np.int64))
+        block = _block_size(size)
+        sources = self._sources(leaf, with_base)
+        for start in range(0, size, block):
+            count = min(block, size - start)
+            arrays = []
+            for slot, (ckpt, src) in enumerate(sources):
+                stored = ckpt.leaves[src.path].dtype
+                out = self._buffer(slot, dtype or stored, block)
+                if out.dtype == stored:
+                    ckpt.read_block(src.path, start, out[:count])
+                else:  # read as stored, then cast
+                    staged = self._buffer(-1 - slot, stored, block)[:count]
+                    ckpt.read_block(src.path, start, staged)
+                    out[:count] = staged
+                out[count:] = 0
+                arrays.append(out)
+            yield start, count, arrays
+
+    def task_vectors(self, leaf: LeafPlan) -> Iterable[tuple[int, np.ndarray]]:
+        """``(m, θ_m − θ_0)`` per block and model, in the leaf's compute dtype
+        (as :func:`_task_vector_blocks`), each overwritten by the next."""
+        assert self.plan.base is not None and leaf.base is not None
+        dtype = compute_dtype(self.plan.base.leaves[leaf.base.path].dtype)
+        difference = self._buffer(len(self.plan.models) + 1, dtype, BLOCK_ENTRIES)
+        for _, count, (base, *models) in self.blocks(leaf, True, dtype):
+            for m, x in enumerate(models):
+                yield m, np.subtract(x[:count], base[:count], out=difference[:count])
+
+
+def _whole_model_passes(
+    plan: MergePlan, progress: Progress, reader: _BlockReader
+) -> dict[str, list[float]]:
     """Per group of leaves sharing a whole-model pass, each model's threshold.
 
     Two streaming passes; each reads every leaf of the group once from the
@@ -692,14 +793,17 @@ def _whole_model_passes(plan: MergePlan, progress: Progress) -> dict[str, list[f
         ) -> Iterable[tuple[int, np.ndarray]]:
             for leaf in leaves:
                 assert leaf.base is not None
-                b = _read(base, leaf.base)
-                for m, (c, src) in enumerate(
-                    zip(plan.models, leaf.models, strict=True)
-                ):
-                    x = _read(c, src)
-                    for block in _task_vector_blocks(b, x):
-                        yield m, block
-                    del x
+                if reader.can_read(leaf, with_base=True):
+                    yield from reader.task_vectors(leaf)
+                else:
+                    b = _read(base, leaf.base)
+                    for m, (c, src) in enumerate(
+                        zip(plan.models, leaf.models, strict=True)
+                    ):
+                        x = _read(c, src)
+                        for block in _task_vector_blocks(b, x):
+                            yield m, block
+                        del x
                 progress.advance("threshold", leaf.nbytes * (len(plan.models) + 1))
 
         out[key] = streaming_magnitude_thresholds(vectors, ks)
@@ -720,11 +824,49 @@ class _LeafMerger:
     def __call__(self, leaf: LeafPlan, base: Any, models: list[Any]) -> Any:
         if leaf.merge_method is None:
             return base if base is not None else models[0]
-        try:
+        with _naming(leaf):
             return self._merge(leaf, leaf.merge_method, base, models)
-        except checks.MergeInputError as e:
-            message = str(e).replace(repr(_KEY), repr(leaf.path))
-            raise CheckpointError(f"leaf {leaf.path!r}: {message}") from None
+
+    def in_blocks(self, leaf: LeafPlan, reader: _BlockReader) -> bool:
+        """Whether ``leaf`` is merged block by block from its inputs on disk:
+        an elementwise method that reads no statistics and draws no random
+        numbers, with inputs :class:`_BlockReader` can read."""
+        method = leaf.merge_method
+        if method is None or not method.elementwise:
+            return False
+        needs = method.needs(leaf.record)
+        if needs.statistics or needs.key:
+            return False
+        return reader.can_read(leaf, with_base=_needs_base(leaf))
+
+    def merge_in_blocks(self, leaf: LeafPlan, reader: _BlockReader) -> np.ndarray:
+        """The merged leaf (as written), merged one block at a time: each
+        entry of an elementwise merge depends only on the same entry of its
+        inputs, so the blocks' merges are the leaf's."""
+        method = leaf.merge_method
+        assert method is not None
+        with_base = _needs_base(leaf)
+        out = np.empty(leaf.shape, leaf.dtype)
+        flat = out.reshape(-1)
+        with _naming(leaf):
+            prepared = self._prepared(leaf, lambda: reader.task_vectors(leaf))
+            weights = self.plan.recipe.leaf_weights(leaf.path, self.num_layers)
+            for start, count, arrays in reader.blocks(leaf, with_base, leaf.compute):
+                # On the device without a copy where numpy's buffer allows:
+                # the merge's result is awaited below, before the next block
+                # refills the buffers.
+                arrays = [_to_device(x) for x in arrays]
+                inputs, _, _ = check_inputs(
+                    method,
+                    leaf.record,
+                    models=[{_KEY: x} for x in arrays[with_base:]],
+                    base={_KEY: arrays[0]} if with_base else None,
+                    weights=weights,
+                )
+                merged = merge_checked(method, leaf.record, inputs, prepared=prepared)
+                block = np.asarray(merged.params[_KEY])[:count]
+                flat[start : start + count] = _as_written(leaf, block)
+        return out
 
     def _merge(
         self, leaf: LeafPlan, method: MergeMethod, base: Any, models: list[Any]
@@ -751,7 +893,14 @@ class _LeafMerger:
             inputs = inputs._replace(
                 leaf_ids={_KEY: leaf_ids({leaf.path: 0})[leaf.path]}
             )
-        prepared = self._prepared(leaf, base, models)
+        prepared = self._prepared(
+            leaf,
+            lambda: (
+                (m, block)
+                for m, x in enumerate(models)
+                for block in _task_vector_blocks(base, x)
+            ),
+        )
         if method.elementwise and method.leaf_sized_temporaries:
             return _merge_in_rows(method, params, inputs, prepared)
         # The leaf's inputs are this merge's own: it frees them as soon as
@@ -763,26 +912,36 @@ class _LeafMerger:
             checks.warn(message, category)
         return result.params[_KEY]
 
-    def _prepared(self, leaf: LeafPlan, base: Any, models: list[Any]) -> Any:
-        """The whole-model pass's result for this leaf (None without one)."""
+    def _prepared(
+        self, leaf: LeafPlan, task_vectors: Callable[[], Iterable[tuple[int, Any]]]
+    ) -> Any:
+        """The whole-model pass's result for this leaf (None without one);
+        ``task_vectors`` gives the leaf's ``(m, block of θ_m − θ_0)`` afresh
+        for a per-leaf threshold (in blocks: no leaf-sized temporaries)."""
         spec = _pass_of(leaf)
         if spec is None:
             return None
         if not spec.per_leaf:
             thresholds = self.thresholds[_pass_group(spec)]
-        else:  # over this leaf alone, in blocks: no leaf-sized temporaries
+        else:
             ks = keep_counts(
-                spec.density, int(np.prod(leaf.shape, dtype=np.int64)), len(models)
+                spec.density,
+                int(np.prod(leaf.shape, dtype=np.int64)),
+                len(self.plan.models),
             )
-            thresholds = streaming_magnitude_thresholds(
-                lambda: (
-                    (m, block)
-                    for m, x in enumerate(models)
-                    for block in _task_vector_blocks(base, x)
-                ),
-                ks,
-            )
+            thresholds = streaming_magnitude_thresholds(task_vectors, ks)
         return {_KEY: jnp.asarray(thresholds, jnp.float32)}
+
+
+@contextlib.contextmanager
+def _naming(leaf: LeafPlan) -> Iterator[None]:
+    """A method's input error, naming the leaf by its path in the checkpoint
+    rather than the one-leaf tree's key."""
+    try:
+        yield
+    except checks.MergeInputError as e:
+        message = str(e).replace(repr(_KEY), repr(leaf.path))
+        raise CheckpointError(f"leaf {leaf.path!r}: {message}") from None
 
 
 def _rows(tree: Any, i: int, j: int) -> Any:
@@ -1032,7 +1191,8 @@ def run_merge(
                 "checksum", sum(os.path.getsize(f) for *_, fs in inputs for f in fs)
             )
         digests = pool.submit(digest_inputs)
-        thresholds = _whole_model_passes(plan, progress)
+        reader = _BlockReader(plan)
+        thresholds = _whole_model_passes(plan, progress, reader)
         merger = _LeafMerger(plan, thresholds)
         writer = CheckpointWriter(
             tmp,
@@ -1063,6 +1223,11 @@ def run_merge(
                 if leaf.merge_method is None:
                     out = _copied(plan, leaf)  # as stored: no device, no cast
                     progress.advance("read", leaf.nbytes)
+                elif merger.in_blocks(leaf, reader):
+                    out = merger.merge_in_blocks(leaf, reader)
+                    progress.advance(
+                        "read", leaf.nbytes * (len(plan.models) + _needs_base(leaf))
+                    )
                 else:
                     # Each input goes to the device as soon as it is read
                     # (aliased where numpy's buffer allows), so the host copies

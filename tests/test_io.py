@@ -390,6 +390,61 @@ def test_index_naming_a_missing_shard(tmp_path):
         open_checkpoint(tmp_path / "s")
 
 
+# --- reading a leaf in blocks ------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 64])
+def test_read_block_gives_the_leaf_s_entries(tmp_path, block):
+    # Oracle: the whole leaf, read and flattened.
+    tree = _tree()
+    save_checkpoint(tmp_path / "s", tree, format="safetensors", max_shard_size=100)
+    ckpt = open_checkpoint(tmp_path / "s")
+    assert len(ckpt.files) > 1  # blocks come from every shard
+    for path, info in ckpt.leaves.items():
+        assert ckpt.reads_blocks(path)
+        want = ckpt.read(path).reshape(-1)
+        got = np.empty(want.size, info.dtype)
+        for start in range(0, want.size, block):
+            out = np.empty(min(block, want.size - start), info.dtype)
+            ckpt.read_block(path, start, out)
+            got[start : start + out.size] = out
+        np.testing.assert_array_equal(got, want)
+
+
+def test_read_block_refuses_what_it_cannot_read(tmp_path):
+    tree = {"fc": {"weight": np.arange(6, dtype=np.float32).reshape(3, 2)}}
+    save_checkpoint(tmp_path / "m.safetensors", tree)
+    save_checkpoint(tmp_path / "m.msgpack", tree)
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"'fc\.weight' is float32; .*not a float64"
+    ):
+        ckpt.read_block("fc/weight", 0, np.empty(2, np.float64))
+    with pytest.raises(CheckpointError, match="strided"):
+        ckpt.read_block("fc/weight", 0, np.empty(4, np.float32)[::2])
+    with pytest.raises(
+        CheckpointError, match="has 6 entries; cannot read 2 from entry 5"
+    ):
+        ckpt.read_block("fc/weight", 5, np.empty(2, np.float32))
+    for other in (
+        open_checkpoint(tmp_path / "m.msgpack"),  # no byte ranges
+        open_checkpoint(tmp_path / "m.safetensors", layout="hf_linear"),  # transposed
+    ):
+        (path,) = other.leaves
+        assert not other.reads_blocks(path)
+        with pytest.raises(CheckpointError, match="cannot be read in blocks"):
+            other.read_block(path, 0, np.empty(2, np.float32))
+
+
+def test_read_gives_arrays_jax_takes_without_a_copy(tmp_path):
+    from mats_jax.io.safetensors import BUFFER_ALIGNMENT
+
+    save_checkpoint(tmp_path / "m.safetensors", {"w": np.ones((256, 256), np.float32)})
+    x = open_checkpoint(tmp_path / "m.safetensors").read("w")
+    assert x.ctypes.data % BUFFER_ALIGNMENT == 0
+    assert jax.device_put(x, may_alias=True).unsafe_buffer_pointer() == x.ctypes.data
+
+
 # --- the streaming TIES threshold against the in-memory one (oracle) --------
 
 
@@ -399,17 +454,26 @@ def test_index_naming_a_missing_shard(tmp_path):
     seed=st.integers(0, 2**16),
     frac=st.floats(0.0, 1.0),
     repeat=st.booleans(),
+    dtype=st.sampled_from(["float32", "float64", "bfloat16", "float16"]),
+    strided=st.booleans(),
 )
-def test_streaming_threshold_is_the_kth_largest_magnitude(sizes, seed, frac, repeat):
-    # Oracle: sort every magnitude.
+def test_streaming_threshold_is_the_kth_largest_magnitude(
+    sizes, seed, frac, repeat, dtype, strided
+):
+    # Oracle: sort every magnitude (in float32, as the select takes them).
+    # float32 arrays are histogrammed through their uint16 halves in place,
+    # others (and strided views) through their float32 magnitudes' bits.
     rng = np.random.default_rng(seed)
-    arrays = [rng.normal(size=n).astype(np.float32) for n in sizes]
-    if repeat:  # ties at the threshold
-        arrays = [np.round(a, 1) for a in arrays]
+    arrays = [rng.normal(size=2 * n) for n in sizes]
+    if repeat:  # ties at the threshold, and signed zeros
+        arrays = [np.round(a, 1) * rng.choice([-1, 1], a.shape) for a in arrays]
+    arrays = [a.astype(np.dtype(dtype)) for a in arrays]
+    arrays = [a[::2] if strided else a[: a.size // 2] for a in arrays]
     total = sum(sizes)
     k = max(1, min(total, round(frac * total)))
     got = streaming_magnitude_threshold(lambda: iter(arrays), k)
-    assert got == np.sort(np.abs(np.concatenate(arrays)))[::-1][k - 1]
+    flat = np.concatenate([a.astype(np.float32) for a in arrays])
+    assert got == np.sort(np.abs(flat))[::-1][k - 1]
 
 
 def test_streaming_thresholds_match_magnitude_threshold():

@@ -48,6 +48,9 @@ def checkpoints(tmp_path_factory):
     # Mixed formats: the recipe does not care.
     save_checkpoint(d / "m0.msgpack", models[0])
     save_checkpoint(d / "m1", models[1])  # orbax
+    # All safetensors: the engine reads these in blocks.
+    for i, m in enumerate(models):
+        save_checkpoint(d / f"s{i}.safetensors", m)
     stats: dict[str, list] = {"diag": [], "gram": []}
     for i, m in enumerate(models):
         diag = jax.tree.map(
@@ -73,12 +76,20 @@ def _spd(rng, n):
     return a @ a.T / (2 * n)
 
 
-def _recipe(d, method, params="{}", extra="", stats=None, weights=WEIGHTS):
+def _recipe(
+    d,
+    method,
+    params="{}",
+    extra="",
+    stats=None,
+    weights=WEIGHTS,
+    models=("m0.msgpack", "m1"),
+):
     text = f"""
 base: base.safetensors
 models:
-  - {{path: m0.msgpack, weight: {weights[0]}{f", statistics: {stats}0" if stats else ""}}}
-  - {{path: m1, weight: {weights[1]}{f", statistics: {stats}1" if stats else ""}}}
+  - {{path: {models[0]}, weight: {weights[0]}{f", statistics: {stats}0" if stats else ""}}}
+  - {{path: {models[1]}, weight: {weights[1]}{f", statistics: {stats}1" if stats else ""}}}
 method: {method}
 parameters: {params}
 {extra}"""
@@ -199,6 +210,111 @@ def test_every_registered_method_streams_as_it_merges_in_memory(
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, np.asarray(b), **tolerance),
         got,
+        want,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(zoo.CASES))
+def test_every_registered_method_streams_from_blocks_as_it_merges_in_memory(
+    checkpoints, tmp_path, monkeypatch, name
+):
+    # From safetensors inputs an elementwise method's leaves are read and
+    # merged block by block (buffers reused, a zero-padded last block): with
+    # blocks of 8 entries every leaf takes several, and the merge is still the
+    # in-memory one, entry for entry. Other methods read whole leaves.
+    from mats_jax import stream
+
+    monkeypatch.setattr(stream, "BLOCK_ENTRIES", 8)
+    blocked: list[str] = []
+    merge_in_blocks = stream._LeafMerger.merge_in_blocks
+
+    def spy(self, leaf, reader):
+        blocked.append(leaf.path)
+        return merge_in_blocks(self, leaf, reader)
+
+    monkeypatch.setattr(stream._LeafMerger, "merge_in_blocks", spy)
+    d, base, models, st = checkpoints
+    case = zoo.CASES[name]
+    kind = {None: None, Gram: "gram"}.get(case.statistic_type, "diag")
+    weights = WEIGHTS if case.needs.weights else [1.0, 1.0]
+    recipe = _recipe(
+        d,
+        case.method,
+        json.dumps(dict(case.parameters)),
+        stats=kind,
+        weights=weights,
+        models=("s0.safetensors", "s1.safetensors"),
+    )
+    merge_recipe(recipe, tmp_path / "out", checksum=None)
+    got = load_checkpoint(tmp_path / "out")
+    want = case(base, models, st[kind] if kind else None, weights=weights).params
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if kind else {"rtol": 0, "atol": 0}
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, np.asarray(b), **tolerance),
+        got,
+        want,
+    )
+    method = case.merge_method
+    needs = case.needs
+    in_blocks = method.elementwise and not (needs.statistics or needs.key)
+    paths = sorted(leaf.path for leaf in plan_merge(recipe).leaves)
+    assert sorted(blocked) == (paths if in_blocks else [])
+
+
+def test_blocks_cast_bfloat16_inputs_and_fall_back_for_transposed_leaves(tmp_path):
+    # bfloat16 inputs are read as stored and cast to the compute dtype block
+    # by block; a leaf a layout transposes is read whole. Both merge as in
+    # memory.
+    import ml_dtypes
+
+    from mats_jax import stream
+
+    rng = np.random.default_rng(11)
+    bf16 = lambda t: jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), t)  # noqa: E731
+    base, a, b = (bf16(_model(rng)) for _ in range(3))
+    save_checkpoint(tmp_path / "base.safetensors", base)
+    _two(tmp_path, a, b)
+    text = (
+        "base: base.safetensors\nmodels: [a.safetensors, b.safetensors]\n"
+        "method: ties\nparameters: {density: 0.5}\n"
+    )
+    recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
+    plan = plan_merge(recipe)
+    reader = stream._BlockReader(plan)
+    assert all(reader.can_read(leaf, with_base=True) for leaf in plan.leaves)
+    merge_recipe(recipe, tmp_path / "out", checksum=None)
+    want = mats_jax.ties(base, [a, b], density=0.5)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
+        load_checkpoint(tmp_path / "out"),
+        want,
+    )
+    # In PyTorch orientation (out, in) the kernels are transposed on reading.
+    torch_names = {"fc/kernel": "fc.weight", "head/kernel": "head.weight"}
+    for name, tree in (("base", base), ("a", a), ("b", b)):
+        flat = {
+            torch_names.get(f"{k}/{j}", f"{k}.{j}"): np.ascontiguousarray(v.T)
+            if f"{k}/{j}" in torch_names
+            else v
+            for k, leaves in tree.items()
+            for j, v in leaves.items()
+        }
+        save_checkpoint(tmp_path / f"hf_{name}.safetensors", flat)
+    text = (
+        "base: {path: hf_base.safetensors, layout: hf_linear}\n"
+        "models: [{path: hf_a.safetensors, layout: hf_linear}, "
+        "{path: hf_b.safetensors, layout: hf_linear}]\n"
+        "method: ties\nparameters: {density: 0.5}\n"
+    )
+    recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
+    plan = plan_merge(recipe)
+    reader = stream._BlockReader(plan)
+    whole = {leaf.path for leaf in plan.leaves if not reader.can_read(leaf, True)}
+    assert whole == {"fc/kernel", "head/kernel"}
+    merge_recipe(recipe, tmp_path / "out_hf", checksum=None)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
+        load_checkpoint(tmp_path / "out_hf", layout="hf_linear"),
         want,
     )
 

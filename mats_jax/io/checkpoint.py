@@ -193,6 +193,47 @@ class Checkpoint:
             array = np.ascontiguousarray(np.transpose(array, perm))
         return array
 
+    def reads_blocks(self, path: str) -> bool:
+        """Whether :meth:`read_block` can read leaf ``path``: its format reads
+        byte ranges (safetensors) and it is stored in the tree's orientation
+        (no transpose in the layout), so its flattened entries are the
+        tree's."""
+        return (
+            getattr(self._reader, "read_range", None) is not None
+            and path in self.leaves
+            and self._transpose[path] is None
+        )
+
+    def read_block(self, path: str, start: int, out: np.ndarray) -> None:
+        """Fills ``out`` with entries ``start : start + out.size`` of leaf
+        ``path``, flattened in C order, without reading the rest of the leaf.
+
+        Args:
+          path: a leaf for which :meth:`reads_blocks` is True.
+          start: the first entry of the flattened leaf.
+          out: a C-contiguous array of the leaf's stored dtype (reused by the
+            caller from block to block).
+
+        Raises:
+          CheckpointError: the leaf cannot be read in blocks, or the block
+            does not fit it.
+
+        Examples:
+          >>> import os, tempfile, numpy as np
+          >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+          >>> save_checkpoint(path, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+          >>> ckpt, out = open_checkpoint(path), np.empty(4, np.float32)
+          >>> ckpt.read_block("w", 2, out); out
+          array([2., 3., 4., 5.], dtype=float32)
+        """
+        if not self.reads_blocks(path):
+            raise CheckpointError(
+                f"{self.path}: leaf {path!r} cannot be read in blocks (a {self.format} "
+                "checkpoint, or a leaf the layout transposes); read it whole"
+            )
+        read_range = self._reader.read_range  # type: ignore[attr-defined]
+        read_range(self.names[path], start, out)
+
     @property
     def nbytes(self) -> int:
         """The total size of the leaves in bytes."""
