@@ -855,12 +855,12 @@ class _LeafMerger:
                 # On the device without a copy where numpy's buffer allows:
                 # the merge's result is awaited below, before the next block
                 # refills the buffers.
-                arrays = [_to_device(x) for x in arrays]
+                put = [_to_device(x) for x in arrays]
                 inputs, _, _ = check_inputs(
                     method,
                     leaf.record,
-                    models=[{_KEY: x} for x in arrays[with_base:]],
-                    base={_KEY: arrays[0]} if with_base else None,
+                    models=[{_KEY: x} for x in put[with_base:]],
+                    base={_KEY: put[0]} if with_base else None,
                     weights=weights,
                 )
                 merged = merge_checked(method, leaf.record, inputs, prepared=prepared)
