@@ -50,16 +50,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mats_jax import checks
 from mats_jax.engine import run_in_memory
 from mats_jax.merge.linear import add_scaled, named_report
-from mats_jax.merge.slerp import unit_and_norm
 from mats_jax.method import MergeInputs, MergeMethod, Needs, check_model_inputs
 from mats_jax.sharding import Placement
 from mats_jax.solver.report import MergeResult
@@ -119,17 +119,128 @@ def model_stock_ratio(
       >>> model_stock_ratio([jnp.array([1.0, 0.0]), jnp.array([0.5, 0.8660254])])
       Array(0.6666667, dtype=float32)
     """
-    k = len(vectors)
-    ndim = vectors[0].ndim
+    vectors = list(vectors)
+    return _ratio(
+        lambda start, rows: [_rows(v, start, rows) for v in vectors],
+        vectors[0].shape,
+        len(vectors),
+        filter_wise,
+        clip_cosine,
+    )
+
+
+def _leaf_ratio(
+    base: Array, models: Sequence[Array], filter_wise: bool, clip_cosine: bool
+) -> Array:
+    """:func:`model_stock_ratio` of one leaf's task vectors ``θ_m − θ_0``, each
+    chunk of them formed from the inputs' rows as it is summed, so that no
+    task vector of the whole leaf is held."""
+    models = list(models)
+    return _ratio(
+        lambda start, rows: task_vectors(
+            _rows(base, start, rows), [_rows(m, start, rows) for m in models]
+        ),
+        base.shape,
+        len(models),
+        filter_wise,
+        clip_cosine,
+    )
+
+
+CHUNK_ENTRIES = 1 << 20
+"""Entries per chunk of rows over which the ratio's sums are taken."""
+
+Chunk = Callable[[Any, int], list[Array]]
+"""``chunk(start, rows)``: the k task vectors' rows ``start : start + rows``
+(``start`` may be traced; ``rows`` is static)."""
+
+
+def _rows(x: Array, start: Any, rows: int) -> Array:
+    if x.ndim == 0:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, rows, axis=0)
+
+
+def _chunked(chunk: Chunk, shape: tuple[int, ...], init: Any, add: Callable) -> Any:
+    """``add(acc, chunk(start, rows))`` over the leaf's rows, a chunk at a time.
+
+    XLA keeps a value that several reductions read (each model's task
+    vector, divided by its largest magnitude) as a leaf-sized temporary;
+    inside a loop over chunks of rows those temporaries are chunk-sized.
+    The streaming IO benchmark's Model Stock held five such temporaries of
+    its largest leaf (625 MiB) before.
+    """
+    if len(shape) == 0:
+        return add(init, chunk(0, 1))
+    total = shape[0]
+    rows = max(1, CHUNK_ENTRIES // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+    full, tail = divmod(total, rows)
+    if full <= 1:  # one chunk: no loop
+        return add(init, chunk(0, total))
+    acc = jax.lax.fori_loop(
+        0, full, lambda i, acc: add(acc, chunk(i * rows, rows)), init
+    )
+    return add(acc, chunk(full * rows, tail)) if tail else acc
+
+
+def _ratio(
+    chunk: Chunk, shape: tuple[int, ...], k: int, filter_wise: bool, clip_cosine: bool
+) -> Array:
+    """The ratio from sums over chunks of the task vectors' rows.
+
+    Two passes: each vector's largest magnitude c_m, then the sums of
+    ``(τ_m / c_m)(τ_n / c_n)`` for m ≤ n (scaled first, so no square overflows
+    or underflows): norms from the diagonal, cosines from the rest.
+    """
+    ndim = len(shape)
     axes = tuple(range(ndim - 1)) if filter_wise and ndim >= 2 else None
-    units = [unit_and_norm(v, axis=axes)[0] for v in vectors]
-    # A zero task vector has a zero unit vector: its cosines are 0.
-    cosines = [
-        jnp.sum(units[m] * units[n], axis=axes)
-        for m in range(k)
-        for n in range(m + 1, k)
-    ]
-    cos = sum_of(cosines) / len(cosines)
+    out_shape = (shape[-1],) if axes is not None else ()
+
+    def reduce(x: Array, how: Callable) -> Array:
+        if axes is None:
+            return how(x)
+        return how(x, axis=tuple(range(x.ndim - 1)))
+
+    probe = jax.eval_shape(lambda: chunk(0, min(1, shape[0]) if ndim else 1))
+    dtype = probe[0].dtype
+    zeros = jnp.zeros(out_shape, dtype)
+    largest = _chunked(
+        chunk,
+        shape,
+        [zeros] * k,
+        lambda acc, xs: [
+            jnp.maximum(a, reduce(jnp.abs(x), jnp.max))
+            for a, x in zip(acc, xs, strict=True)
+        ],
+    )
+    scale = [jnp.where(c > 0, c, 1) for c in largest]
+    pairs = [(m, n) for m in range(k) for n in range(m, k)]
+
+    def add_products(acc: list[Array], xs: list[Array]) -> list[Array]:
+        scaled = [x / c for x, c in zip(xs, scale, strict=True)]
+        return [
+            a + reduce(scaled[m] * scaled[n], jnp.sum)
+            for a, (m, n) in zip(acc, pairs, strict=True)
+        ]
+
+    sums = dict(
+        zip(
+            pairs,
+            _chunked(chunk, shape, [zeros] * len(pairs), add_products),
+            strict=True,
+        )
+    )
+    norms = [jnp.sqrt(sums[m, m]) for m in range(k)]
+
+    def cosine(m: int, n: int) -> Array:
+        # A zero task vector has no angle: its cosines count as 0.
+        both = (norms[m] > 0) & (norms[n] > 0)
+        product = jnp.where(both, norms[m] * norms[n], 1)
+        return jnp.where(both, sums[m, n] / product, 0)
+
+    cos = sum_of(cosine(m, n) for m in range(k) for n in range(m + 1, k)) / (
+        k * (k - 1) // 2
+    )
     if clip_cosine:
         cos = jnp.clip(cos, 0.0, 1.0)
         return k * cos / ((k - 1) * cos + 1)
@@ -154,12 +265,13 @@ class ModelStock(MergeMethod):
         self, inputs: MergeInputs, params: Any, prepared: Any, placement: Placement
     ) -> MergeResult:
         assert inputs.base is not None
-        vectors = [jax.tree.leaves(t) for t in task_vectors(inputs.base, inputs.models)]
         base_leaves, treedef = jax.tree.flatten(inputs.base)
+        model_leaves = [jax.tree.leaves(m) for m in inputs.models]
         merged = []
-        for b, leaves in zip(base_leaves, zip(*vectors, strict=True), strict=True):
-            t = model_stock_ratio(leaves, params.filter_wise, params.clip_cosine)
-            mean = sum_of(leaves) / len(leaves)
+        for i, b in enumerate(base_leaves):
+            leaves = [m[i] for m in model_leaves]
+            t = _leaf_ratio(b, leaves, params.filter_wise, params.clip_cosine)
+            mean = sum_of(task_vectors(b, leaves)) / len(leaves)
             merged.append(add_scaled(b, mean, t))
         out = jax.tree.unflatten(treedef, merged)
         return MergeResult(out, named_report(out, self.name))
@@ -264,7 +376,8 @@ def model_stock_ratios(
 def _ratios(
     base: Params, models: list[Params], filter_wise: bool, clip_cosine: bool
 ) -> Params:
-    vectors = task_vectors(base, models)
     return jax.tree.map(
-        lambda *leaves: model_stock_ratio(leaves, filter_wise, clip_cosine), *vectors
+        lambda b, *leaves: _leaf_ratio(b, leaves, filter_wise, clip_cosine),
+        base,
+        *models,
     )
