@@ -793,8 +793,9 @@ def notes(r: dict[str, Any]) -> list[str]:
         f"checksums and {wall['mats_jax_task_arithmetic_no_checksums']:.2f} s without "
         "(`--no-checksums`).",
         "- Every mats-jax run includes starting Python and importing JAX, orbax and flax, "
-        "and compiling the merge once per leaf shape (the compile cache is not kept between "
-        "processes).",
+        "and loading each leaf shape's compiled merge from the persistent compilation "
+        "cache the command line keeps (`MATS_JAX_COMPILATION_CACHE`; compiled once, by "
+        "the first run).",
         "- TIES with whole-model trimming reads the inputs three times: two streaming "
         "passes of a radix select for each model's exact threshold, then the merge; "
         f"it took {wall['mats_jax_ties_global']:.2f} s against "
