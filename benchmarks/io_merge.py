@@ -796,8 +796,9 @@ def notes(r: dict[str, Any]) -> list[str]:
         "and loading each leaf shape's compiled merge from the persistent compilation "
         "cache the command line keeps (`MATS_JAX_COMPILATION_CACHE`; compiled once, by "
         "the first run).",
-        "- TIES with whole-model trimming reads the inputs three times: two streaming "
-        "passes of a radix select for each model's exact threshold, then the merge; "
+        "- TIES with whole-model trimming reads the inputs twice, plus a 3% sample: one "
+        "pass that selects each model's exact threshold within the sample's bracket, "
+        "then the merge; "
         f"it took {wall['mats_jax_ties_global']:.2f} s against "
         f"{wall['mats_jax_ties_per_leaf']:.2f} s per tensor.",
     ]

@@ -12,7 +12,11 @@ prefix found so far. Only the histograms differ by engine:
   devices on a mesh (one ``psum`` of 256 counts per pass);
 - streaming (:func:`streaming_magnitude_thresholds`, numpy): two passes of
   16-bit digits, each reading every array once from disk, so the whole model
-  is read twice rather than four times.
+  is read twice rather than four times; or, given a sample of the entries
+  (the streaming engine reads about 3% of each leaf), one pass that counts
+  the entries above the sample's bracket of the threshold and keeps those
+  in it, and an exact selection among those kept. A bracket that misses
+  (an unrepresentative sample) falls back to the radix select.
 
 The result is exact (one of the magnitudes) and the same in both: a streamed
 TIES trims a model on disk exactly as :func:`~mats_jax.ties` trims it in
@@ -296,10 +300,51 @@ def _half_histogram(a: Any, prefix: np.uint32, shift: int) -> np.ndarray:
     return np.bincount(halves[0::2][in_bucket], minlength=1 << 16)
 
 
+BRACKET_SIGMAS = 6.0
+"""How wide a sample's bracket of the threshold's bucket is: this many
+binomial standard deviations of the sample's rank on each side."""
+
+MAX_CANDIDATES = 1 << 25
+"""The most entries (over every stream) a sampled pass keeps to select
+among; beyond it the radix select runs instead."""
+
+
+def _highest(reached: np.ndarray) -> int:
+    """The highest bucket where ``reached`` holds (0 if none)."""
+    return int(np.max(np.nonzero(reached)[0], initial=0))
+
+
+def _brackets(
+    hist: np.ndarray, ks: Sequence[int], sizes: Sequence[int]
+) -> list[tuple[int, int]]:
+    """Per stream, the buckets (high halves of ``|x|``) the k-th largest lies
+    in with near certainty, judged from a sample's histogram of them: the
+    ranks ``k / size ± BRACKET_SIGMAS`` binomial deviations of the sample,
+    one bucket wider on each side."""
+    out = []
+    for h, k, size in zip(hist, ks, sizes, strict=True):
+        n = int(h.sum())
+        if n == 0:
+            out.append((0, 0x7FFF))
+            continue
+        f = k / size
+        spread = BRACKET_SIGMAS * (np.sqrt(f * (1 - f) / n) + 1 / n)
+        at_least = np.cumsum(h[::-1])[::-1]  # sample entries in bucket >= d
+        lo = _highest(at_least >= (f + spread) * n) if f + spread < 1 else 0
+        hi = _highest(at_least >= (f - spread) * n) if f - spread > 0 else 0x7FFF
+        out.append((max(0, lo - 1), min(0x7FFF, hi + 1)))
+    return out
+
+
 def streaming_magnitude_thresholds(
-    chunks: Callable[[], Iterable[tuple[int, Any]]], ks: Sequence[int]
+    chunks: Callable[[], Iterable[tuple[int, Any]]],
+    ks: Sequence[int],
+    *,
+    sample: Callable[[], Iterable[tuple[int, Any]]] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> list[float]:
-    """For S streams of arrays, each stream's k_s-th largest magnitude, in two passes.
+    """For S streams of arrays, each stream's k_s-th largest magnitude, in two passes
+    (one with a ``sample``).
 
     The streaming radix select (see the module docstring): the first pass
     histograms the high 16 bits of every array and finds the bucket holding
@@ -308,18 +353,31 @@ def streaming_magnitude_thresholds(
     stream. The result equals :func:`magnitude_threshold` on each stream's
     arrays (tested against it).
 
+    With a ``sample`` (some of the same entries, as ``(stream, array)``
+    pairs) and each stream's size, one pass does: the sample's histogram
+    brackets each threshold's bucket; the pass counts the entries above the
+    bracket and keeps those in it (at most :data:`MAX_CANDIDATES`), and the
+    k-th largest is selected among those kept. No entry is histogrammed,
+    which is most of a radix pass's time. Where a bracket misses (an
+    unrepresentative sample) the radix select runs after it. The result is
+    the same either way; only the time differs.
+
     Args:
       chunks: returns a fresh iterable (it is called once per pass) of
         ``(stream, array)`` pairs, in any order (for TIES: each leaf's task
         vector for each model, so one pass reads every leaf once per model).
       ks: per stream, 1 ≤ k ≤ its total number of entries.
+      sample: returns an iterable of ``(stream, array)`` pairs of entries
+        drawn from the same arrays (read once, before the pass).
+      sizes: per stream its number of entries (with ``sample``).
 
     Returns:
       Per stream the threshold t: at least k entries have ``|x| ≥ t`` and
       fewer than k have ``|x| > t``.
 
     Raises:
-      ValueError: a k outside [1, the stream's size].
+      ValueError: a k outside [1, the stream's size], or ``sample`` without
+        ``sizes``.
 
     Examples:
       >>> import numpy as np
@@ -327,7 +385,91 @@ def streaming_magnitude_thresholds(
       ...          (0, np.array([3.0, -2.0])), (1, np.array([-4.0]))]
       >>> streaming_magnitude_thresholds(lambda: pairs, [2, 1])
       [3.0, 4.0]
+      >>> streaming_magnitude_thresholds(
+      ...     lambda: pairs, [2, 1], sample=lambda: pairs[:2], sizes=[4, 2])
+      [3.0, 4.0]
     """
+    n = len(ks)
+    if sample is not None:
+        if sizes is None or len(sizes) != n:
+            raise ValueError("a sample needs each stream's size (sizes=)")
+        drawn = np.zeros((n, 1 << _NUMPY_BITS), np.int64)
+        for s, a in sample():
+            drawn[s] += _half_histogram(a, np.uint32(0), 16)
+        found = _select_in_brackets(chunks, ks, _brackets(drawn[:, :0x8000], ks, sizes))
+        if found is not None:
+            return found
+    return _radix_thresholds(chunks, ks)
+
+
+def _check_ks(ks: Sequence[int], totals: Sequence[int]) -> None:
+    for k, total in zip(ks, totals, strict=True):
+        if not 1 <= k <= total:
+            raise ValueError(f"k must be in [1, {total}], got {k}")
+
+
+def _select_in_brackets(
+    chunks: Callable[[], Iterable[tuple[int, Any]]],
+    ks: Sequence[int],
+    brackets: list[tuple[int, int]],
+) -> list[float] | None:
+    """One pass: per stream, the entries above its bracket counted and those
+    in it kept; the k-th largest selected among those kept. None where a
+    bracket misses the k-th largest, or more than :data:`MAX_CANDIDATES`
+    would be kept."""
+    n = len(ks)
+    totals, above = [0] * n, [0] * n
+    kept: list[list[np.ndarray]] = [[] for _ in range(n)]
+    held = 0
+    for s, a in chunks():
+        totals[s] += np.size(a)
+        count, bits = _above_and_in(a, *brackets[s])
+        above[s] += count
+        held += bits.size
+        if held > MAX_CANDIDATES:
+            return None
+        kept[s].append(bits)
+    _check_ks(ks, totals)
+    out = []
+    for k, count, parts in zip(ks, above, kept, strict=True):
+        bits = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+        rank = k - count  # the k-th largest is the rank-th largest kept
+        if not 1 <= rank <= bits.size:
+            return None
+        out.append(
+            float(
+                np.partition(bits, bits.size - rank)[bits.size - rank].view(np.float32)
+            )
+        )
+    return out
+
+
+def _above_and_in(a: Any, lo: int, hi: int) -> tuple[int, np.ndarray]:
+    """How many of ``|a|``'s entries lie in buckets (high halves) above ``hi``,
+    and the uint32 bit patterns of those in buckets ``lo`` … ``hi``."""
+    a = np.asarray(a)
+    if a.dtype != np.float32 or not _LITTLE or not a.flags.c_contiguous:
+        u = _float_bits(a, np)
+        doubled = u << np.uint32(1)
+    else:
+        u = a.reshape(-1).view(np.uint32)
+        # The magnitude's bits shifted up one (the sign shifted out): each
+        # comparison below is one contiguous pass over uint32s.
+        doubled = u << np.uint32(1)
+    count = (
+        int(np.count_nonzero(doubled >= np.uint32((hi + 1) << 17)))
+        if hi < 0x7FFF
+        else 0
+    )
+    doubled -= np.uint32(lo << 17)  # wraps below the bracket
+    keep = doubled <= np.uint32(((hi - lo + 1) << 17) - 1)
+    return count, u[keep] & np.uint32(0x7FFFFFFF)
+
+
+def _radix_thresholds(
+    chunks: Callable[[], Iterable[tuple[int, Any]]], ks: Sequence[int]
+) -> list[float]:
+    """The two-pass radix select of :func:`streaming_magnitude_thresholds`."""
     n = len(ks)
     bins = 1 << _NUMPY_BITS
     totals = [0] * n
@@ -342,9 +484,7 @@ def streaming_magnitude_thresholds(
             hist[s] += _half_histogram(a, prefixes[s], shift)
         if not checked:
             checked = True
-            for k, total in zip(ks, totals, strict=True):
-                if not 1 <= k <= total:
-                    raise ValueError(f"k must be in [1, {total}], got {k}")
+            _check_ks(ks, totals)
         return hist
 
     return [float(t) for t in radix_select(count, ks, bits=_NUMPY_BITS, xp=np)]

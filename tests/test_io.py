@@ -473,7 +473,53 @@ def test_streaming_threshold_is_the_kth_largest_magnitude(
     k = max(1, min(total, round(frac * total)))
     got = streaming_magnitude_threshold(lambda: iter(arrays), k)
     flat = np.concatenate([a.astype(np.float32) for a in arrays])
-    assert got == np.sort(np.abs(flat))[::-1][k - 1]
+    want = np.sort(np.abs(flat))[::-1][k - 1]
+    assert got == want
+    # With a sample (one pass, selecting among the entries in its bracket):
+    # a fair one (every other entry), and one of the smallest entries only,
+    # whose bracket misses the threshold (the radix select then runs).
+    smallest = [np.sort(np.abs(flat))[: max(1, total // 4)]]
+    pairs = [(0, a) for a in arrays]
+    for drawn in ([a[::2] for a in arrays], smallest):
+        got = streaming_magnitude_thresholds(
+            lambda: iter(pairs),
+            [k],
+            sample=lambda drawn=drawn: ((0, a) for a in drawn),
+            sizes=[total],
+        )
+        assert got == [want]
+
+
+def test_sampled_thresholds_fall_back_when_the_bracket_keeps_too_much(monkeypatch):
+    from mats_jax import select
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.normal(size=500).astype(np.float32) for _ in range(4)]
+    pairs = [(i % 2, a) for i, a in enumerate(arrays)]
+    want = streaming_magnitude_thresholds(lambda: iter(pairs), [100, 7])
+    passes = []
+
+    def chunks():
+        passes.append(1)
+        return iter(pairs)
+
+    sample = lambda: iter(pairs[:2])  # noqa: E731
+    got = streaming_magnitude_thresholds(
+        chunks, [100, 7], sample=sample, sizes=[1000, 1000]
+    )
+    assert got == want and len(passes) == 1  # one pass: selected in the brackets
+    monkeypatch.setattr(select, "MAX_CANDIDATES", 1)
+    passes.clear()
+    got = streaming_magnitude_thresholds(
+        chunks, [100, 7], sample=sample, sizes=[1000, 1000]
+    )
+    assert got == want and len(passes) == 3  # gave up, then the radix select's two
+    with pytest.raises(ValueError, match="sizes="):
+        streaming_magnitude_thresholds(chunks, [1, 1], sample=sample)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 1000\]"):
+        streaming_magnitude_thresholds(
+            chunks, [1001, 1], sample=sample, sizes=[1000, 1000]
+        )
 
 
 def test_streaming_thresholds_match_magnitude_threshold():

@@ -225,14 +225,7 @@ def test_every_registered_method_streams_from_blocks_as_it_merges_in_memory(
     from mats_jax import stream
 
     monkeypatch.setattr(stream, "BLOCK_ENTRIES", 8)
-    blocked: list[str] = []
-    merge_in_blocks = stream._LeafMerger.merge_in_blocks
-
-    def spy(self, leaf, reader):
-        blocked.append(leaf.path)
-        return merge_in_blocks(self, leaf, reader)
-
-    monkeypatch.setattr(stream._LeafMerger, "merge_in_blocks", spy)
+    blocked = _blocks_read(monkeypatch)
     d, base, models, st = checkpoints
     case = zoo.CASES[name]
     kind = {None: None, Gram: "gram"}.get(case.statistic_type, "diag")
@@ -261,14 +254,57 @@ def test_every_registered_method_streams_from_blocks_as_it_merges_in_memory(
     assert sorted(blocked) == (paths if in_blocks else [])
 
 
-def test_blocks_cast_bfloat16_inputs_and_fall_back_for_transposed_leaves(tmp_path):
+def _blocks_read(monkeypatch) -> set[str]:
+    """The leaves read in blocks from now on (a spy on ``Checkpoint.read_block``)."""
+    from mats_jax.io import Checkpoint
+
+    read: set[str] = set()
+    read_block = Checkpoint.read_block
+
+    def spy(self, path, start, out):
+        read.add(path)
+        return read_block(self, path, start, out)
+
+    monkeypatch.setattr(Checkpoint, "read_block", spy)
+    return read
+
+
+@pytest.mark.parametrize("format", ["safetensors", "msgpack", "orbax"])
+def test_blocked_merges_fill_output_buffers_every_writer_can_take(
+    checkpoints, tmp_path, monkeypatch, format
+):
+    # Leaves merged in blocks fill two output buffers in turn while the
+    # write thread writes the other; msgpack and orbax keep every leaf until
+    # the end, so they get fresh arrays. Either way each leaf is its own.
+    from mats_jax import stream
+
+    monkeypatch.setattr(stream, "BLOCK_ENTRIES", 8)
+    d, base, models, _ = checkpoints
+    recipe = _recipe(
+        d,
+        "task_arithmetic",
+        "{scale: 0.7}",
+        extra=f"output: {{format: {format}}}\n",
+        models=("s0.safetensors", "s1.safetensors"),
+    )
+    merge_recipe(recipe, tmp_path / "out", checksum=None)
+    want = mats_jax.task_arithmetic(base, models, scale=0.7, weights=WEIGHTS)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)),
+        load_checkpoint(tmp_path / "out"),
+        want,
+    )
+
+
+def test_blocks_cast_bfloat16_inputs_and_fall_back_for_transposed_leaves(
+    tmp_path, monkeypatch
+):
     # bfloat16 inputs are read as stored and cast to the compute dtype block
     # by block; a leaf a layout transposes is read whole. Both merge as in
     # memory.
     import ml_dtypes
 
-    from mats_jax import stream
-
+    blocked = _blocks_read(monkeypatch)
     rng = np.random.default_rng(11)
     bf16 = lambda t: jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), t)  # noqa: E731
     base, a, b = (bf16(_model(rng)) for _ in range(3))
@@ -279,10 +315,8 @@ def test_blocks_cast_bfloat16_inputs_and_fall_back_for_transposed_leaves(tmp_pat
         "method: ties\nparameters: {density: 0.5}\n"
     )
     recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
-    plan = plan_merge(recipe)
-    reader = stream._BlockReader(plan)
-    assert all(reader.can_read(leaf, with_base=True) for leaf in plan.leaves)
     merge_recipe(recipe, tmp_path / "out", checksum=None)
+    assert blocked == {leaf.path for leaf in plan_merge(recipe).leaves}
     want = mats_jax.ties(base, [a, b], density=0.5)
     jax.tree.map(
         lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
@@ -307,11 +341,9 @@ def test_blocks_cast_bfloat16_inputs_and_fall_back_for_transposed_leaves(tmp_pat
         "method: ties\nparameters: {density: 0.5}\n"
     )
     recipe = parse_recipe(text, source="r.yaml", directory=str(tmp_path))
-    plan = plan_merge(recipe)
-    reader = stream._BlockReader(plan)
-    whole = {leaf.path for leaf in plan.leaves if not reader.can_read(leaf, True)}
-    assert whole == {"fc/kernel", "head/kernel"}
+    blocked.clear()
     merge_recipe(recipe, tmp_path / "out_hf", checksum=None)
+    assert blocked == {"embed/embedding", "fc/bias"}  # not the transposed kernels
     jax.tree.map(
         lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
         load_checkpoint(tmp_path / "out_hf", layout="hf_linear"),

@@ -571,6 +571,13 @@ class CheckpointWriter:
                 path, specs, max_shard_size=max_shard_size, metadata=metadata
             )
 
+    @property
+    def keeps_leaves(self) -> bool:
+        """Whether :meth:`write` keeps the arrays it is given until
+        :meth:`close` (msgpack and orbax), so a caller must not refill them;
+        safetensors writes each leaf before :meth:`write` returns."""
+        return self._stream is None
+
     def write(self, leaf: str, array: Any) -> None:
         """Writes (or, for msgpack and orbax, keeps) the next leaf."""
         array = np.asarray(array)

@@ -15,12 +15,14 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from mats_jax.io.errors import CheckpointError, check_parent, check_replaceable
 from mats_jax.stats.io import is_statistics
 from mats_jax.tree import path_str
+
+# orbax.checkpoint (and etils) is imported where it is used: importing it takes
+# 0.1-0.2 s, which every mats-jax command would pay, most of them never touching
+# this format.
 
 __all__ = ["OrbaxReader", "damage", "is_orbax", "load_orbax", "save_orbax"]
 
@@ -107,6 +109,9 @@ def _not_parameters(path: str) -> CheckpointError | None:
 
 
 def _metadata_tree(path: str) -> Any:
+    import orbax.checkpoint as ocp
+    from etils import epath
+
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no orbax checkpoint directory there")
     wrong = _not_parameters(path)
@@ -189,6 +194,8 @@ def save_orbax(
       >>> load_orbax(path)["w"]
       array([0., 0.], dtype=float32)
     """
+    import orbax.checkpoint as ocp
+
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -219,6 +226,8 @@ def load_orbax(path: str | os.PathLike[str], *, shardings: Any = None) -> Any:
       >>> load_orbax(d)["w"]
       array([0., 1., 2.])
     """
+    import orbax.checkpoint as ocp
+
     path = os.path.abspath(os.fspath(path))
     meta = _metadata_tree(path)
     if shardings is None:
@@ -277,6 +286,8 @@ class OrbaxReader:
 
     def read(self, name: str) -> np.ndarray:
         """The leaf at ``name``, restored alone (orbax's partial restore)."""
+        import orbax.checkpoint as ocp
+
         item: Any = 0
         for key in reversed(self._keys[name]):
             item = {key.key: item}  # orbax trees of parameters are nested dicts

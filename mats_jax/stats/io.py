@@ -24,12 +24,14 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from mats_jax.stats.likelihood import StatisticsInputError
 from mats_jax.stats.statistic import Statistic
 from mats_jax.tree import nest_paths, path_str
 from mats_jax.typing import StatTree
+
+# orbax.checkpoint is imported where it is used: importing it takes 0.1-0.2 s, which
+# every mats-jax command would pay, most of them never touching this format.
 
 __all__ = [
     "FORMAT",
@@ -62,6 +64,8 @@ def read_layout(path: str) -> dict[str, Any]:
         checkpoint rather than statistics, a missing or damaged layout
         record, or statistics arrays that are missing.
     """
+    import orbax.checkpoint as ocp
+
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"no statistics checkpoint at {path}; save one with mats_jax.save_statistics"
@@ -149,6 +153,8 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
       >>> load_statistics(path)["dense"]["kernel"].g.shape
       (3, 3)
     """
+    import orbax.checkpoint as ocp
+
     path = os.fspath(os.path.abspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; statistics are never overwritten")
@@ -210,6 +216,8 @@ def load_statistics(
       >>> loaded["w"].f, loaded["b"]
       (Array([0., 1., 2.], dtype=float32), None)
     """
+    import orbax.checkpoint as ocp
+
     path = os.fspath(os.path.abspath(path))
     meta = read_layout(path)
     has_arrays = any(e is not None for e in meta["layout"].values())
