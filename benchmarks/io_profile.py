@@ -13,7 +13,8 @@ categories are disjoint and add up to the profiled total) is put in one
 category:
 
 - *reading*: ``os.preadv`` (input bytes into the reused buffers);
-- *threshold histograms*: the radix select's histograms (TIES);
+- *threshold histograms*: the radix select's histograms, or the one-pass
+  selection in a sample's bracket (TIES);
 - *task vectors*: forming ``θ_m − θ_0`` block by block for the thresholds;
 - *finiteness checks*: the inputs checked finite before each merge;
 - *merge (JAX)*: the device arrays' transfer to numpy, which waits for the
@@ -65,6 +66,9 @@ CATEGORIES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("select.py", "_half_histogram"),
             ("select.py", "count"),
             ("select.py", "radix_select"),
+            ("select.py", "_above_and_in"),
+            ("select.py", "_select_in_brackets"),
+            ("select.py", "_brackets"),
         ),
     ),
     ("task vectors", (("stream.py", "task_vectors"),)),

@@ -450,12 +450,11 @@ def _above_and_in(a: Any, lo: int, hi: int) -> tuple[int, np.ndarray]:
     a = np.asarray(a)
     if a.dtype != np.float32 or not _LITTLE or not a.flags.c_contiguous:
         u = _float_bits(a, np)
-        doubled = u << np.uint32(1)
     else:
-        u = a.reshape(-1).view(np.uint32)
-        # The magnitude's bits shifted up one (the sign shifted out): each
-        # comparison below is one contiguous pass over uint32s.
-        doubled = u << np.uint32(1)
+        u = a.reshape(-1).view(np.uint32)  # the sign is shifted out below
+    # The magnitude's bits shifted up one: each comparison below is one
+    # contiguous pass over uint32s.
+    doubled = u << np.uint32(1)
     count = (
         int(np.count_nonzero(doubled >= np.uint32((hi + 1) << 17)))
         if hi < 0x7FFF

@@ -20,8 +20,8 @@ vectors, read the same way: a sample of about 3% of every leaf, then one
 pass selecting in the sample's bracket
 (:func:`~mats_jax.select.streaming_magnitude_thresholds`; the two-pass
 radix select if the bracket misses), giving the threshold the in-memory
-engine computes. A per-leaf threshold does the same within its leaf. Data-dependent methods read each
-leaf's statistics as that leaf is merged. Methods that draw random numbers get
+engine computes. A per-leaf threshold does the same within its leaf.
+Data-dependent methods read each leaf's statistics as that leaf is merged. Methods that draw random numbers get
 the recipe's ``key(seed)`` and each leaf's path id, as in memory, so a
 streamed DARE equals the in-memory one. The engine names no method.
 
@@ -733,6 +733,20 @@ class _BlockReader:
             buf = self._buffers[key] = aligned_empty(max(size, BLOCK_ENTRIES), dtype)
         return buf[:size]
 
+    def _read(
+        self, slot: int, ckpt: Checkpoint, src: Source, start: int, out: np.ndarray
+    ) -> None:
+        """Entries ``start : start + out.size`` of ``src`` into ``out``: read as
+        stored, through a staging buffer of the slot's, when ``out``'s dtype
+        differs."""
+        stored = ckpt.leaves[src.path].dtype
+        if out.dtype == stored:
+            ckpt.read_block(src.path, start, out)
+            return
+        staged = self._buffer(-1 - slot, stored, out.size)
+        ckpt.read_block(src.path, start, staged)
+        out[:] = staged
+
     def _sources(
         self, leaf: LeafPlan, with_base: bool
     ) -> list[tuple[Checkpoint, Source]]:
@@ -765,14 +779,8 @@ class _BlockReader:
             count = min(block, size - start)
             arrays = []
             for slot, (ckpt, src) in enumerate(sources):
-                stored = ckpt.leaves[src.path].dtype
-                out = self._buffer(slot, dtype or stored, block)
-                if out.dtype == stored:
-                    ckpt.read_block(src.path, start, out[:count])
-                else:  # read as stored, then cast
-                    staged = self._buffer(-1 - slot, stored, block)[:count]
-                    ckpt.read_block(src.path, start, staged)
-                    out[:count] = staged
+                out = self._buffer(slot, dtype or ckpt.leaves[src.path].dtype, block)
+                self._read(slot, ckpt, src, start, out[:count])
                 out[count:] = 0
                 arrays.append(out)
             yield start, count, arrays
@@ -790,13 +798,7 @@ class _BlockReader:
         buffers = [self._buffer(slot, dtype, run) for slot in range(len(sources))]
         for start in range(0, size - run + 1, SAMPLE_RUN * SAMPLE_EVERY):
             for slot, (ckpt, src) in enumerate(sources):
-                stored = ckpt.leaves[src.path].dtype
-                if stored == dtype:
-                    ckpt.read_block(src.path, start, buffers[slot])
-                else:
-                    staged = self._buffer(-1 - slot, stored, run)
-                    ckpt.read_block(src.path, start, staged)
-                    buffers[slot][:] = staged
+                self._read(slot, ckpt, src, start, buffers[slot])
             base, *models = buffers
             for m, x in enumerate(models):
                 yield m, x - base
@@ -817,8 +819,9 @@ def _whole_model_passes(
 ) -> dict[str, list[float]]:
     """Per group of leaves sharing a whole-model pass, each model's threshold.
 
-    Two streaming passes; each reads every leaf of the group once from the
-    base and once from each model.
+    A sample of each leaf, then one pass that reads every leaf of the group
+    once from the base and once from each model (two, if the sample's
+    bracket misses: :func:`~mats_jax.select.streaming_magnitude_thresholds`).
     """
     groups: dict[str, tuple[MagnitudeQuantiles, list[LeafPlan]]] = {}
     for leaf in plan.leaves:
@@ -1374,7 +1377,8 @@ def merge_recipe(
       progress: progress hooks.
       checksum: the digest of each input file the model card records,
         ``"sha256"`` (what the Hugging Face hub lists) or ``"blake3"`` (the
-        ``blake3`` package; 2.1x as fast on one core of the benchmark machine), or None for none.
+        ``blake3`` package; 2.1x as fast on one core of the benchmark
+        machine), or None for none.
         Hashed beside the merge, at 1-3 GB/s per core: for many large
         inputs it can be the longest part of a merge.
 

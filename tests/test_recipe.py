@@ -189,29 +189,35 @@ def test_every_registered_method_streams_as_it_merges_in_memory(
 ):
     # A recipe with the registry case's parameters gives the in-memory merge
     # (seed 0 is key(0) for methods that draw masks).
-    d, base, models, st = checkpoints
+    _streams_as_in_memory(checkpoints, tmp_path, name, ("m0.msgpack", "m1"))
+
+
+def _streams_as_in_memory(checkpoints, tmp_path, name, models):
+    """Streams registry case ``name`` from the checkpoints named ``models``
+    and checks the result against its in-memory merge; returns the recipe."""
+    d, base, trees, st = checkpoints
     case = zoo.CASES[name]
     kind = {None: None, Gram: "gram"}.get(case.statistic_type, "diag")
     # Methods that take no weights (SLERP, Model Stock) refuse unequal ones.
     weights = WEIGHTS if case.needs.weights else [1.0, 1.0]
-    merge_recipe(
-        _recipe(
-            d,
-            case.method,
-            json.dumps(dict(case.parameters)),
-            stats=kind,
-            weights=weights,
-        ),
-        tmp_path / "out",
+    recipe = _recipe(
+        d,
+        case.method,
+        json.dumps(dict(case.parameters)),
+        stats=kind,
+        weights=weights,
+        models=models,
     )
+    merge_recipe(recipe, tmp_path / "out", checksum=None)
     got = load_checkpoint(tmp_path / "out")
-    want = case(base, models, st[kind] if kind else None, weights=weights).params
+    want = case(base, trees, st[kind] if kind else None, weights=weights).params
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if kind else {"rtol": 0, "atol": 0}
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, np.asarray(b), **tolerance),
         got,
         want,
     )
+    return recipe
 
 
 @pytest.mark.parametrize("name", sorted(zoo.CASES))
@@ -226,27 +232,10 @@ def test_every_registered_method_streams_from_blocks_as_it_merges_in_memory(
 
     monkeypatch.setattr(stream, "BLOCK_ENTRIES", 8)
     blocked = _blocks_read(monkeypatch)
-    d, base, models, st = checkpoints
+    recipe = _streams_as_in_memory(
+        checkpoints, tmp_path, name, ("s0.safetensors", "s1.safetensors")
+    )
     case = zoo.CASES[name]
-    kind = {None: None, Gram: "gram"}.get(case.statistic_type, "diag")
-    weights = WEIGHTS if case.needs.weights else [1.0, 1.0]
-    recipe = _recipe(
-        d,
-        case.method,
-        json.dumps(dict(case.parameters)),
-        stats=kind,
-        weights=weights,
-        models=("s0.safetensors", "s1.safetensors"),
-    )
-    merge_recipe(recipe, tmp_path / "out", checksum=None)
-    got = load_checkpoint(tmp_path / "out")
-    want = case(base, models, st[kind] if kind else None, weights=weights).params
-    tolerance = {"rtol": 1e-5, "atol": 1e-6} if kind else {"rtol": 0, "atol": 0}
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, np.asarray(b), **tolerance),
-        got,
-        want,
-    )
     method = case.merge_method
     needs = case.needs
     in_blocks = method.elementwise and not (needs.statistics or needs.key)
