@@ -255,6 +255,14 @@ ABLATIONS = (
         "mats_kfac_kernels_only",
         "which leaves get which statistic: K-FAC on dense kernels only, the rest averaged (as in RegMean)",
     ),
+    (
+        "mats_kfac_shrunk",
+        "both K-FAC factors shrunk off the diagonal, αM + (1 − α) diag(M), α chosen on validation (the paper's code's λ)",
+    ),
+    (
+        "mats_kfac_options",
+        "the shrinkage α and the equalised scales both chosen on validation",
+    ),
     ("mats_kfac_ties", "initialisation: TIES instead of task arithmetic"),
     ("mats_kfac_precond", "the Kronecker preconditioner (same CG iteration grid)"),
     ("mats_kfac_sampled", "Fisher kind: one sampled label per example"),
@@ -439,7 +447,11 @@ HISTORY_NOTE = (
     "tasks gained under 5 points. Nothing about the merging methods or their grids was "
     "changed after seeing test results; the two ablation variants (scales equalised, "
     "kernels only) were added after the first run to investigate the ViT, and like every "
-    "method they are chosen on validation."
+    "method they are chosen on validation. The two MaTS options of the library, the "
+    "K-FAC factors' off-diagonal shrinkage and the equalised scales (`mats_kfac_shrunk`, "
+    "`mats_kfac_options`), were added after the run at ce0ce1f had shown MaTS behind "
+    "RegMean on the ViT; their grids (α in 0.5, 0.7, 0.9, 1; equalised or not) are "
+    "RegMean's α grid and both settings, fixed before this run, and chosen on validation."
 )
 
 
@@ -620,6 +632,8 @@ def markdown(
                 ("mats_kfac", "task_arithmetic"),
                 ("mats_kfac", "mats_kfac_sampled"),
                 ("mats_kfac_equalised", "mats_kfac"),
+                ("mats_kfac_options", "mats_kfac"),
+                ("mats_kfac_options", "regmean"),
                 ("mats_kfac_kernels_only", "mats_kfac"),
                 ("mats_kfac_kernels_only", "regmean"),
             ):

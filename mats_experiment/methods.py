@@ -50,7 +50,6 @@ STATISTICS = (
 
 DERIVED = {
     "kfac_exact_kernels_only": "kfac_exact",
-    "kfac_exact_equalised": "kfac_exact",
 }
 """Statistics computed from an estimated one (:mod:`~mats_experiment.derived`)."""
 
@@ -69,6 +68,8 @@ class Grids:
     della_density: tuple[float, ...] = (0.3, 0.5, 0.7)
     epsilon: tuple[float, ...] = (0.05, 0.15)
     svd_scale: tuple[float, ...] = (0.4, 0.7, 1.0, 1.3, 1.6)
+    off_diagonal_scale: tuple[float, ...] = (0.5, 0.7, 0.9, 1.0)
+    equalise_scales: tuple[bool, ...] = (False, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,14 +148,21 @@ class Method:
 
 
 def _mats_method(
-    label: str, statistic: str, init: str, preconditioner: bool = False
+    label: str,
+    statistic: str,
+    init: str,
+    preconditioner: bool = False,
+    options: Mapping[str, Any] | None = None,
+    swept: Sequence[str] = (),
 ) -> Method:
+    """MaTS from ``init``, its CG iterations swept, with fixed ``options``
+    (:class:`mats_jax.merge.mats.MatsParameters`) and the ``swept`` ones too."""
     return Method(
         label,
         "mats",
         statistic,
-        {"cg_iterations": "cg_iterations"},
-        fixed={"tol": 1e-6, "preconditioner": preconditioner},
+        {"cg_iterations": "cg_iterations", **{name: name for name in swept}},
+        fixed={"tol": 1e-6, "preconditioner": preconditioner, **(options or {})},
         rename={"cg_iterations": "maxiter"},
         init=init,
     )
@@ -220,8 +228,21 @@ METHODS: dict[str, Method] = {
     ),
     "mats_kfac_equalised": _mats_method(
         "MaTS (K-FAC exact, scales equalised across tasks, init TA)",
-        "kfac_exact_equalised",
+        "kfac_exact",
         "task_arithmetic",
+        options={"equalise_scales": True},
+    ),
+    "mats_kfac_shrunk": _mats_method(
+        "MaTS (K-FAC exact, factors shrunk off the diagonal, init TA)",
+        "kfac_exact",
+        "task_arithmetic",
+        swept=("off_diagonal_scale",),
+    ),
+    "mats_kfac_options": _mats_method(
+        "MaTS (K-FAC exact, init TA, shrinkage and equalising chosen on validation)",
+        "kfac_exact",
+        "task_arithmetic",
+        swept=("off_diagonal_scale", "equalise_scales"),
     ),
     "mats_kfac_sampled": _mats_method(
         "MaTS (K-FAC sampled, init TA)", "kfac_sampled", "task_arithmetic"

@@ -410,11 +410,7 @@ def _run_one(
             progress(f"{arch} seed {seed}: statistic {s_name} of {task.name}")
     for s_name in _derived_needed(config):
         source = stats[methods.DERIVED[s_name]]
-        stats[s_name] = (
-            derived.equalise_scales(source)
-            if s_name == "kfac_exact_equalised"
-            else [derived.kernels_only(s) for s in source]
-        )
+        stats[s_name] = [derived.kernels_only(s) for s in source]
     timings["statistics"] = time.perf_counter() - start
     spreads = {
         s: _scale_spread(v) for s, v in stats.items() if s not in methods.DERIVED

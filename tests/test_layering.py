@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
         "mats_jax.stats.kronecker",
         "mats_jax.stats.io",
         "mats_jax.stats.summary",
+        "mats_jax.stats.rescale",
     ),
     ("mats_jax.stats",),
     ("mats_jax.sharding",),

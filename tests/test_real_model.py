@@ -200,7 +200,7 @@ def smoke_config(**overrides):
             "also in task 'events'",
         ),
         ({"layers": 9}, "asked for 9"),
-        ({"methods": ("mats_kfac_equalised",)}, "derived statistics"),
+        ({"methods": ("mats_kfac_kernels_only",)}, "derived statistics"),
         ({"stat_examples": 64}, "stat_examples=64"),
         ({"folder": "nowhere"}, "no config.json"),
     ],

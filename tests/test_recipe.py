@@ -154,6 +154,21 @@ CASES = [
             mats_jax.mats(ms, st["diag"], init=b, maxiter=20, weights=WEIGHTS).params
         ),
     ),
+    (
+        "mats",
+        "{maxiter: 50, off_diagonal_scale: 0.7, equalise_scales: true}",
+        "gram",
+        lambda b, ms, st: (
+            mats_jax.mats(
+                ms,
+                st["gram"],
+                maxiter=50,
+                weights=WEIGHTS,
+                off_diagonal_scale=0.7,
+                equalise_scales=True,
+            ).params
+        ),
+    ),
 ]
 
 

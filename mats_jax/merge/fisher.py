@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from mats_jax.checks import MergeInputError, check_traced, is_traced
 from mats_jax.engine import run_in_memory
-from mats_jax.merge.subspace import SubspaceMerge, check_fallback
+from mats_jax.merge.subspace import SubspaceMerge, check_fallback, each_statistic
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import MergeResult
 from mats_jax.stats.statistic import Diagonal, Statistic
@@ -77,7 +77,7 @@ FISHER_MERGE = SubspaceMerge(
     FisherParameters,
     statistics_name="fishers",
     allowed=(Diagonal,),
-    transform=floor_fisher,
+    transform=each_statistic(floor_fisher),
 )
 
 

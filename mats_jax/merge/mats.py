@@ -29,18 +29,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 
+from mats_jax.checks import MergeInputError, check_fraction, is_traced
 from mats_jax.engine import lower_in_memory, run_in_memory
 from mats_jax.merge.subspace import SubspaceMerge, check_fallback, check_init
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import MergeResult
+from mats_jax.stats.rescale import equalise_scales
+from mats_jax.stats.statistic import Statistic
 from mats_jax.tree import register_record
 from mats_jax.typing import Params, StatTree
 
-__all__ = ["MATS", "MatsParameters", "lower_solve", "mats", "solve"]
+__all__ = ["MATS", "MatsParameters", "lower_solve", "mats", "shape_statistics", "solve"]
 
 Fallback = Literal["average", "init"]
 
@@ -59,18 +62,59 @@ class MatsParameters(SolverOptions):
         e.g. task arithmetic, the paper's choice), or a parameter pytree.
       fallback: the rule for leaves without a statistic: ``"average"``,
         ``"init"``, ``"base"`` or a parameter pytree.
+      off_diagonal_scale: α in [0, 1]: each statistic's matrices M (both
+        K-FAC factors, a Gram, a dense block) become ``αM + (1 − α) diag(M)``
+        before the solve, as the paper's code shrinks them (its
+        ``model_lambda``) and RegMean its Grams. 1 (the default): as estimated.
+      equalise_scales: rescale every leaf's statistics to the same scale in
+        every task (:func:`~mats_jax.stats.rescale.equalise_scales`), so that
+        a task whose statistic is small on a leaf still counts there.
     """
+
+    static_fields: ClassVar[tuple[str, ...]] = (
+        *SolverOptions.static_fields,
+        "equalise_scales",
+    )
 
     init: Any = None
     fallback: Any = "average"
+    off_diagonal_scale: Any = 1.0
+    equalise_scales: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_init(self.init)
         check_fallback(self.fallback)
+        check_fraction(
+            "off_diagonal_scale",
+            self.off_diagonal_scale,
+            include_zero=True,
+            include_one=True,
+        )
+        if not isinstance(self.equalise_scales, bool):
+            raise MergeInputError(
+                f"equalise_scales must be True or False, got {self.equalise_scales!r}"
+            )
 
 
-MATS = SubspaceMerge("mats", MatsParameters)
+def shape_statistics(
+    stats: Sequence[Statistic | None], params: MatsParameters
+) -> list[Statistic | None]:
+    """MaTS's statistics transform on one leaf's M statistics: the
+    off-diagonal scale, then the scales equalised across tasks (each when asked)."""
+    out = list(stats)
+    # α = 1 is the identity: skipped where it is known, to leave the arrays as they are.
+    if is_traced(params.off_diagonal_scale) or params.off_diagonal_scale != 1:
+        out = [
+            None if s is None else s.off_diagonal_scaled(params.off_diagonal_scale)
+            for s in out
+        ]
+    if params.equalise_scales:
+        out = equalise_scales(out)
+    return out
+
+
+MATS = SubspaceMerge("mats", MatsParameters, transform=shape_statistics)
 
 
 def mats(
@@ -89,6 +133,8 @@ def mats(
     divergence_factor: float = 10.0,
     group_blocks: bool = True,
     cg: Literal["per_block", "jax_scipy"] = "per_block",
+    off_diagonal_scale: float = 1.0,
+    equalise_scales: bool = False,
 ) -> MergeResult:
     """Merges by conjugate gradient on ``(Σ_m w_m C_m) θ = Σ_m w_m C_m θ_m``.
 
@@ -130,6 +176,13 @@ def mats(
       group_blocks: batch same-shaped blocks of different leaves into one CG.
       cg: the CG loop, ``"per_block"`` (the default) or ``"jax_scipy"`` (see
         :func:`~mats_jax.solve`).
+      off_diagonal_scale: α in [0, 1]: every statistic's matrices (both
+        K-FAC factors) shrunk to ``αM + (1 − α) diag(M)``, as the paper's
+        code does (its λ); 1, the default, leaves them as estimated. Choose
+        it on validation data.
+      equalise_scales: rescale each leaf's statistics to one scale across
+        tasks (:func:`~mats_jax.equalise_statistic_scales`), for leaves where
+        one task's statistic is far smaller than the others'.
 
     Returns:
       A :class:`~mats_jax.MergeResult`: the merged parameters and a per-leaf
@@ -170,6 +223,8 @@ def mats(
         divergence_factor=divergence_factor,
         group_blocks=group_blocks,
         cg=cg,
+        off_diagonal_scale=off_diagonal_scale,
+        equalise_scales=equalise_scales,
     )
 
 
@@ -195,6 +250,8 @@ def solve(
     divergence_factor: float = 10.0,
     group_blocks: bool = True,
     cg: Literal["per_block", "jax_scipy"] = "per_block",
+    off_diagonal_scale: float = 1.0,
+    equalise_scales: bool = False,
 ) -> MergeResult:
     """Solves ``(Σ_m w_m C_m + δI) θ = Σ_m w_m C_m θ_m + δ θ_init`` per block.
 
@@ -240,6 +297,10 @@ def solve(
         divergence guard) or ``"jax_scipy"`` (:func:`jax.scipy.sparse.linalg.cg`
         vmapped over the blocks; its report has the residuals but not the
         iterations, shown as ``?``, nor why a block stopped short).
+      off_diagonal_scale: α in [0, 1]: each statistic's matrices M become
+        ``αM + (1 − α) diag(M)`` (see :class:`MatsParameters`); 1: as given.
+      equalise_scales: rescale each leaf's statistics to one scale across
+        tasks (see :class:`MatsParameters`).
 
     Returns:
       A :class:`MergeResult`: parameters in the models' dtypes, and a report
@@ -277,6 +338,8 @@ def solve(
         divergence_factor=divergence_factor,
         group_blocks=group_blocks,
         cg=cg,
+        off_diagonal_scale=off_diagonal_scale,
+        equalise_scales=equalise_scales,
     )
     return run_in_memory(
         MATS, params, models=models, statistics=statistics, weights=weights
@@ -300,6 +363,8 @@ def lower_solve(
     divergence_factor: float = 10.0,
     group_blocks: bool = True,
     cg: Literal["per_block", "jax_scipy"] = "per_block",
+    off_diagonal_scale: float = 1.0,
+    equalise_scales: bool = False,
 ) -> jax.stages.Lowered:
     """The solve :func:`solve` would run, lowered for these inputs, without running it.
 
@@ -332,6 +397,8 @@ def lower_solve(
         divergence_factor=divergence_factor,
         group_blocks=group_blocks,
         cg=cg,
+        off_diagonal_scale=off_diagonal_scale,
+        equalise_scales=equalise_scales,
     )
     return lower_in_memory(
         MATS, params, models=models, statistics=statistics, weights=weights

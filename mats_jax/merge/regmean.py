@@ -29,11 +29,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
-
 from mats_jax.checks import check_fraction
 from mats_jax.engine import run_in_memory
-from mats_jax.merge.subspace import SubspaceMerge, check_fallback
+from mats_jax.merge.subspace import SubspaceMerge, check_fallback, each_statistic
 from mats_jax.solver.options import SolverOptions
 from mats_jax.solver.report import MergeResult
 from mats_jax.stats.statistic import Gram, Statistic
@@ -69,12 +67,7 @@ def shrink_gram(gram: Statistic | None, params: RegMeanParameters) -> Statistic 
     """``Ã = αA + (1 − α) diag(A)``: the statistics transform of RegMean."""
     if not isinstance(gram, Gram):  # None: the checks allow nothing else
         return gram
-    alpha = params.alpha
-    diagonal = jnp.diagonal(gram.a, axis1=-2, axis2=-1)
-    off_shrunk = alpha * gram.a + (1 - alpha) * (
-        diagonal[..., :, None] * jnp.eye(gram.a.shape[-1], dtype=gram.a.dtype)
-    )
-    return Gram(off_shrunk, gram.in_axes, gram.out_axes)
+    return gram.off_diagonal_scaled(params.alpha)
 
 
 REGMEAN = SubspaceMerge(
@@ -82,7 +75,7 @@ REGMEAN = SubspaceMerge(
     RegMeanParameters,
     statistics_name="grams",
     allowed=(Gram,),
-    transform=shrink_gram,
+    transform=each_statistic(shrink_gram),
 )
 
 

@@ -38,9 +38,23 @@ from mats_jax.solver.solve import (
 from mats_jax.stats.statistic import Statistic
 from mats_jax.typing import Params
 
-__all__ = ["SubspaceMerge", "check_fallback", "check_init"]
+__all__ = ["SubspaceMerge", "check_fallback", "check_init", "each_statistic"]
 
-Transform = Callable[[Statistic | None, Any], Statistic | None]
+Transform = Callable[[Sequence[Statistic | None], Any], list[Statistic | None]]
+"""``transform(statistics, params)``: the M tasks' statistics of one leaf,
+transformed (a rescaling across tasks sees them all)."""
+
+
+def each_statistic(
+    fn: Callable[[Statistic | None, Any], Statistic | None],
+) -> Transform:
+    """The transform that applies ``fn(statistic, params)`` to each task's statistic."""
+
+    def transform(stats: Sequence[Statistic | None], params: Any) -> list[Any]:
+        return [fn(s, params) for s in stats]
+
+    transform.__name__ = transform.__qualname__ = getattr(fn, "__name__", "transform")
+    return transform
 
 
 def check_fallback(fallback: Any) -> None:
@@ -75,9 +89,11 @@ class SubspaceMerge(MergeMethod):
 
     Attributes:
       allowed: the statistic types it accepts.
-      transform: ``transform(statistic, params)``, applied after validation
-        (so a NaN, negative or misshapen statistic is reported, not
-        transformed away); None: the identity.
+      transform: ``transform(statistics, params)`` on the M tasks'
+        statistics of each leaf (:func:`each_statistic` lifts a transform
+        of one statistic), applied after validation (so a NaN, negative or
+        misshapen statistic is reported, not transformed away); None: the
+        identity.
 
     The parameters record provides ``solver_options()``, ``init`` (or not:
     the weighted average) and ``fallback``.
@@ -129,9 +145,12 @@ class SubspaceMerge(MergeMethod):
         per_task = [
             treedef.flatten_up_to(s) for s in inputs.statistics
         ]  # checked by the engine
-        if transformed and self.transform is not None:
+        if transformed and self.transform is not None and per_task[0]:
             transform = self.transform
-            per_task = [[transform(s, params) for s in task] for task in per_task]
+            per_leaf = [
+                transform(list(leaf), params) for leaf in zip(*per_task, strict=True)
+            ]
+            per_task = [list(task) for task in zip(*per_leaf, strict=True)]
         return per_task
 
     def _init(

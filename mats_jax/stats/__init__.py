@@ -2,7 +2,8 @@
 
 Types (:mod:`~mats_jax.stats.statistic`), estimators from any JAX model
 (:func:`diagonal_fisher`, :func:`block_fisher`, :func:`gram`, :func:`kfac`), saving and loading
-(:mod:`~mats_jax.stats.io`) and a summary of what each leaf got.
+(:mod:`~mats_jax.stats.io`), a summary of what each leaf got, and the scales of
+the tasks' statistics equalised (:mod:`~mats_jax.stats.rescale`).
 """
 
 from mats_jax.stats.estimate import MAX_FACTOR_SIZE
@@ -10,6 +11,7 @@ from mats_jax.stats.fisher import block_fisher, diagonal_fisher
 from mats_jax.stats.io import load_statistics, save_statistics
 from mats_jax.stats.kronecker import gram, kfac
 from mats_jax.stats.likelihood import StatisticsFallbackWarning, StatisticsInputError
+from mats_jax.stats.rescale import equalise_scales, equalise_statistic_scales
 from mats_jax.stats.statistic import (
     KFAC,
     Dense,
@@ -31,6 +33,8 @@ __all__ = [
     "StatisticsInputError",
     "block_fisher",
     "diagonal_fisher",
+    "equalise_scales",
+    "equalise_statistic_scales",
     "gram",
     "kfac",
     "load_statistics",

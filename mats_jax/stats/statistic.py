@@ -81,6 +81,19 @@ NONNEGATIVE_DIAGONAL = "a non-negative diagonal"
 """A sign rule: the trailing matrices' diagonals are >= 0 (necessary for PSD)."""
 
 
+def shrink_off_diagonal(matrix: Array, alpha: Any) -> Array:
+    """``α M + (1 − α) diag(M)`` over the last two axes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> shrink_off_diagonal(jnp.array([[2.0, 1.0], [1.0, 2.0]]), 0.25)
+      Array([[2.  , 0.25],
+             [0.25, 2.  ]], dtype=float32)
+    """
+    eye = jnp.eye(matrix.shape[-1], dtype=bool)
+    return jnp.where(eye, matrix, alpha * matrix).astype(matrix.dtype)
+
+
 def _block_dot_shape(x: Array) -> tuple[int, ...]:
     return tuple(range(1, x.ndim))
 
@@ -219,6 +232,9 @@ class Statistic:
     """Its arrays: the pytree's data, saved under these names."""
     layout_fields: ClassVar[tuple[str, ...]] = ()
     """Its static layout (kernel axes): pytree metadata, saved in the layout record."""
+    matrix_fields: ClassVar[tuple[str, ...]] = ()
+    """Its array fields that are square matrices over their last two axes
+    (:meth:`off_diagonal_scaled` shrinks them)."""
     sign_rules: ClassVar[dict[str, str]] = {}
     """Per array field, what it must satisfy besides being finite."""
     estimator_sums: ClassVar[tuple[str, ...]] = ()
@@ -313,6 +329,30 @@ class Statistic:
     def scaled(self, weight: Array) -> Statistic:
         """``weight · C``."""
         raise NotImplementedError
+
+    def off_diagonal_scaled(self, alpha: Any) -> Statistic:
+        """Each of its matrices M (:attr:`matrix_fields`) as ``αM + (1 − α) diag(M)``.
+
+        RegMean's shrinkage of a Gram toward its diagonal, which the MaTS
+        paper's code applies to both K-FAC factors (its ``model_lambda``). A
+        type without matrices (the diagonal Fisher) is returned as it is.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> from mats_jax import KFAC
+          >>> shrunk = KFAC(jnp.ones((2, 2)), 2 * jnp.ones((2, 2))).off_diagonal_scaled(0.5)
+          >>> shrunk.a, shrunk.g
+          (Array([[1. , 0.5],
+                 [0.5, 1. ]], dtype=float32), Array([[2., 1.],
+                 [1., 2.]], dtype=float32))
+        """
+        return dataclasses.replace(
+            self,
+            **{
+                name: shrink_off_diagonal(getattr(self, name), alpha)
+                for name in self.matrix_fields
+            },
+        )
 
     def diagonal_mean(self) -> Array:
         """The mean of C's diagonal per block, shape (B,) (on a blocked statistic)."""
@@ -473,6 +513,7 @@ class Dense(Statistic):
     f: Array
     kind: ClassVar[str] = "Dense"
     array_fields: ClassVar[tuple[str, ...]] = ("f",)
+    matrix_fields: ClassVar[tuple[str, ...]] = ("f",)
     sign_rules: ClassVar[dict[str, str]] = {"f": NONNEGATIVE_DIAGONAL}
     estimator_sums: ClassVar[tuple[str, ...]] = ("outer_gradients",)
     closed_under_addition: ClassVar[bool] = True
@@ -694,6 +735,7 @@ class Gram(_KernelLayout, Statistic):
     out_axes: tuple[int, ...] = (-1,)
     kind: ClassVar[str] = "Gram"
     array_fields: ClassVar[tuple[str, ...]] = ("a",)
+    matrix_fields: ClassVar[tuple[str, ...]] = ("a",)
     layout_fields: ClassVar[tuple[str, ...]] = ("in_axes", "out_axes")
     sign_rules: ClassVar[dict[str, str]] = {"a": NONNEGATIVE_DIAGONAL}
     estimator_sums: ClassVar[tuple[str, ...]] = ("inputs", "rows")
@@ -773,6 +815,7 @@ class KFAC(_KernelLayout, Statistic):
     kind: ClassVar[str] = "KFAC"
     has_closed_form: ClassVar[bool] = False
     array_fields: ClassVar[tuple[str, ...]] = ("a", "g")
+    matrix_fields: ClassVar[tuple[str, ...]] = ("a", "g")
     layout_fields: ClassVar[tuple[str, ...]] = ("in_axes", "out_axes")
     sign_rules: ClassVar[dict[str, str]] = {
         "a": NONNEGATIVE_DIAGONAL,
