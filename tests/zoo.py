@@ -90,6 +90,9 @@ CASES: dict[str, Case] = {
     "ties_per_leaf": Case("ties", {"density": 0.4, "trim": "per_leaf"}),
     "dare_ties": Case("dare", {"drop_rate": 0.3, "sign_election": True}),
     "solve_closed_form": Case("mats", {"method": "closed_form"}, mj.Gram),
+    "mats_shaped_statistics": Case(
+        "mats", {"off_diagonal_scale": 0.7, "equalise_scales": True}, mj.Gram
+    ),
     "multislerp_about_base": Case("multislerp", {"about_base": True}),
     "model_stock_filter_wise": Case("model_stock", {"filter_wise": True}),
     "breadcrumbs_ties": Case(

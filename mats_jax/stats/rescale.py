@@ -62,7 +62,19 @@ def equalise_scales(stats: Sequence[Statistic | None]) -> list[Statistic | None]
 
 
 def equalise_statistic_scales(statistics: Sequence[StatTree]) -> list[StatTree]:
-    """:func:`equalise_scales` on every leaf of M statistic pytrees (one per task)."""
+    """:func:`equalise_scales` on every leaf of M statistic pytrees (one per task).
+
+    Examples:
+      Task b's K-FAC has four times task a's scale; equalised, both have
+      the mean, 2.5, and each keeps its shape.
+
+      >>> import jax.numpy as jnp
+      >>> from mats_jax import KFAC, equalise_statistic_scales, statistic_scales
+      >>> a = {"k": KFAC(jnp.eye(2), jnp.eye(3))}
+      >>> b = {"k": KFAC(4 * jnp.eye(2), jnp.eye(3))}
+      >>> [statistic_scales(s) for s in equalise_statistic_scales([a, b])]
+      [{'k': 2.5}, {'k': 2.5}]
+    """
     flat = [jax.tree.flatten(s, is_leaf=_is_stat) for s in statistics]
     if not flat:
         raise StatisticsInputError("equalise_statistic_scales needs at least one task")
