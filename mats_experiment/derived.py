@@ -17,10 +17,6 @@ from mats_jax.typing import StatTree
 __all__ = ["kernels_only"]
 
 
-def _is_stat(x: object) -> bool:
-    return x is None or isinstance(x, mats_jax.Statistic)
-
-
 def kernels_only(stats: StatTree) -> StatTree:
     """``stats`` with every statistic but K-FAC and Gram replaced by None.
 
@@ -33,5 +29,5 @@ def kernels_only(stats: StatTree) -> StatTree:
     return jax.tree.map(
         lambda s: s if isinstance(s, (mats_jax.KFAC, mats_jax.Gram)) else None,
         stats,
-        is_leaf=_is_stat,
+        is_leaf=mats_jax.is_statistic_leaf,
     )

@@ -355,7 +355,7 @@ def fill_missing(primary: StatTree, fallback: StatTree) -> StatTree:
         lambda a, b: b if a is None else a,
         primary,
         fallback,
-        is_leaf=lambda x: x is None or isinstance(x, mats_jax.Statistic),
+        is_leaf=mats_jax.is_statistic_leaf,
     )
 
 

@@ -50,7 +50,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax import checks
-from mats_jax.stats.statistic import Statistic
+from mats_jax.stats.statistic import Statistic, is_statistic_leaf
 from mats_jax.typing import Params, StatTree
 
 __all__ = [
@@ -64,10 +64,6 @@ __all__ = [
     "shard_statistics",
     "statistic_sharding",
 ]
-
-
-def _is_stat(x: Any) -> bool:
-    return x is None or isinstance(x, Statistic)
 
 
 def input_mesh(*trees: Any) -> Mesh | None:
@@ -145,7 +141,7 @@ def shard_statistics(statistics: StatTree, params: Params) -> StatTree:
             return stat
         return jax.device_put(stat, statistic_sharding(stat, sharding))
 
-    return jax.tree.map(place, statistics, params, is_leaf=_is_stat)
+    return jax.tree.map(place, statistics, params, is_leaf=is_statistic_leaf)
 
 
 def leaf_shardings(tree: Any) -> tuple[NamedSharding | None, ...]:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 
 import jax
 
-from mats_jax.checks import MergeInputError, check_fraction, is_traced
+from mats_jax.checks import MergeInputError, check_fraction
 from mats_jax.engine import lower_in_memory, run_in_memory
 from mats_jax.merge.subspace import SubspaceMerge, check_fallback, check_init
 from mats_jax.solver.options import SolverOptions
@@ -102,13 +102,11 @@ def shape_statistics(
 ) -> list[Statistic | None]:
     """MaTS's statistics transform on one leaf's M statistics: the
     off-diagonal scale, then the scales equalised across tasks (each when asked)."""
-    out = list(stats)
-    # α = 1 is the identity: skipped where it is known, to leave the arrays as they are.
-    if is_traced(params.off_diagonal_scale) or params.off_diagonal_scale != 1:
-        out = [
-            None if s is None else s.off_diagonal_scaled(params.off_diagonal_scale)
-            for s in out
-        ]
+    # Applied whatever α is: the merge traces it, and α = 1 leaves every entry as it is.
+    out = [
+        None if s is None else s.off_diagonal_scaled(params.off_diagonal_scale)
+        for s in stats
+    ]
     if params.equalise_scales:
         out = equalise_scales(out)
     return out

@@ -18,6 +18,7 @@ from mats_jax.stats.statistic import (
     Diagonal,
     Gram,
     Statistic,
+    is_statistic_leaf,
     register_statistic,
 )
 from mats_jax.stats.summary import statistic_scales, statistics_table
@@ -36,6 +37,7 @@ __all__ = [
     "equalise_scales",
     "equalise_statistic_scales",
     "gram",
+    "is_statistic_leaf",
     "kfac",
     "load_statistics",
     "register_statistic",

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 
 from mats_jax.stats.likelihood import StatisticsInputError
-from mats_jax.stats.statistic import Statistic
+from mats_jax.stats.statistic import Statistic, is_statistic_leaf
 from mats_jax.tree import nest_paths, path_str
 from mats_jax.typing import StatTree
 
@@ -131,10 +131,6 @@ def _layout_problem(meta: Any) -> str:
     return ""
 
 
-def _is_stat(x: Any) -> bool:
-    return x is None or isinstance(x, Statistic)
-
-
 def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
     """Saves a statistic pytree as an orbax checkpoint at ``path`` (a new directory).
 
@@ -165,7 +161,9 @@ def save_statistics(path: str | os.PathLike[str], statistics: StatTree) -> None:
         raise NotADirectoryError(
             f"{path}: {ancestor} is a file, so no directory can be made there"
         )
-    flat, treedef = jax.tree_util.tree_flatten_with_path(statistics, is_leaf=_is_stat)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        statistics, is_leaf=is_statistic_leaf
+    )
     arrays: dict[str, dict[str, Any]] = {}
     layout: dict[str, Any] = {}
     for key_path, stat in flat:
@@ -250,7 +248,9 @@ def load_statistics(
         stats[name] = kind.from_saved(arrays[name], entry)
     if like is None:
         return _nest(stats)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_stat)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        like, is_leaf=is_statistic_leaf
+    )
     names = [path_str(p) for p, _ in flat]
     if sorted(names) != sorted(stats):
         missing = sorted(set(names) - set(stats))

@@ -32,14 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from mats_jax.stats.likelihood import StatisticsInputError
-from mats_jax.stats.statistic import Statistic
+from mats_jax.stats.statistic import Statistic, is_statistic_leaf
 from mats_jax.typing import StatTree
 
 __all__ = ["equalise_scales", "equalise_statistic_scales"]
-
-
-def _is_stat(x: object) -> bool:
-    return x is None or isinstance(x, Statistic)
 
 
 def equalise_scales(stats: Sequence[Statistic | None]) -> list[Statistic | None]:
@@ -75,7 +71,7 @@ def equalise_statistic_scales(statistics: Sequence[StatTree]) -> list[StatTree]:
       >>> [statistic_scales(s) for s in equalise_statistic_scales([a, b])]
       [{'k': 2.5}, {'k': 2.5}]
     """
-    flat = [jax.tree.flatten(s, is_leaf=_is_stat) for s in statistics]
+    flat = [jax.tree.flatten(s, is_leaf=is_statistic_leaf) for s in statistics]
     if not flat:
         raise StatisticsInputError("equalise_statistic_scales needs at least one task")
     treedef: Any = flat[0][1]  # its stubs lack __ne__ against another PyTreeDef

@@ -72,6 +72,7 @@ __all__ = [
     "Gram",
     "Statistic",
     "factor_spec",
+    "is_statistic_leaf",
     "register_statistic",
 ]
 
@@ -79,6 +80,20 @@ NONNEGATIVE = "non-negative entries"
 """A sign rule: every entry of the array is >= 0 (a diagonal statistic)."""
 NONNEGATIVE_DIAGONAL = "a non-negative diagonal"
 """A sign rule: the trailing matrices' diagonals are >= 0 (necessary for PSD)."""
+
+
+def is_statistic_leaf(x: object) -> bool:
+    """Whether ``x`` is a leaf of a statistics pytree: a statistic or None
+    (the ``is_leaf`` of ``jax.tree`` functions that map over statistics).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> stats = {"k": Gram(jnp.eye(2)), "b": None}
+      >>> jax.tree.leaves(stats, is_leaf=is_statistic_leaf)
+      [None, Gram(a=Array([[1., 0.],
+             [0., 1.]], dtype=float32), in_axes=(-2,), out_axes=(-1,))]
+    """
+    return x is None or isinstance(x, Statistic)
 
 
 def shrink_off_diagonal(matrix: Array, alpha: Any) -> Array:

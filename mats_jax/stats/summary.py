@@ -24,15 +24,11 @@ import jax
 import numpy as np
 
 from mats_jax.stats.likelihood import StatisticsInputError
-from mats_jax.stats.statistic import Statistic
+from mats_jax.stats.statistic import Statistic, is_statistic_leaf
 from mats_jax.tree import path_str
 from mats_jax.typing import StatTree
 
 __all__ = ["statistic_scales", "statistics_table"]
-
-
-def _is_stat(x: object) -> bool:
-    return x is None or isinstance(x, Statistic)
 
 
 def statistic_scales(statistics: StatTree) -> dict[str, float | None]:
@@ -46,7 +42,9 @@ def statistic_scales(statistics: StatTree) -> dict[str, float | None]:
       >>> statistic_scales({"w": Diagonal(jnp.array([1.0, 3.0]))})
       {'w': 2.0}
     """
-    flat = jax.tree_util.tree_flatten_with_path(statistics, is_leaf=_is_stat)[0]
+    flat = jax.tree_util.tree_flatten_with_path(statistics, is_leaf=is_statistic_leaf)[
+        0
+    ]
     out: dict[str, float | None] = {}
     for path, stat in flat:
         # diagonal_mean reduces only the trailing axes, so it also serves an
@@ -93,7 +91,7 @@ def statistics_table(
     kinds = {
         path_str(p): ("-" if s is None else s.kind)
         for p, s in jax.tree_util.tree_flatten_with_path(
-            statistics[0], is_leaf=_is_stat
+            statistics[0], is_leaf=is_statistic_leaf
         )[0]
     }
     rows = [["leaf", "statistic", *names]]
