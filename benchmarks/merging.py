@@ -273,6 +273,7 @@ ABLATIONS = (
     ("mats_kfac_ties", "initialisation: TIES instead of task arithmetic"),
     ("mats_kfac_precond", "the Kronecker preconditioner (same CG iteration grid)"),
     ("mats_kfac_sampled", "Fisher kind: one sampled label per example"),
+    ("mats_kfac_sampled_4", "Fisher kind: four sampled labels per example"),
     ("mats_kfac_empirical", "Fisher kind: gold labels (empirical Fisher)"),
     ("mats_gram", "G = I (Gram statistics, i.e. RegMean's system solved by CG)"),
 )

@@ -37,6 +37,7 @@ __all__ = [
     "Method",
     "candidates",
     "check_methods",
+    "kfac_estimator",
 ]
 
 STATISTICS = (
@@ -44,9 +45,24 @@ STATISTICS = (
     "gram",
     "kfac_exact",
     "kfac_sampled",
+    "kfac_sampled_4",
     "kfac_empirical",
 )
 """Statistic names estimated from data: what each data-dependent method needs per task."""
+
+
+def kfac_estimator(name: str) -> dict[str, Any]:
+    """The :func:`mats_jax.kfac` arguments of a K-FAC statistic's name.
+
+    ``kfac_<kind>`` is K-FAC of that Fisher kind; ``kfac_sampled_<k>`` draws
+    ``k`` labels per example from the model's own distribution.
+
+    Examples:
+      >>> kfac_estimator("kfac_exact"), kfac_estimator("kfac_sampled_4")
+      ({'kind': 'exact', 'num_samples': 1}, {'kind': 'sampled', 'num_samples': 4})
+    """
+    kind, _, samples = name.removeprefix("kfac_").partition("_")
+    return {"kind": kind, "num_samples": int(samples) if samples else 1}
 
 DERIVED = {
     "kfac_exact_kernels_only": "kfac_exact",
@@ -246,6 +262,11 @@ METHODS: dict[str, Method] = {
     ),
     "mats_kfac_sampled": _mats_method(
         "MaTS (K-FAC sampled, init TA)", "kfac_sampled", "task_arithmetic"
+    ),
+    "mats_kfac_sampled_4": _mats_method(
+        "MaTS (K-FAC sampled, 4 labels per example, init TA)",
+        "kfac_sampled_4",
+        "task_arithmetic",
     ),
     "mats_kfac_empirical": _mats_method(
         "MaTS (K-FAC empirical, init TA)", "kfac_empirical", "task_arithmetic"

@@ -233,8 +233,9 @@ def _statistic(
     elif name == "fisher_exact":
         stats = mats_jax.diagonal_fisher(apply, params, batches, kind="exact", **common)
     else:
-        kind = name.removeprefix("kfac_")
-        stats = mats_jax.kfac(apply, params, batches, kind=kind, key=key, **common)  # type: ignore[arg-type]
+        stats = mats_jax.kfac(
+            apply, params, batches, key=key, **methods.kfac_estimator(name), **common
+        )
     # Block so that the recorded time per stage is the statistics' own.
     return jax.block_until_ready(stats["body"])
 

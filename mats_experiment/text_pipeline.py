@@ -298,7 +298,6 @@ def _statistic(
     elif name == "fisher_exact":
         stats = mats_jax.diagonal_fisher(apply, params, batches, kind="exact", **common)
     else:
-        kind = name.removeprefix("kfac_")
         # kfac_exact takes its fallback from fisher_exact (fill_missing):
         # the diagonal Fisher of the 30522-row embedding table costs ten
         # times K-FAC's factors, so it is estimated once.
@@ -309,9 +308,9 @@ def _statistic(
             apply,
             params,
             batches,
-            kind=kind,  # type: ignore[arg-type]
             key=key,
             fallback=fallback,
+            **methods.kfac_estimator(name),
             **common,
         )
     return jax.block_until_ready(stats["body"])
