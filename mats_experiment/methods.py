@@ -64,6 +64,7 @@ def kfac_estimator(name: str) -> dict[str, Any]:
     kind, _, samples = name.removeprefix("kfac_").partition("_")
     return {"kind": kind, "num_samples": int(samples) if samples else 1}
 
+
 DERIVED = {
     "kfac_exact_kernels_only": "kfac_exact",
 }

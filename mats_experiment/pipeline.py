@@ -42,7 +42,9 @@ __all__ = [
     "MIN_STATISTIC_EXAMPLES",
     "ExperimentConfig",
     "ExperimentError",
+    "Prepared",
     "count_units",
+    "prepare",
     "run",
     "search_methods",
     "validate",
@@ -330,13 +332,78 @@ def _scale_spread(stats: Sequence[StatTree]) -> dict[str, float]:
 # --------------------------------------------------------------------------
 
 
-def _run_one(
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One (architecture, seed) of an experiment, fine-tuned and measured, ready to merge.
+
+    Attributes:
+      tasks: the built tasks, in the configuration's order.
+      applies: per task, its model's ``apply(params, x) -> logits``.
+      pretrained: the pretrained classifier (its body is the merges' base).
+      pretrain_accuracy: its test accuracy on the pretraining task.
+      finetuned: per task, the fine-tuned parameters (body and head).
+      per_task: per task name, the pretrained body's (refitted head) and the
+        fine-tuned model's validation and test accuracy, and the test gain.
+      statistics: statistic name → one statistics tree of the body per task.
+      timings_s: seconds spent pretraining, fine-tuning and estimating.
+    """
+
+    tasks: tuple[tasks.Task, ...]
+    applies: tuple[Callable[[Params, Any], Any], ...]
+    pretrained: Params
+    pretrain_accuracy: float
+    finetuned: tuple[Params, ...]
+    per_task: Mapping[str, Mapping[str, float]]
+    statistics: Mapping[str, Sequence[StatTree]]
+    timings_s: Mapping[str, float]
+
+    @property
+    def base(self) -> Params:
+        """The pretrained body: what the task vectors are taken from."""
+        return self.pretrained["body"]
+
+    @property
+    def bodies(self) -> list[Params]:
+        """The fine-tuned bodies, in task order: what is merged."""
+        return [p["body"] for p in self.finetuned]
+
+    def accuracy(
+        self, body: Params, indices: Sequence[int], split: str
+    ) -> dict[str, float]:
+        """Per task of ``indices``: accuracy on ``split`` of ``body`` with the task's own head."""
+        return {
+            self.tasks[i].name: train.accuracy(
+                self.applies[i],
+                _with_body(self.finetuned[i], body),
+                getattr(self.tasks[i], split).x,
+                getattr(self.tasks[i], split).y,
+            )
+            for i in indices
+        }
+
+    def normalised_score(
+        self, body: Params, indices: Sequence[int], split: str
+    ) -> tuple[float, dict[str, float]]:
+        """The mean over ``indices`` of the normalised accuracy on ``split``
+        (each task's by its fine-tuned model's on that split), and the accuracies."""
+        acc = self.accuracy(body, indices, split)
+        own = [self.per_task[self.tasks[i].name][f"finetuned_{split}"] for i in indices]
+        return float(np.mean(normalised(list(acc.values()), own))), acc
+
+
+def prepare(
     config: ExperimentConfig,
     arch: str,
     seed: int,
     sources: Mapping[str, tuple[np.ndarray, np.ndarray]],
     progress: Progress,
-) -> dict[str, Any]:
+) -> Prepared:
+    """Pretrains, fine-tunes every task and estimates every statistic the methods need.
+
+    ``sources`` maps each data source the configuration names to its
+    (inputs, labels) (:func:`mats_experiment.data.load`); call
+    :func:`validate` first.
+    """
     timings: dict[str, float] = {}
     options = tuple(sorted(config.body_options.get(arch, {}).items()))
     key = jax.random.key(seed)
@@ -413,6 +480,31 @@ def _run_one(
         source = stats[methods.DERIVED[s_name]]
         stats[s_name] = [derived.kernels_only(s) for s in source]
     timings["statistics"] = time.perf_counter() - start
+    return Prepared(
+        tasks=tuple(task_list),
+        applies=tuple(applies),
+        pretrained=pre_params,
+        pretrain_accuracy=pretrain_accuracy,
+        finetuned=tuple(finetuned),
+        per_task=per_task,
+        statistics=stats,
+        timings_s=timings,
+    )
+
+
+def _run_one(
+    config: ExperimentConfig,
+    arch: str,
+    seed: int,
+    sources: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    progress: Progress,
+) -> dict[str, Any]:
+    prepared = prepare(config, arch, seed, sources, progress)
+    task_list = prepared.tasks
+    stats = prepared.statistics
+    base, bodies = prepared.base, prepared.bodies
+    timings = dict(prepared.timings_s)
+    key = jax.random.key(seed)
     spreads = {
         s: _scale_spread(v) for s, v in stats.items() if s not in methods.DERIVED
     }
@@ -422,26 +514,12 @@ def _run_one(
         else None
     )
 
-    bodies = [p["body"] for p in finetuned]
     ordered = methods.check_methods(config.methods)
-    ft_val = [per_task[t.name]["finetuned_val"] for t in task_list]
-
-    def evaluate(body: Params, indices: Sequence[int], split: str) -> dict[str, float]:
-        return {
-            task_list[i].name: train.accuracy(
-                applies[i],
-                _with_body(finetuned[i], body),
-                getattr(task_list[i], split).x,
-                getattr(task_list[i], split).y,
-            )
-            for i in indices
-        }
-
+    evaluate = prepared.accuracy
     everything = range(len(task_list))
 
     def score_val_all(body: Params) -> tuple[float, dict[str, float]]:
-        acc = evaluate(body, everything, "val")
-        return float(np.mean(normalised(list(acc.values()), ft_val))), acc
+        return prepared.normalised_score(body, everything, "val")
 
     start = time.perf_counter()
     merged: dict[str, Params] = {}
@@ -491,8 +569,7 @@ def _run_one(
         ia, ib = index[a], index[b]
 
         def score_val_b(body: Params, ib: int = ib) -> tuple[float, dict[str, float]]:
-            acc = evaluate(body, [ib], "val")
-            return acc[task_list[ib].name] / ft_val[ib] * 100.0, acc
+            return prepared.normalised_score(body, [ib], "val")
 
         intermediate[f"{a} -> {b}"] = search_methods(
             ordered,
@@ -513,8 +590,8 @@ def _run_one(
     return {
         "architecture": arch,
         "seed": seed,
-        "pretrain_test_accuracy": pretrain_accuracy,
-        "tasks": per_task,
+        "pretrain_test_accuracy": prepared.pretrain_accuracy,
+        "tasks": prepared.per_task,
         "multitask": multitask,
         "intermediate": intermediate,
         "cg_curve": curve,
@@ -530,8 +607,10 @@ def _run_one(
         "statistics_table": table,
         "timings_s": timings,
         "models": {
-            "pretrained": pre_params,
-            "finetuned": dict(zip([t.name for t in task_list], finetuned, strict=True)),
+            "pretrained": prepared.pretrained,
+            "finetuned": dict(
+                zip([t.name for t in task_list], prepared.finetuned, strict=True)
+            ),
             "merged_bodies": merged,
         },
     }
