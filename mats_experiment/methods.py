@@ -87,6 +87,7 @@ class Grids:
     svd_scale: tuple[float, ...] = (0.4, 0.7, 1.0, 1.3, 1.6)
     off_diagonal_scale: tuple[float, ...] = (0.5, 0.7, 0.9, 1.0)
     equalise_scales: tuple[bool, ...] = (False, True)
+    damping: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +261,12 @@ METHODS: dict[str, Method] = {
         "kfac_exact",
         "task_arithmetic",
         swept=("off_diagonal_scale", "equalise_scales"),
+    ),
+    "mats_kfac_damped": _mats_method(
+        "MaTS (K-FAC exact, relative damping chosen on validation, init TA)",
+        "kfac_exact",
+        "task_arithmetic",
+        swept=("damping",),
     ),
     "mats_kfac_sampled": _mats_method(
         "MaTS (K-FAC sampled, init TA)", "kfac_sampled", "task_arithmetic"
