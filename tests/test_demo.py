@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -324,6 +325,32 @@ def test_mats_variants_bring_their_initialisation():
         "task_arithmetic",
         "mats_gram",
     ]
+
+
+def test_prepared_run_scores_each_fine_tuned_body_as_its_own_model():
+    """pipeline.prepare's parts are the run's: a task's fine-tuned body with its
+    head scores exactly 100 normalised, on every split, against the recorded
+    fine-tuned accuracy; one statistic per task and needed name."""
+    config = dataclasses.replace(
+        demo.demo_config(smoke=True),
+        methods=("task_arithmetic", "mats_kfac_sampled_4"),
+        stat_examples=32,
+    )
+    sources = {
+        name: data.load(name)
+        for name in {config.pretrain.source, *(t.source for t in config.tasks)}
+    }
+    prepared = pipeline.prepare(config, "mlp", 0, sources, lambda line: None)
+    assert [t.name for t in prepared.tasks] == [t.name for t in config.tasks]
+    assert set(prepared.statistics) == {"kfac_sampled_4"}
+    assert len(prepared.statistics["kfac_sampled_4"]) == len(config.tasks)
+    for i, task in enumerate(prepared.tasks):
+        for split in ("val", "test"):
+            score, acc = prepared.normalised_score(prepared.bodies[i], [i], split)
+            assert score == pytest.approx(100.0)
+            assert acc[task.name] == prepared.per_task[task.name][f"finetuned_{split}"]
+    base_score, _ = prepared.normalised_score(prepared.base, range(2), "val")
+    assert base_score < 100.0
 
 
 def test_vit_has_scanned_dense_general_layers():
