@@ -725,6 +725,11 @@ def test_unconverged_cg_warns_and_reports():
     with warnings.catch_warnings():
         warnings.simplefilter("error", mats_jax.ConvergenceWarning)
         mats(models, stats, maxiter=500, tol=1e-5)  # converges: no warning
+        # No step asked for: the initialisation itself, reported, not warned of.
+        init = jax.tree.map(lambda x: x + 1.0, models[0])
+        still = mats(models, stats, init=init, maxiter=0, tol=1e-8)
+    assert int(still.report["kernel"].iterations[0]) == 0
+    np.testing.assert_array_equal(still.params["kernel"], init["kernel"])
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -202,8 +202,11 @@ class SubspaceMerge(MergeMethod):
     ) -> list[tuple[type[Warning], str]]:
         options: SolverOptions = params.solver_options()
         tol = options.tol
-        # tol = 0 asks for exactly maxiter steps (as the paper runs): no warning.
+        # tol = 0 asks for exactly maxiter steps (as the paper runs), and
+        # maxiter = 0 for none (the initialisation itself): no warning.
         if options.method != "cg" or not (isinstance(tol, jax.core.Tracer) or tol > 0):
+            return []
+        if not isinstance(options.maxiter, jax.core.Tracer) and options.maxiter == 0:
             return []
         short = unconverged_blocks(report, paths)
         if not short:
