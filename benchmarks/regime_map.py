@@ -39,7 +39,9 @@ import dataclasses
 import datetime
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,6 +80,9 @@ CELLS = (
 """(fine-tuning length, examples per task behind each statistic)."""
 
 QUICK_CELLS = (("short", 256), ("moderate", 64))
+
+CELL_FILES = Path(tempfile.gettempdir()) / "mats_jax_regime_map_cells"
+"""Where finished cells are kept, by commit, for a stopped run to resume."""
 
 METHODS = (
     "task_arithmetic",
@@ -467,6 +472,28 @@ def _progress(cell: str, total: int, start: float) -> Any:
     return progress
 
 
+def run_cell(cell: str, output: Path, seeds: str, architectures: str) -> None:
+    """Runs one cell of the map in this process; writes its summary to ``output``."""
+    length, n = cell.split("/")
+    archs = tuple(architectures.split(","))
+    cfg = cell_config(length, int(n), tuple(int(s) for s in seeds.split(",")), archs)
+    start = time.perf_counter()
+    results = pipeline.run(
+        cfg, _progress(cell, pipeline.count_units(cfg), start), keep_models=True
+    )
+    summary = {
+        "length": length,
+        "examples": int(n),
+        "epochs": {a: EPOCHS[a][length] for a in archs},
+        "runs": [summarise_run(r) for r in results["runs"]],
+        "wall_s": time.perf_counter() - start,
+    }
+    # Written whole or not at all: a killed cell leaves no file to resume from.
+    partial = output.with_suffix(".partial")
+    partial.write_text(json.dumps(summary, indent=1, default=float))
+    partial.replace(output)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -485,12 +512,18 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for the results (default benchmarks/results/; --quick: under "
         "the temporary directory)",
     )
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # LENGTH/N: one cell
+    parser.add_argument("--cell-output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cell-seeds", help=argparse.SUPPRESS)
     add_dirty_option(parser)
     args = parser.parse_args(argv)
     stem = "regime_map_quick" if args.quick else "regime_map"
     folder = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     if args.render:
         render(folder, stem, json.loads((folder / f"{stem}.json").read_text()))
+        return
+    if args.cell:
+        run_cell(args.cell, args.cell_output, args.cell_seeds, args.architectures)
         return
     revision = check_destination(folder / stem, args.allow_dirty)
     archs = (
@@ -506,23 +539,34 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     load_start = list(os.getloadavg())
     start = time.perf_counter()
+    # One process per cell: a cell's compilations and arrays are freed when it
+    # ends (one process for every cell ran out of memory on 24 GiB), and a
+    # finished cell is kept (under the temporary directory, by commit) so that
+    # a run stopped midway resumes from the next cell.
+    kept = CELL_FILES / revision.split()[0] / stem
+    kept.mkdir(parents=True, exist_ok=True)
     cells = []
-    for (length, n), cfg in zip(grid, configs, strict=True):
-        cell_start = time.perf_counter()
-        results = pipeline.run(
-            cfg,
-            _progress(f"{length}/{n}", pipeline.count_units(cfg), start),
-            keep_models=True,
-        )
-        cells.append(
-            {
-                "length": length,
-                "examples": n,
-                "epochs": {a: EPOCHS[a][length] for a in archs},
-                "runs": [summarise_run(r) for r in results["runs"]],
-                "wall_s": time.perf_counter() - cell_start,
-            }
-        )
+    for length, n in grid:
+        path = kept / f"{length}_{n}.json"
+        if not path.exists() or " " in revision:  # a dirty tree: never reuse
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--cell",
+                    f"{length}/{n}",
+                    "--cell-output",
+                    str(path),
+                    "--cell-seeds",
+                    ",".join(map(str, seeds)),
+                    "--architectures",
+                    ",".join(archs),
+                ],
+                check=True,
+            )
+        else:
+            print(f"{length}/{n}: kept from {path}", flush=True)
+        cells.append(json.loads(path.read_text()))
     meta = {
         "command": "python benchmarks/regime_map.py"
         + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
