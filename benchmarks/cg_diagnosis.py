@@ -404,7 +404,9 @@ def markdown(saved: Mapping[str, Any]) -> str:
         "",
         "## Conclusions",
         "",
+        "<!-- diagnosis: BEGIN conclusions -->",
         *conclusions(by_arch),
+        "<!-- diagnosis: END conclusions -->",
         "",
     ]
     for arch, runs in by_arch.items():
