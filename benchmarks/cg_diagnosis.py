@@ -158,6 +158,9 @@ def diagnose(prepared: pipeline.Prepared, grids: Any, progress: Any) -> dict[str
     out: dict[str, Any] = {
         "task_arithmetic_scale": ta["chosen"]["scale"],
         "init_val": init_score,
+        # The pretrained body under every task's fine-tuned head: task
+        # arithmetic at scale 0, the merge that keeps no task vector.
+        "base_val": score(base)[0],
         "groups": groups,
         "scale_spread": {g: spread(g) for g in groups},
         "iterations": [],
@@ -255,7 +258,14 @@ def arch_section(runs: Sequence[Mapping[str, Any]], arch: str) -> list[str]:
         "Mean normalised validation accuracy of the init (task arithmetic at "
         "scale "
         + ", ".join(f"{r['task_arithmetic_scale']:g}" for r in runs)
-        + f" per seed): {np.mean([r['init_val'] for r in runs]):.2f}; after "
+        + f" per seed): {np.mean([r['init_val'] for r in runs]):.2f}"
+        + (
+            f" (the pretrained body under the fine-tuned heads, task arithmetic at "
+            f"scale 0: {np.mean([r['base_val'] for r in runs]):.2f})"
+            if "base_val" in runs[0]
+            else ""
+        )
+        + "; after "
         + ", ".join(
             f"{k} iterations {np.mean([p['val'] for p in by_k[k]]):.2f}"
             for k in ITERATIONS

@@ -52,6 +52,7 @@ from provenance import (
 
 from mats_experiment import pipeline, report
 from mats_experiment.methods import METHODS, Grids
+from mats_experiment.metrics import normalised
 from mats_experiment.tasks import TaskSpec
 from mats_experiment.train import TrainConfig
 
@@ -384,6 +385,30 @@ def smallest_statistics(
     return sorted(ratios, key=lambda x: x[1])[:count]
 
 
+def base_body_score(results: dict[str, Any], arch: str) -> float | None:
+    """Mean over seeds of the pretrained body's normalised test accuracy under
+    the fine-tuned heads; None for results recorded before it was."""
+    runs = [r for r in results["runs"] if r["architecture"] == arch]
+    if not runs or any("base_body" not in r for r in runs):
+        return None
+    return float(
+        np.mean(
+            [
+                np.mean(
+                    normalised(
+                        list(r["base_body"]["test"].values()),
+                        [
+                            r["tasks"][t]["finetuned_test"]
+                            for t in r["base_body"]["test"]
+                        ],
+                    )
+                )
+                for r in runs
+            ]
+        )
+    )
+
+
 def findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """Where MaTS (K-FAC exact) trails RegMean in multitask merging: which task, and why."""
     out = []
@@ -423,6 +448,12 @@ def findings(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                 f"{equal['tasks'][worst] - mats['tasks'][worst]:+.1f} points and the average by "
                 f"{d.mean():+.2f} ({int(np.sum(d > 0))}/{d.size} seeds up), to "
                 f"{equal['normalised'][0] - regmean['normalised'][0]:+.2f} against RegMean."
+            )
+        base = base_body_score(results, arch)
+        if base is not None:
+            line += (
+                " The pretrained body under the fine-tuned heads (task arithmetic at "
+                f"scale 0, no task vector kept) scores {base:.1f} normalised."
             )
         gram = report.row(rows, arch, "multitask", "mats_gram")
         if gram is not None:

@@ -595,6 +595,12 @@ def _run_one(
         "multitask": multitask,
         "intermediate": intermediate,
         "cg_curve": curve,
+        # The pretrained body under the fine-tuned heads: the merge that keeps
+        # no task vector (task arithmetic at scale 0), for reference.
+        "base_body": {
+            "val": score_val_all(base)[0],
+            "test": evaluate(base, everything, "test"),
+        },
         "statistic_scale_spread": spreads,
         "kfac_exact_scales": (
             {
