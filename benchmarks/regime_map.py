@@ -157,6 +157,7 @@ def summarise_run(run: Mapping[str, Any]) -> dict[str, Any]:
         "architecture": run["architecture"],
         "seed": run["seed"],
         "normalised": {m: score(r["test"]) for m, r in run["multitask"].items()},
+        "base_body": score(run["base_body"]["test"]),
         "chosen": {m: r["chosen"] for m, r in run["multitask"].items()},
         "curve": [
             {"iterations": p["iterations"], "val": p["val"], "test": score(p["test"])}
@@ -209,8 +210,8 @@ def cell_name(cell: Mapping[str, Any], arch: str) -> str:
 
 def map_table(cells: Sequence[Mapping[str, Any]], arch: str) -> str:
     lines = [
-        "| cell | ‖θ_m − θ_0‖ / ‖θ_0‖ | fine-tuning gain | task arithmetic | RegMean | MaTS | MaTS − RegMean | MaTS − task arithmetic | CG iterations chosen | task arithmetic's scale chosen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| cell | ‖θ_m − θ_0‖ / ‖θ_0‖ | fine-tuning gain | pretrained body | task arithmetic | RegMean | MaTS | MaTS − RegMean | MaTS − task arithmetic | CG iterations chosen | task arithmetic's scale chosen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for cell in cells:
         runs = _runs(cell, arch)
@@ -219,6 +220,7 @@ def map_table(cells: Sequence[Mapping[str, Any]], arch: str) -> str:
         lines.append(
             f"| {cell_name(cell, arch)} | {_mean(cell, arch, 'relative_distance', digits=3)} "
             f"| {_mean(cell, arch, 'gain_test')} "
+            f"| {_mean(cell, arch, 'base_body')} "
             f"| {_mean(cell, arch, 'normalised', 'task_arithmetic')} "
             f"| {_mean(cell, arch, 'normalised', 'regmean')} "
             f"| {_mean(cell, arch, 'normalised', MATS)} "
@@ -423,7 +425,8 @@ def markdown(saved: Mapping[str, Any], picture: str) -> str:
             "validation-chosen merge. ‖θ_m − θ_0‖ / ‖θ_0‖ is how far fine-tuning "
             "moved the body (mean over tasks); the gain is the fine-tuned model's "
             "test accuracy minus the pretrained body's with a refitted head "
-            "(points, mean over tasks).",
+            "(points, mean over tasks); the pretrained body is the merge that keeps "
+            "no task vector (task arithmetic at scale 0), under the fine-tuned heads.",
             "",
             map_table(cells, arch),
             "",
