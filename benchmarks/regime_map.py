@@ -61,6 +61,7 @@ from provenance import (
 )
 
 from mats_experiment import pipeline, report
+from mats_experiment.methods import METHODS as EXPERIMENT_METHODS
 from mats_experiment.metrics import mean_and_spread, normalised
 from mats_experiment.train import TrainConfig
 
@@ -295,6 +296,24 @@ def conclusions(cells: Sequence[Mapping[str, Any]], archs: Sequence[str]) -> lis
             for r in _runs(cell, arch)
         )
         total = sum(len(_runs(cell, arch)) for cell in cells)
+        over_base = []
+        for cell in cells:
+            runs = _runs(cell, arch)
+            if "base_body" not in runs[0]:
+                continue
+            best = max(
+                METHODS, key=lambda m: np.mean([r["normalised"][m] for r in runs])
+            )
+            d = np.asarray([r["normalised"][best] - r["base_body"] for r in runs])
+            over_base.append(
+                f"{cell_name(cell, arch)}: {EXPERIMENT_METHODS[best].label} {_signed(d)}"
+            )
+        if over_base:
+            lines.append(
+                f"- **{arch.upper()}**, the best merge (mean over seeds) against the "
+                "pretrained body under the fine-tuned heads, the merge that keeps no "
+                "task vector: " + "; ".join(over_base) + "."
+            )
         lines += [
             f"- **{arch.upper()}**: MaTS (K-FAC exact, init TA) ahead of RegMean by ≥ 1 "
             f"normalised point on every seed in: {'; '.join(ahead) or 'no cell'}. "
