@@ -39,27 +39,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import numpy as np
-import optax
 from merging import config as merging_config
 from provenance import (
     QUICK_RESULTS,
     RESULTS,
     add_dirty_option,
     check_destination,
-    machine,
+    experiment_header,
+    experiment_meta,
 )
 
 import mats_jax
@@ -388,23 +385,13 @@ def conclusions(by_arch: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]
 
 def markdown(saved: Mapping[str, Any]) -> str:
     meta = saved["meta"]
-    m = meta["machine"]
     by_arch: dict[str, list[Mapping[str, Any]]] = {}
     for run in saved["runs"]:
         by_arch.setdefault(run["architecture"], []).append(run)
     lines = [
         "# Benchmark: where MaTS's CG steps help and hurt, per leaf group (`benchmarks/cg_diagnosis.py`)",
         "",
-        f"- Command: `{meta['command']}` (from the repository root)",
-        f"- Date: {meta['date']}; mats_jax {m['mats_jax']} at git {meta['git']}",
-        f"- Machine: {m['cpu_count']}-core CPU, `lscpu` model name “{m['cpu_model']}”, "
-        f"JAX backend `{m['jax_backend']}`",
-        "- Load average (1/5/15 min) at start "
-        + " / ".join(f"{x:.1f}" for x in meta["load_average_start"])
-        + ", at end "
-        + " / ".join(f"{x:.1f}" for x in meta["load_average_end"]),
-        f"- Total wall time: {meta['wall_s']:.0f} s; seeds: "
-        f"{', '.join(map(str, meta['seeds']))}",
+        *experiment_header(meta),
         "",
         "Multitask merging of `benchmarks/merging.py`'s six tasks by MaTS (K-FAC "
         "exact, CG from task arithmetic's validation-chosen merge). Every number "
@@ -477,16 +464,9 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
     meta = {
-        "command": "python benchmarks/cg_diagnosis.py"
-        + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"
+        **experiment_meta(
+            "cg_diagnosis.py", revision, load_start, time.perf_counter() - start
         ),
-        "git": revision,
-        "machine": machine(flax=flax.__version__, optax=optax.__version__),
-        "wall_s": time.perf_counter() - start,
-        "load_average_start": load_start,
-        "load_average_end": list(os.getloadavg()),
         "seeds": list(seeds),
     }
     saved = {"meta": meta, "runs": runs}

@@ -31,23 +31,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import numpy as np
-import optax
 from provenance import (
     QUICK_RESULTS,
     RESULTS,
     add_dirty_option,
     check_destination,
-    machine,
+    experiment_meta,
 )
 
 from mats_experiment import pipeline, report
@@ -918,16 +914,7 @@ def main(argv: list[str] | None = None) -> None:
     results = pipeline.run(cfg, progress)
     wall = time.perf_counter() - start
     meta = {
-        "command": "python benchmarks/merging.py"
-        + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"
-        ),
-        "git": revision,
-        "machine": machine(flax=flax.__version__, optax=optax.__version__),
-        "load_average_start": load_start,
-        "load_average_end": list(os.getloadavg()),
-        "wall_s": wall,
+        **experiment_meta("merging.py", revision, load_start, wall),
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
     }
     # The raw results first: the markdown can be re-rendered from them (--render).

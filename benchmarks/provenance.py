@@ -14,18 +14,22 @@ Smoke runs write under the temporary directory (``QUICK_RESULTS``) by default.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import jaxlib
 import numpy as np
+import optax
 
 import mats_jax
 
@@ -76,6 +80,47 @@ def machine(**versions: str) -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average_1_5_15min": list(os.getloadavg()),
     }
+
+
+def experiment_meta(
+    script: str, revision: str, load_start: list[float], wall_s: float
+) -> dict[str, Any]:
+    """The provenance of an experiment benchmark's run, as its JSON records it:
+    the command (``python benchmarks/<script>`` and this process's arguments),
+    the date, the commit, the machine (with flax and optax), the load at the
+    start and now, and the wall time."""
+    return {
+        "command": f"python benchmarks/{script}"
+        + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        ),
+        "git": revision,
+        "machine": machine(flax=flax.__version__, optax=optax.__version__),
+        "load_average_start": load_start,
+        "load_average_end": list(os.getloadavg()),
+        "wall_s": wall_s,
+    }
+
+
+def experiment_header(meta: dict[str, Any]) -> list[str]:
+    """The provenance lines under an experiment report's title, from
+    :func:`experiment_meta`'s record (and ``seeds``)."""
+    m = meta["machine"]
+    return [
+        f"- Command: `{meta['command']}` (from the repository root)",
+        f"- Date: {meta['date']}; mats_jax {m['mats_jax']} at git {meta['git']}",
+        f"- Machine: {m['cpu_count']}-core CPU, `lscpu` model name “{m['cpu_model']}”, "
+        f"JAX backend `{m['jax_backend']}`; {m['platform']}",
+        f"- Versions: Python {m['python']}, JAX {m['jax']}, flax {m['flax']}, "
+        f"optax {m['optax']}, numpy {m['numpy']}",
+        "- Load average (1/5/15 min) at start "
+        + " / ".join(f"{x:.1f}" for x in meta["load_average_start"])
+        + ", at end "
+        + " / ".join(f"{x:.1f}" for x in meta["load_average_end"]),
+        f"- Total wall time: {meta['wall_s']:.0f} s; seeds: "
+        f"{', '.join(map(str, meta['seeds']))}",
+    ]
 
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -47,17 +46,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import numpy as np
-import optax
 from merging import config as merging_config
 from provenance import (
     QUICK_RESULTS,
     RESULTS,
     add_dirty_option,
     check_destination,
-    machine,
+    experiment_header,
+    experiment_meta,
 )
 
 from mats_experiment import pipeline, report
@@ -401,22 +399,10 @@ def plot(cells: Sequence[Mapping[str, Any]], archs: Sequence[str], path: Path) -
 def markdown(saved: Mapping[str, Any], picture: str) -> str:
     meta, cells = saved["meta"], saved["cells"]
     archs = meta["architectures"]
-    m = meta["machine"]
     lines = [
         "# Benchmark: when MaTS pays off, a regime map (`benchmarks/regime_map.py`)",
         "",
-        f"- Command: `{meta['command']}` (from the repository root)",
-        f"- Date: {meta['date']}; mats_jax {m['mats_jax']} at git {meta['git']}",
-        f"- Machine: {m['cpu_count']}-core CPU, `lscpu` model name “{m['cpu_model']}”, "
-        f"JAX backend `{m['jax_backend']}`; {m['platform']}",
-        f"- Versions: Python {m['python']}, JAX {m['jax']}, flax {m['flax']}, "
-        f"optax {m['optax']}, numpy {m['numpy']}",
-        "- Load average (1/5/15 min) at start "
-        + " / ".join(f"{x:.1f}" for x in meta["load_average_start"])
-        + ", at end "
-        + " / ".join(f"{x:.1f}" for x in meta["load_average_end"]),
-        f"- Total wall time: {meta['wall_s']:.0f} s; seeds: "
-        f"{', '.join(map(str, meta['seeds']))}",
+        *experiment_header(meta),
         "",
         "Multitask merging of the six tasks of `benchmarks/merging.py` (same "
         "pretraining, models and validation grids), one cell per fine-tuning "
@@ -592,16 +578,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{length}/{n}: kept from {path}", flush=True)
         cells.append(json.loads(path.read_text()))
     meta = {
-        "command": "python benchmarks/regime_map.py"
-        + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"
+        **experiment_meta(
+            "regime_map.py", revision, load_start, time.perf_counter() - start
         ),
-        "git": revision,
-        "machine": machine(flax=flax.__version__, optax=optax.__version__),
-        "load_average_start": load_start,
-        "load_average_end": list(os.getloadavg()),
-        "wall_s": time.perf_counter() - start,
         "architectures": list(archs),
         "seeds": list(seeds),
         "methods": list(METHODS),
