@@ -26,6 +26,8 @@ Examples:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import zlib
 from collections.abc import Sequence
@@ -133,20 +135,31 @@ def _set_aside(
     models: Sequence[Params],
     base: Params | None,
     statistics: Sequence[StatTree] | None,
+    params: Any = None,
 ) -> tuple[
-    Sequence[Params], Params | None, Sequence[StatTree] | None, _Passthrough | None
+    Sequence[Params],
+    Params | None,
+    Sequence[StatTree] | None,
+    Any,
+    _Passthrough | None,
 ]:
     """Integer and boolean leaves (position ids, masks, step counters) are not
     merged: each is replaced by None in every input and passes through from
     the base (the first model without one), after checking that every input
-    holds the same values (for concrete values; traced ones pass unchecked)."""
+    holds the same values (for concrete values; traced ones pass unchecked).
+
+    The inputs are the models, the base, the statistics and every field of
+    the method's parameters record that is a pytree like the models (MaTS's
+    ``init``, a ``fallback`` tree; also inside a nested
+    :class:`~mats_jax.method.MethodCall`): a data-free merge of a checkpoint
+    with integer buffers, given as an initialisation, keeps them too."""
     if isinstance(models, dict) or not isinstance(models, Sequence) or not models:
-        return models, base, statistics, None  # check_models says what is wrong
+        return models, base, statistics, params, None  # check_models says what is wrong
     flat, flat_def = jax.tree_util.tree_flatten_with_path(models[0])
     treedef: Any = flat_def  # its stubs lack flatten_up_to
     aside = [i for i, (_, leaf) in enumerate(flat) if not _is_numeric_leaf(leaf)]
     if not aside:
-        return models, base, statistics, None
+        return models, base, statistics, params, None
     named = ([("base", base)] if base is not None else []) + [
         (f"models[{m}]", model) for m, model in enumerate(models)
     ]
@@ -155,29 +168,21 @@ def _set_aside(
         try:
             columns.append((who, treedef.flatten_up_to(tree)))
         except (ValueError, TypeError):
-            return models, base, statistics, None  # check_models says what differs
+            return (
+                models,
+                base,
+                statistics,
+                params,
+                None,
+            )  # check_models says what differs
+    trees_in_params = list(_model_trees(params, treedef, "parameters"))
+    columns += [(who, treedef.flatten_up_to(tree)) for who, tree in trees_in_params]
     kept: list[Any] = [None] * len(flat)
     for i in aside:
         path = path_str(flat[i][0])
         first_who, first = columns[0][0], columns[0][1][i]
         for who, leaves in columns[1:]:
-            other = leaves[i]
-            if getattr(other, "dtype", None) != first.dtype or np.shape(
-                other
-            ) != np.shape(first):
-                raise checks.MergeInputError(
-                    f"{who} at {path!r}: {getattr(other, 'dtype', type(other).__name__)} "
-                    f"{np.shape(other)} differs from {first_who}'s {first.dtype} {np.shape(first)}; "
-                    "integer and boolean leaves are not merged and must be alike in every input"
-                )
-            if not (
-                checks.is_traced(first) or checks.is_traced(other)
-            ) and not np.array_equal(np.asarray(first), np.asarray(other)):
-                raise checks.MergeInputError(
-                    f"{who} at {path!r}: this {first.dtype} leaf differs from {first_who}'s; "
-                    "integer and boolean leaves are not merged (they pass through when every "
-                    "input holds the same values): make them equal, or drop the leaf"
-                )
+            _check_alike(first_who, first, who, leaves[i], path)
         kept[i] = first
 
     def strip(tree: Any) -> Any:
@@ -196,8 +201,77 @@ def _set_aside(
         [strip(m) for m in models],
         strip(base) if base is not None else None,
         stripped_stats,
+        _map_model_trees(params, treedef, strip) if trees_in_params else params,
         _Passthrough(treedef, kept),
     )
+
+
+def _check_alike(first_who: str, first: Any, who: str, other: Any, path: str) -> None:
+    """A leaf set aside must have the same dtype, shape and (concrete) values
+    in every input."""
+    if getattr(other, "dtype", None) != first.dtype or np.shape(other) != np.shape(
+        first
+    ):
+        raise checks.MergeInputError(
+            f"{who} at {path!r}: {getattr(other, 'dtype', type(other).__name__)} "
+            f"{np.shape(other)} differs from {first_who}'s {first.dtype} {np.shape(first)}; "
+            "integer and boolean leaves are not merged and must be alike in every input"
+        )
+    if not (checks.is_traced(first) or checks.is_traced(other)) and not np.array_equal(
+        np.asarray(first), np.asarray(other)
+    ):
+        raise checks.MergeInputError(
+            f"{who} at {path!r}: this {first.dtype} leaf differs from {first_who}'s; "
+            "integer and boolean leaves are not merged (they pass through when every "
+            "input holds the same values): make them equal, or drop the leaf"
+        )
+
+
+def _is_model_tree(value: Any, treedef: Any) -> bool:
+    # A bare array's structure is a single leaf, which every scalar shares:
+    # only containers can be a model's tree.
+    return (
+        not isinstance(value, (str, bytes))
+        and not jax.tree_util.treedef_is_leaf(treedef)
+        and jax.tree.structure(value) == treedef
+    )
+
+
+def _model_trees(params: Any, treedef: Any, who: str) -> Any:
+    """``(name, tree)`` for each field of a parameters record (and of the
+    records nested in it) that is a pytree with the models' structure."""
+    if not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        name = f"{who}.{field.name}"
+        if _is_model_tree(value, treedef):
+            yield name, value
+        else:
+            yield from _model_trees(value, treedef, name)
+
+
+def _map_model_trees(params: Any, treedef: Any, fn: Any) -> Any:
+    """The parameters record with ``fn`` applied to each field
+    :func:`_model_trees` finds; the record is rebuilt without re-running its
+    validation (it held when it was built)."""
+    if not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return params
+    changed = {}
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        if _is_model_tree(value, treedef):
+            changed[field.name] = fn(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            new = _map_model_trees(value, treedef, fn)
+            if new is not value:
+                changed[field.name] = new
+    if not changed:
+        return params
+    rebuilt: Any = copy.copy(params)
+    for name, value in changed.items():
+        object.__setattr__(rebuilt, name, value)
+    return rebuilt
 
 
 def _put_back(result: MergeResult, aside: _Passthrough | None) -> MergeResult:
@@ -484,14 +558,16 @@ def run_in_memory(
 
     Integer and boolean leaves (position ids, step counters) are not merged:
     they pass through from the base (the first model without one), checked
-    equal in every input (concrete values only); their report says
-    ``passthrough``. Leaves of a data-dependent method with no statistic in
+    equal in every input, parameter trees such as MaTS's ``init`` included
+    (concrete values only); their report says ``passthrough``. Leaves of a data-dependent method with no statistic in
     any model are listed in a :class:`~mats_jax.FallbackWarning`.
 
     Raises:
       MergeInputError: on inputs that do not fit, before any work.
     """
-    models, base, statistics, aside = _set_aside(models, base, statistics)
+    models, base, statistics, params, aside = _set_aside(
+        models, base, statistics, params
+    )
     inputs, paths, placement = check_inputs(
         method,
         params,
@@ -519,8 +595,11 @@ def lower_in_memory(
 
         memory = lower_in_memory(method, params, models=...).compile().memory_analysis()
     """
-    models, base, statistics, _ = _set_aside(
-        inputs.pop("models"), inputs.pop("base", None), inputs.pop("statistics", None)
+    models, base, statistics, params, _ = _set_aside(
+        inputs.pop("models"),
+        inputs.pop("base", None),
+        inputs.pop("statistics", None),
+        params,
     )
     checked, _, placement = check_inputs(
         method, params, models=models, base=base, statistics=statistics, **inputs

@@ -8,6 +8,7 @@ rejected by the checks that run first, not by an error deep inside a trace.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -293,6 +294,60 @@ def test_integer_leaves_that_differ_are_rejected(method: str, no_work: None) -> 
     other = model(2, dense__bias=np.arange(4) + 1)
     with rejects(r"at 'dense/bias': this int64 leaf differs"):
         METHODS[method](base, [model(1, dense__bias=np.arange(4)), other], None)
+
+
+TREE_PARAMETERS = tuple(
+    (name, field.name)
+    for name, case in CASES.items()
+    for field in dataclasses.fields(case.merge_method.Parameters)
+    if field.name in ("init", "fallback")
+)
+"""The (case, field) pairs whose parameter may be a parameter pytree."""
+
+
+@pytest.mark.parametrize(("method", "field"), TREE_PARAMETERS)
+def test_a_parameter_tree_with_integer_leaves_merges_like_one_without(
+    method: str, field: str
+) -> None:
+    # A data-free merge of a checkpoint with a position-ids buffer, given as
+    # MaTS's init or a fallback tree, holds the buffer too: it is set aside
+    # with the models' and the rest merges as if the leaf were not there.
+    ids = np.arange(4)
+    base, models = model(0), [model(1), model(2)]
+    given = mj.merge_pytrees("task_arithmetic", base=base, models=models, scale=0.5)
+    expected = METHODS[method](base, models, None, **{field: given.params})
+
+    def with_ids(tree: Any) -> Any:
+        return {**tree, "ids": ids}
+
+    def stats_with_ids(stats: Any) -> Any:
+        return [{**s, "ids": None} for s in stats]
+
+    statistic = CASES[method].statistic_type
+    stats = [STATS_OF_TYPE[statistic]() for _ in models]  # type: ignore[index]
+    result = METHODS[method](
+        with_ids(base),
+        [with_ids(m) for m in models],
+        stats_with_ids(stats),
+        **{field: with_ids(given.params)},
+    )
+    np.testing.assert_array_equal(result.params["ids"], ids)
+    assert result.report["ids"].solver == "passthrough"
+    del result.params["ids"]
+    jax.tree.map(np.testing.assert_array_equal, result.params, expected.params)
+
+
+@pytest.mark.parametrize(("method", "field"), TREE_PARAMETERS)
+def test_a_parameter_tree_whose_integer_leaf_differs_is_rejected(
+    method: str, field: str, no_work: None
+) -> None:
+    base, models = (
+        model(0, dense__bias=np.arange(4)),
+        [model(m, dense__bias=np.arange(4)) for m in (1, 2)],
+    )
+    given = model(3, dense__bias=np.arange(4) + 1)
+    with rejects(rf"parameters.{field} at 'dense/bias': this int64 leaf differs"):
+        METHODS[method](base, models, None, **{field: given})
 
 
 @all_methods()
