@@ -76,6 +76,10 @@ class ExperimentConfig:
       grids: the validation grids.
       intermediate_pairs: (intermediate task A, target task B) name pairs.
       intermediate_weights: the weights w of A (B has weight 1).
+      intermediate_methods: the methods compared in the intermediate setting,
+        a subset of ``methods`` (None: all of them); the variants that sweep
+        options of their own multiply that setting's candidates by the
+        weights.
       curve_iterations: CG iteration counts for the accuracy-vs-iterations
         curve (multitask, MaTS K-FAC exact from task arithmetic).
       body_options: architecture → model size options.
@@ -97,6 +101,7 @@ class ExperimentConfig:
     grids: Grids = dataclasses.field(default_factory=Grids)
     intermediate_pairs: tuple[tuple[str, str], ...] = ()
     intermediate_weights: tuple[float, ...] = (0.3, 1.0)
+    intermediate_methods: tuple[str, ...] | None = None
     curve_iterations: tuple[int, ...] = (0, 3, 10, 30, 100, 300)
     body_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
         default_factory=dict
@@ -111,6 +116,23 @@ def statistics_needed(config: ExperimentConfig) -> list[str]:
     return [s for s in methods.STATISTICS if s in wanted]
 
 
+def intermediate_methods(config: ExperimentConfig) -> list[str]:
+    """The methods of the intermediate setting, in dependency order (see
+    :func:`~mats_experiment.methods.check_methods`); empty without pairs."""
+    if not config.intermediate_pairs:
+        return []
+    if config.intermediate_methods is None:
+        return methods.check_methods(config.methods)
+    chosen = methods.check_methods(config.intermediate_methods)
+    missing = [n for n in chosen if n not in methods.check_methods(config.methods)]
+    if missing:
+        raise ExperimentError(
+            f"intermediate_methods {', '.join(map(repr, missing))} not among methods "
+            "(their statistics would not be estimated)"
+        )
+    return chosen
+
+
 def _derived_needed(config: ExperimentConfig) -> list[str]:
     names = methods.check_methods(config.methods)
     wanted = {METHODS[n].statistic for n in names}
@@ -121,6 +143,7 @@ def validate(config: ExperimentConfig) -> None:
     """Checks the whole configuration; raises before any data is read or model trained."""
     try:
         methods.check_methods(config.methods)
+        intermediate_methods(config)
     except ValueError as error:
         raise ExperimentError(str(error)) from None
     for arch in config.architectures:
@@ -189,7 +212,8 @@ def count_units(config: ExperimentConfig) -> int:
         1
         + n_tasks
         + n_tasks * len(statistics_needed(config))
-        + len(ordered) * (1 + len(config.intermediate_pairs))
+        + len(ordered)
+        + len(intermediate_methods(config)) * len(config.intermediate_pairs)
     )
     return per_run * len(config.architectures) * len(config.seeds)
 
@@ -572,7 +596,7 @@ def _run_one(
             return prepared.normalised_score(body, [ib], "val")
 
         intermediate[f"{a} -> {b}"] = search_methods(
-            ordered,
+            intermediate_methods(config),
             config.grids,
             base,
             [bodies[ib], bodies[ia]],

@@ -129,6 +129,38 @@ def test_config_errors_name_the_problem():
                 intermediate_pairs=(("nope", base.tasks[0].name),),
             )
         )
+    with pytest.raises(
+        pipeline.ExperimentError, match="intermediate_methods 'regmean' not among"
+    ):
+        pipeline.validate(
+            pipeline.ExperimentConfig(
+                architectures=("mlp",),
+                pretrain=base.pretrain,
+                tasks=base.tasks,
+                methods=("task_arithmetic",),
+                intermediate_pairs=((base.tasks[0].name, base.tasks[1].name),),
+                intermediate_methods=("regmean",),
+            )
+        )
+    pair = ((base.tasks[0].name, base.tasks[1].name),)
+    chosen = pipeline.ExperimentConfig(
+        architectures=("mlp",),
+        pretrain=base.pretrain,
+        tasks=base.tasks,
+        methods=("regmean", "mats_kfac", "ties"),
+        intermediate_pairs=pair,
+        intermediate_methods=("mats_kfac",),
+    )
+    # MaTS brings in its initialisation, as in the multitask setting.
+    assert pipeline.intermediate_methods(chosen) == ["task_arithmetic", "mats_kfac"]
+    every = dataclasses.replace(chosen, intermediate_methods=None)
+    assert pipeline.count_units(every) - pipeline.count_units(chosen) == 2
+    assert (
+        pipeline.intermediate_methods(
+            dataclasses.replace(chosen, intermediate_pairs=())
+        )
+        == []
+    )
     with pytest.raises(pipeline.ExperimentError, match="unknown architecture 'resnet'"):
         pipeline.validate(
             pipeline.ExperimentConfig(
