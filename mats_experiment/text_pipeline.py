@@ -22,10 +22,14 @@ For each seed:
    (:func:`~mats_experiment.pipeline.search_methods`, the search of the image
    experiments). IA³ fine-tunes are also merged where they were trained, as
    vectors (:data:`ADAPTER_SPACE_METHODS`, with the block Fisher of each
-   vector: :func:`mats_jax.block_fisher`), then folded.
+   vector: :func:`mats_jax.block_fisher`), then folded;
+5. per (intermediate A, target B) pair of ``intermediate_pairs``, merge B's
+   body with A's, weights (1, w) for w in ``intermediate_weights``, every
+   method choosing w and its grid on B's validation accuracy (normalised by
+   B's own model), and report B's test accuracy.
 
 The results have the image experiments' shape (``{"runs": [...]}``, one per
-seed, ``intermediate`` empty), so :mod:`~mats_experiment.report` summarises
+seed; ``multitask`` empty when ``multitask=False``), so :mod:`~mats_experiment.report` summarises
 and plots them. Everything that can be wrong with a configuration is checked
 by :func:`validate` before any model is read or trained.
 """
@@ -119,6 +123,12 @@ class TextExperimentConfig:
       lora_rank: the LoRA rank r (``alpha = r``: scale 1).
       adapter_training: fine-tuning of an adapter (no weight decay: IA³'s
         vectors would decay towards 0, not 1).
+      multitask: merge every task's body (the multitask setting).
+      intermediate_pairs: (intermediate task A, target task B) name pairs:
+        B's body merged with A's, weights (1, w), scored on B with B's head
+        and normalised by B's own model (the paper's intermediate-task
+        merging; a B with few training examples is where A can help).
+      intermediate_weights: the weights w of A.
     """
 
     folder: str
@@ -145,6 +155,9 @@ class TextExperimentConfig:
             epochs=5, batch_size=32, learning_rate=1e-3, weight_decay=0.0
         )
     )
+    multitask: bool = True
+    intermediate_pairs: tuple[tuple[str, str], ...] = ()
+    intermediate_weights: tuple[float, ...] = (0.1, 0.3, 1.0)
 
 
 def architecture_name(config: TextExperimentConfig) -> str:
@@ -176,6 +189,27 @@ def validate(config: TextExperimentConfig) -> None:
     if derived:
         raise ExperimentError(
             f"methods {derived} use derived statistics, which this experiment does not compute"
+        )
+    names = [t.name for t in config.tasks]
+    for a, b in config.intermediate_pairs:
+        for n in (a, b):
+            if n not in names:
+                raise ExperimentError(
+                    f"intermediate pair ({a!r}, {b!r}): unknown task {n!r}; tasks: "
+                    f"{', '.join(names)}"
+                )
+        if a == b:
+            raise ExperimentError(
+                f"intermediate pair ({a!r}, {b!r}): A and B are one task"
+            )
+    if not config.multitask and not config.intermediate_pairs:
+        raise ExperimentError(
+            "nothing to merge: multitask=False and no intermediate_pairs"
+        )
+    if not config.intermediate_weights or min(config.intermediate_weights) <= 0:
+        raise ExperimentError(
+            "intermediate_weights must be positive, got "
+            f"{config.intermediate_weights!r}"
         )
     if len(config.tasks) < 2 or not config.seeds:
         raise ExperimentError(
@@ -519,7 +553,9 @@ def _run_one(
     ft_val = [per_task[t.name]["finetuned_val"] for t in task_list]
     everything = range(len(task_list))
 
-    def evaluate(body: Params, split: str) -> dict[str, float]:
+    def evaluate(
+        body: Params, split: str, which: Sequence[int] = everything
+    ) -> dict[str, float]:
         return {
             task_list[i].name: train.accuracy(
                 applies[i],
@@ -527,32 +563,59 @@ def _run_one(
                 inputs[i][split],
                 getattr(task_list[i], split).y,
             )
-            for i in everything
+            for i in which
         }
 
-    def score_val(body: Params) -> tuple[float, dict[str, float]]:
-        acc = evaluate(body, "val")
-        return float(np.mean(normalised(list(acc.values()), ft_val))), acc
+    def score_val(
+        body: Params, which: Sequence[int] = everything
+    ) -> tuple[float, dict[str, float]]:
+        acc = evaluate(body, "val", which)
+        own = [ft_val[i] for i in which]
+        return float(np.mean(normalised(list(acc.values()), own))), acc
 
-    start = time.perf_counter()
     merged: dict[str, Params] = {}
-    multitask = search_methods(
-        methods.check_methods(config.methods),
-        config.grids,
-        base,
-        bodies,
-        stats,
-        [tuple(1.0 for _ in task_list)],
-        score_val,
-        lambda body: evaluate(body, "test"),
-        jax.random.fold_in(key, 300),
-        progress,
-        f"seed {seed} multitask",
-        curve_test=False,
-        chosen_bodies=merged,
-    )
-    timings["multitask"] = time.perf_counter() - start
-    if config.finetune == "ia3":
+    multitask: dict[str, Any] = {}
+    if config.multitask:
+        start = time.perf_counter()
+        multitask = search_methods(
+            methods.check_methods(config.methods),
+            config.grids,
+            base,
+            bodies,
+            stats,
+            [tuple(1.0 for _ in task_list)],
+            score_val,
+            lambda body: evaluate(body, "test"),
+            jax.random.fold_in(key, 300),
+            progress,
+            f"seed {seed} multitask",
+            curve_test=False,
+            chosen_bodies=merged,
+        )
+        timings["multitask"] = time.perf_counter() - start
+    index = {t.name: i for i, t in enumerate(task_list)}
+    intermediate: dict[str, Any] = {}
+    intermediate_bodies: dict[str, dict[str, Params]] = {}
+    for a, b in config.intermediate_pairs:
+        start = time.perf_counter()
+        ia, ib = index[a], index[b]
+        intermediate[f"{a} -> {b}"] = search_methods(
+            methods.check_methods(config.methods),
+            config.grids,
+            base,
+            [bodies[ib], bodies[ia]],
+            {k: [v[ib], v[ia]] for k, v in stats.items()},
+            [(1.0, w) for w in config.intermediate_weights],
+            functools.partial(score_val, which=[ib]),
+            functools.partial(evaluate, split="test", which=[ib]),
+            jax.random.fold_in(key, 400 + ia * 31 + ib),
+            progress,
+            f"seed {seed} {a} -> {b}",
+            curve_test=False,
+            chosen_bodies=intermediate_bodies.setdefault(f"{a} -> {b}", {}),
+        )
+        timings[f"intermediate {a} -> {b}"] = time.perf_counter() - start
+    if config.multitask and config.finetune == "ia3":
         start = time.perf_counter()
         adapter_stats: dict[str, list[StatTree]] = {n: [] for n in ADAPTER_STATISTICS}
         for i, (task, x) in enumerate(zip(task_list, inputs, strict=True)):
@@ -612,7 +675,7 @@ def _run_one(
         "seed": seed,
         "tasks": per_task,
         "multitask": multitask,
-        "intermediate": {},
+        "intermediate": intermediate,
         "cg_curve": [],
         "statistics_mask": masks,
         "timings_s": timings,
@@ -623,6 +686,7 @@ def _run_one(
                 zip([t.name for t in task_list], trained_adapters, strict=False)
             ),
             "merged_bodies": merged,
+            "intermediate_bodies": intermediate_bodies,
             "body_config": body_config,
             "pooling": config.pooling,
             "inputs": dict(zip([t.name for t in task_list], inputs, strict=True)),
@@ -642,7 +706,8 @@ def run(
       progress: called with a description after each unit of work.
       keep_models: also return, per run, the pretrained body, the fine-tuned
         parameters (and the trained adapters, ``{"adapter", "head"}`` per task,
-        for adapter fine-tuning), each method's chosen merged body, the body's
+        for adapter fine-tuning), each method's chosen merged body (and per
+        intermediate pair, ``intermediate_bodies[pair][method]``), the body's
         :class:`~mats_experiment.bert.BertConfig` and the tokenised inputs
         under ``"models"`` (arrays, not JSON).
     """

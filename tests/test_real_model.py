@@ -203,6 +203,16 @@ def smoke_config(**overrides):
         ({"methods": ("mats_kfac_kernels_only",)}, "derived statistics"),
         ({"stat_examples": 64}, "stat_examples=64"),
         ({"folder": "nowhere"}, "no config.json"),
+        ({"intermediate_pairs": (("events", "nope"),)}, "unknown task 'nope'"),
+        ({"intermediate_pairs": (("events", "events"),)}, "A and B are one task"),
+        ({"multitask": False}, "nothing to merge"),
+        (
+            {
+                "intermediate_pairs": (("events", "living"),),
+                "intermediate_weights": (0.0,),
+            },
+            "intermediate_weights must be positive",
+        ),
     ],
 )
 def test_bad_configurations_fail_before_any_work(monkeypatch, overrides, message):
@@ -218,7 +228,12 @@ def test_bad_configurations_fail_before_any_work(monkeypatch, overrides, message
 def smoke_run():
     if not HAVE_WORDNET:
         pytest.skip("Debian wordnet-base not installed")
-    return text_pipeline.run(smoke_config(), keep_models=True)
+    return text_pipeline.run(
+        smoke_config(
+            intermediate_pairs=(("events", "living"),), intermediate_weights=(0.5,)
+        ),
+        keep_models=True,
+    )
 
 
 def test_smoke_run_has_the_experiments_shape(smoke_run):
@@ -235,6 +250,11 @@ def test_smoke_run_has_the_experiments_shape(smoke_run):
         ("fisher_exact", "gram", "kfac_exact"), "positions"
     )
     assert set(run["timings_s"]) >= {"finetune", "statistics", "multitask"}
+    (pair,) = run["intermediate"]
+    assert pair == "events -> living"
+    for result in run["intermediate"][pair].values():
+        assert set(result["test"]) == {"living"}  # the target only
+        assert result["chosen"]["weights"] == [1.0, 0.5]
     json.dumps({k: v for k, v in run.items() if k != "models"}, default=float)
 
 
@@ -254,6 +274,24 @@ def test_smoke_task_arithmetic_is_the_hand_computed_merge(smoke_run):
     merged = models["merged_bodies"]["mats_kfac"]
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), merged, base)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_smoke_intermediate_task_arithmetic_is_the_hand_computed_merge(smoke_run):
+    # Target B = living with weight 1, intermediate A = events with weight w.
+    (run,) = smoke_run["runs"]
+    models = run["models"]
+    base = models["pretrained"]
+    target, intermediate = (
+        models["finetuned"][t]["body"] for t in ("living", "events")
+    )
+    chosen = run["intermediate"]["events -> living"]["task_arithmetic"]["chosen"]
+    scale, (_, w) = chosen["scale"], chosen["weights"]
+    want = jax.tree.map(
+        lambda b, t, a: b + scale * ((t - b) + w * (a - b)), base, target, intermediate
+    )
+    got = models["intermediate_bodies"]["events -> living"]["task_arithmetic"]
+    for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(x), atol=1e-6)
 
 
 def test_merged_folder_loads_in_transformers_with_the_same_outputs(smoke_run, tmp_path):
