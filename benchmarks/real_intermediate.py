@@ -220,6 +220,19 @@ def conclusions(
                 f"normalised points on average, ahead on {sum(d > 0 for d in diffs)} "
                 f"of {len(diffs)} seeds."
             )
+    sds = [r["normalised"][1] for r in mine]
+    out.append(
+        f"- The spread between methods ({spread:.1f}) against the spread over seeds: "
+        f"standard deviations {min(sds):.1f} to {max(sds):.1f} normalised points."
+    )
+    chosen = [w for methods in pairs.values() for r in methods.values() for w in r["w"]]
+    if chosen:
+        low = min(chosen)
+        out.append(
+            f"- The weight of A sat at the grid's smallest value ({low:g}) in "
+            f"{sum(w == low for w in chosen)} of {len(chosen)} choices: validation "
+            "asks for as little of the intermediate task as the grid allows."
+        )
     for pair, methods in pairs.items():
         best = max(methods.values(), key=lambda r: np.mean(r["normalised"]))
         out.append(
