@@ -41,7 +41,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,6 @@ __all__ = [
     "DEFAULT_METHODS",
     "TextExperimentConfig",
     "architecture_name",
-    "fill_missing",
     "load_tokenizer",
     "run",
     "statistics_batches",
@@ -168,8 +167,6 @@ def architecture_name(config: TextExperimentConfig) -> str:
 def _statistics_needed(config: TextExperimentConfig) -> list[str]:
     names = methods.check_methods(config.methods)
     wanted = {methods.METHODS[n].statistic for n in names}
-    if "kfac_exact" in wanted:
-        wanted.add("fisher_exact")  # its fallback (fill_missing)
     return [s for s in methods.STATISTICS if s in wanted]
 
 
@@ -332,18 +329,12 @@ def _statistic(
     elif name == "fisher_exact":
         stats = mats_jax.diagonal_fisher(apply, params, batches, kind="exact", **common)
     else:
-        # kfac_exact takes its fallback from fisher_exact (fill_missing):
-        # the diagonal Fisher of the 30522-row embedding table costs ten
-        # times K-FAC's factors, so it is estimated once.
-        fallback: Literal["diagonal"] | None = (
-            None if name == "kfac_exact" else "diagonal"
-        )
         stats = mats_jax.kfac(
             apply,
             params,
             batches,
             key=key,
-            fallback=fallback,
+            fallback="diagonal",
             **methods.kfac_estimator(name),
             **common,
         )
@@ -368,27 +359,6 @@ def _diagonal_of(block: StatTree) -> StatTree:
         lambda s: mats_jax.Diagonal(jnp.diagonal(s.f)),
         block,
         is_leaf=lambda x: isinstance(x, mats_jax.Dense),
-    )
-
-
-def fill_missing(primary: StatTree, fallback: StatTree) -> StatTree:
-    """``primary`` with each None leaf taken from ``fallback`` (same structure).
-
-    K-FAC without a fallback plus the diagonal Fisher of the same kind is
-    K-FAC with its diagonal fallback.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> k = {"w": mats_jax.KFAC(jnp.eye(2), jnp.eye(2)), "e": None}
-      >>> f = {"w": mats_jax.Diagonal(jnp.ones((2, 2))), "e": mats_jax.Diagonal(jnp.ones(3))}
-      >>> sorted((n, type(v).__name__) for n, v in fill_missing(k, f).items())
-      [('e', 'Diagonal'), ('w', 'KFAC')]
-    """
-    return jax.tree.map(
-        lambda a, b: b if a is None else a,
-        primary,
-        fallback,
-        is_leaf=mats_jax.is_statistic_leaf,
     )
 
 
@@ -542,11 +512,6 @@ def _run_one(
             stats[s_name].append(stat)
         timings[f"statistic {s_name}"] = time.perf_counter() - stat_start
         progress(f"seed {seed}: statistic {s_name} (mask: {masks[s_name]})")
-    if "kfac_exact" in stats:
-        stats["kfac_exact"] = [
-            fill_missing(k, f)
-            for k, f in zip(stats["kfac_exact"], stats["fisher_exact"], strict=True)
-        ]
     timings["statistics"] = time.perf_counter() - start
 
     bodies = [p["body"] for p in finetuned]

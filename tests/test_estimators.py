@@ -940,3 +940,164 @@ def test_scanned_biases_from_the_taps_equal_a_loop():
         for key in path:
             g, w = g[key], w[key]
         np.testing.assert_allclose(g["bias"].f, w["bias"], rtol=1e-4, atol=1e-7)
+
+
+# --- embedding tables' per-example squares from their lookup ----------------------
+
+
+class EmbedClassifier(nn.Module):
+    """nn.Embed for tokens and positions, a Dense layer, a LayerNorm, mean-pool."""
+
+    vocab: int = 6
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(self.vocab, 3, name="word")(tokens)
+        h = h + nn.Embed(4, 3, name="position")(jnp.arange(tokens.shape[1]))[None]
+        h = nn.LayerNorm(name="norm")(jnp.tanh(nn.Dense(5, name="up")(h)))
+        return nn.Dense(3, name="head")(jnp.mean(h, axis=1))
+
+
+def test_the_capture_proves_which_tables_are_read_by_one_lookup():
+    net = EmbedClassifier()
+    tokens = jnp.zeros((5, 4), jnp.int32)
+    params = net.init(KEY, tokens)
+    names = jax.tree.leaves(mats_jax.tree.leaf_paths(params))
+    layers = find_layers(net.apply, params, tokens)
+    assert {names[lk.leaf]: lk.index_shape for lk in layers.lookups} == {
+        "params/word/embedding": (5, 4),
+        "params/position/embedding": (4,),  # a lookup, but not led by the examples
+    }
+    assert layers.uses[names.index("params/word/embedding")] == ("gather",)
+    assert len(layers.eps_shapes) == len(layers.taps) + 2
+
+    p = {"table": jnp.ones((6, 3)), "w": jnp.ones((3, 2))}
+
+    def read_twice(p, t):
+        return (p["table"][t] + p["table"][t + 1]) @ p["w"]
+
+    def tied(p, t):  # the table is also the output head
+        return p["table"][t] @ p["table"].T
+
+    def transposed_back(p, t):  # two transposes: the table's own axes again
+        return p["table"].T.T[t] @ p["w"]
+
+    def columns(p, t):  # a gather along the table's second axis
+        return jnp.take(p["table"], t % 3, axis=1).sum(axis=0)[..., None] * p["w"][0]
+
+    def of_the_transpose(p, t):  # rows of the transpose: columns of the table
+        return jnp.take(p["table"].T, t % 3, axis=0).sum(axis=-1)[..., None] * p["w"][0]
+
+    def in_a_scan(p, t):
+        def body(c, row):
+            return c + p["table"][row].sum(axis=-1), None
+
+        return jax.lax.scan(body, jnp.zeros(t.shape[0]), t.T)[0][:, None] * p["w"][0]
+
+    tokens = jnp.zeros((5, 4), jnp.int32)
+    assert find_layers(read_twice, p, tokens).lookups == ()
+    assert find_layers(tied, p, tokens).lookups == ()
+    assert find_layers(columns, p, tokens).lookups == ()
+    assert find_layers(in_a_scan, p, tokens).lookups == ()
+    assert find_layers(of_the_transpose, p, tokens).lookups == ()
+    assert len(find_layers(transposed_back, p, tokens).lookups) == 1
+
+
+def opaque_table(t):
+    # The same values through a product the capture does not read as a
+    # lookup: the table takes the vmapped per-example pass (the slow twin).
+    return t * 1.0
+
+
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+@pytest.mark.parametrize("mode", ["fill", "clip"])
+def test_a_tables_squares_from_its_lookup_equal_the_per_example_pass_and_a_loop(
+    kind, mode
+):
+    # Tokens repeat within an example (their gradients add before the
+    # square), padding positions are masked out of the likelihood, and an
+    # index out of range has no gradient ("fill") or reads the last row ("clip").
+    vocab, dim = 6, 3
+    keys = jax.random.split(jax.random.fold_in(KEY, 41), 3)
+    params = {
+        "table": jax.random.normal(keys[0], (vocab, dim)),
+        "w": jax.random.normal(keys[1], (dim, 4)),
+    }
+    tokens = jax.random.randint(keys[2], (9, 5), 0, vocab)
+    tokens = tokens.at[0].set(jnp.array([1, 1, 1, 2, 1])).at[1, 2].set(vocab + 2)
+    mask = (
+        jnp.arange(5)[None] < jnp.array([5, 4, 3, 5, 1, 2, 5, 4, 3])[:, None]
+    ).astype(jnp.float32)
+    labels = jax.random.randint(jax.random.fold_in(KEY, 42), (9,), 0, 4)
+
+    def model(p, t, table=lambda x: x):
+        h = jnp.take(table(p["table"]), t, axis=0, mode=mode)
+        h = jnp.where(jnp.isnan(h), 0.0, h)  # "fill" reads NaN out of range
+        return jnp.tanh(h).sum(axis=1) @ p["w"]
+
+    batches = [{"inputs": tokens, "labels": labels, "mask": mask[:, 0]}]
+    call = functools.partial(
+        diagonal_fisher, kind=kind, micro_batch_size=4, progress=False
+    )
+    got = call(model, params, batches)
+    twin = call(lambda p, t: model(p, t, opaque_table), params, batches)
+    assert len(find_layers(model, params, tokens[:4]).lookups) == 1
+
+    def log_p(p, i):
+        return jax.nn.log_softmax(model(p, tokens[i : i + 1]))[0]
+
+    total = jnp.zeros_like(params["table"])
+    for i in range(tokens.shape[0]):
+        probs = jax.nn.softmax(model(params, tokens[i : i + 1]))[0]
+        classes = (
+            [(int(labels[i]), 1.0)]
+            if kind == "empirical"
+            else [(c, float(probs[c])) for c in range(4)]
+        )
+        for c, weight in classes:
+            g = jax.grad(lambda p, c=c, i=i: log_p(p, i)[c])(params)["table"]
+            total = total + weight * g**2
+    want = total / tokens.shape[0]
+    np.testing.assert_allclose(got["table"].f, want, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(got["table"].f, twin["table"].f, rtol=1e-5, atol=1e-9)
+
+
+def test_a_text_models_tables_in_diagonal_fisher_and_kfacs_fallback_equal_a_loop():
+    # nn.Embed with padding masked per position, as text models are fed: the
+    # word table from its lookup, the position table (its indices are not
+    # the examples') and the LayerNorm from the vmapped pass, against a loop.
+    net = EmbedClassifier()
+    tokens = jax.random.randint(jax.random.fold_in(KEY, 43), (7, 4), 0, 6)
+    tokens = tokens.at[2].set(jnp.array([3, 3, 0, 3]))
+    labels = jax.random.randint(jax.random.fold_in(KEY, 44), (7,), 0, 3)
+    params = net.init(KEY, tokens)
+    batches = [{"inputs": tokens, "labels": labels}]
+
+    def log_lik(p, i):
+        return jax.nn.log_softmax(net.apply(p, tokens[i : i + 1]))[0, labels[i]]
+
+    want = loop_squared_scores(log_lik, params, 7)["params"]
+    fisher = diagonal_fisher(
+        net.apply, params, batches, kind="empirical", micro_batch_size=3, progress=False
+    )["params"]
+    fallback = kfac(
+        net.apply,
+        params,
+        batches,
+        kind="empirical",
+        micro_batch_size=3,
+        fallback="diagonal",
+        progress=False,
+    )["params"]
+    for stats in (fisher, fallback):
+        for name in ("word", "position"):
+            np.testing.assert_allclose(
+                stats[name]["embedding"].f,
+                want[name]["embedding"],
+                rtol=1e-5,
+                atol=1e-8,
+            )
+        np.testing.assert_allclose(
+            stats["norm"]["scale"].f, want["norm"]["scale"], rtol=1e-5, atol=1e-8
+        )
+    assert isinstance(fallback["up"]["kernel"], KFAC)

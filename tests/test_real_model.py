@@ -123,7 +123,10 @@ def test_wordnet_tasks_are_balanced_and_disjoint():
     assert text.build_text_task(spec, glosses, seed=1).test.texts != task.test.texts
 
 
-def test_kfac_without_fallback_filled_from_the_fisher_is_kfac_with_it():
+def test_kfacs_diagonal_fallback_on_bert_is_the_diagonal_fisher_of_those_leaves():
+    # The pipeline's K-FAC takes the embedding tables' and norms' statistic
+    # from its own fallback (the tables from their lookups): it must be the
+    # diagonal Fisher of the same kind, leaf for leaf.
     import mats_jax
 
     config = bert.BertConfig(
@@ -143,22 +146,23 @@ def test_kfac_without_fallback_filled_from_the_fisher_is_kfac_with_it():
     x = bert.pack([[1, 5, 6, 2], [1, 2], [1, 7, 7, 7, 7, 2], [1, 9, 2]], 6)
     batches = text_pipeline.statistics_batches(x, np.array([0, 1, 2, 1]), 2, True)
     common: dict[str, Any] = {"micro_batch_size": 2, "progress": False}
-    filled = text_pipeline.fill_missing(
-        mats_jax.kfac(apply, params, batches, fallback=None, **common),
-        mats_jax.diagonal_fisher(apply, params, batches, **common),
-    )
-    oracle = mats_jax.kfac(apply, params, batches, **common)
-    got, want = jax.tree.leaves(filled), jax.tree.leaves(oracle)
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
-    kinds = {
-        type(s).__name__
-        for s in jax.tree.leaves(
-            filled, is_leaf=lambda s: isinstance(s, mats_jax.Statistic)
-        )
-    }
+    with_fallback = mats_jax.kfac(apply, params, batches, **common)
+    fisher = mats_jax.diagonal_fisher(apply, params, batches, **common)
+    is_stat = lambda s: isinstance(s, mats_jax.Statistic)  # noqa: E731
+    kinds = set()
+    for got, want in zip(
+        jax.tree.leaves(with_fallback, is_leaf=is_stat),
+        jax.tree.leaves(fisher, is_leaf=is_stat),
+        strict=True,
+    ):
+        kinds.add(type(got).__name__)
+        if isinstance(got, mats_jax.Diagonal):
+            np.testing.assert_allclose(got.f, want.f, rtol=1e-5, atol=1e-8)
     assert kinds == {"KFAC", "Diagonal"}
+    assert isinstance(
+        with_fallback["body"]["embeddings"]["word_embeddings"]["embedding"],
+        mats_jax.Diagonal,
+    )
 
 
 SMOKE_TASKS = (
@@ -246,9 +250,8 @@ def test_smoke_run_has_the_experiments_shape(smoke_run):
     assert list(run["multitask"]) == ["task_arithmetic", "regmean", "mats_kfac"]
     for result in run["multitask"].values():
         assert set(result["test"]) == {"events", "living"}
-    assert run["statistics_mask"] == dict.fromkeys(
-        ("fisher_exact", "gram", "kfac_exact"), "positions"
-    )
+    # K-FAC's fallback comes with it: no diagonal Fisher unless Fisher merging.
+    assert run["statistics_mask"] == dict.fromkeys(("gram", "kfac_exact"), "positions")
     assert set(run["timings_s"]) >= {"finetune", "statistics", "multitask"}
     (pair,) = run["intermediate"]
     assert pair == "events -> living"

@@ -27,7 +27,11 @@ them off the model function itself:
 A leaf with any other use (a gather for an embedding, a convolution, a
 product with another parameter, a ``while`` loop) is *unrecognised*, and
 :attr:`Layers.uses` says what the uses were: its statistic falls back to
-another kind (the callers decide, and say which leaves got what). A leaf used
+another kind (the callers decide, and say which leaves got what). Two kinds
+of unrecognised leaf are still proven to have a gradient the taps give: a
+:class:`Bias` (added to one tap's output) and a :class:`Lookup` (an
+embedding table read by one gather of whole rows, outside any scan), whose
+output gets a perturbation of its own. A leaf used
 by several taps (tied weights, a layer applied twice, a kernel that is a scan
 constant) accumulates over its uses. A leaf used both by taps and otherwise
 (an embedding table that is also the output head) is unrecognised, and its
@@ -59,7 +63,7 @@ import jax.numpy as jnp
 
 from mats_jax.typing import Array, Params
 
-__all__ = ["Bias", "Layers", "Tap", "find_layers", "tapped"]
+__all__ = ["Bias", "Layers", "Lookup", "Tap", "find_layers", "tapped"]
 
 # Primitives through which a parameter keeps its identity (its values, or a
 # cast of them): the product downstream is still a product with the parameter.
@@ -183,6 +187,34 @@ class Bias:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lookup:
+    """A leaf read by one gather of whole rows at integer indices, and used nowhere else.
+
+    ``table[ids]``, ``jnp.take(table, ids, axis=0)``, flax's ``nn.Embed``: the
+    output is ``ids.shape + table.shape[1:]``, and example b's gradient of
+    row t is the sum of the output gradient over b's positions whose index
+    is t (:func:`mats_jax.stats.estimate` squares it from the one batched
+    backward pass). :func:`tapped` adds a perturbation to the gather's output
+    and returns the indices.
+
+    Attributes:
+      leaf: index of the table leaf.
+      candidate: the gather's place among the whole-row gathers the trace
+        meets, in evaluation order (the evaluation finds it again by it).
+      index_shape: the indices' shape: the lookup's rows (examples, positions…).
+      out_shape: the gather's output shape.
+      mode: ``"clip"`` (an index out of range reads the nearest row) or
+        ``"drop"`` (it reads a fill value and has no gradient).
+    """
+
+    leaf: int
+    candidate: int
+    index_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Layers:
     """What :func:`find_layers` found: the taps, and the leaves it could not read.
 
@@ -193,9 +225,10 @@ class Layers:
         primitive's name, e.g. ``"gather"`` for an embedding lookup, or why a
         product could not be read: ``"dot_general: ..."``).
       num_leaves, eps_shapes, eps_dtypes: the leaves, and the perturbations
-        :func:`tapped` expects.
+        :func:`tapped` expects: one per tap, then one per lookup.
       biases: the unrecognised leaves proven to be a :class:`Bias` of a tap
         (their only use: added to its output, which has no other use).
+      lookups: the unrecognised leaves proven to be a :class:`Lookup`.
     """
 
     taps: tuple[Tap, ...]
@@ -205,6 +238,7 @@ class Layers:
     eps_dtypes: tuple[Any, ...]
     uses: Mapping[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     biases: tuple[Bias, ...] = ()
+    lookups: tuple[Lookup, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +330,7 @@ class _Interpreter:
         eps: Sequence[Array] | None,
         scan_tap_counts: dict[int, int],
         loop_shape: tuple[int, ...] = (),
+        lookup_eps: Mapping[int, Array] | None = None,
     ):
         self.eps = eps
         # Taps inside each scan, by id of its equation, shared by every
@@ -307,6 +342,12 @@ class _Interpreter:
         self.unrecognised: dict[int, set[str]] = {}
         self.biases: list[Bias] = []  # candidates, indexed by self.taps
         self.cursor = 0  # next tap index, relative to this interpreter's eps
+        # Whole-row gathers met (candidates, in order), the perturbations of
+        # the proven ones by candidate number, and the indices they read.
+        self.lookups: list[Lookup] = []
+        self.lookup_eps = lookup_eps or {}
+        self.lookup_ids: list[Array] = []
+        self.gathers: dict[int, int] = {}  # gathers of each leaf, lookups or not
 
     def reject(self, tag: _Tag, use: str) -> None:
         self.unrecognised.setdefault(tag.leaf, set()).add(use)
@@ -399,6 +440,14 @@ class _Interpreter:
             use = f"dot_general: {why}"
         elif name == "scan":
             return self._scan(eqn, invals, intags)
+        elif name == "gather" and intags[0] is not None:
+            self.gathers[intags[0].leaf] = self.gathers.get(intags[0].leaf, 0) + 1
+            looked_up = self._lookup(eqn, invals, intags)
+            use = name
+            if looked_up is not None:
+                for t in tagged:
+                    self.reject(t, use)
+                return [looked_up], [None]
         else:
             use = name
         for t in tagged:
@@ -497,6 +546,53 @@ class _Interpreter:
         self.xs.append(x)
         return out + eps.astype(out.dtype), ""
 
+    def _lookup(
+        self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
+    ) -> Any | None:
+        """The gather's output (its perturbation added) if it reads whole rows of a leaf; else None.
+
+        Whole rows: the leaf untransposed and not sliced by a scan, indexed
+        along its first axis by integer indices that are not a parameter,
+        ``indices[..., 0]`` the row of each output row, the leaf's other axes
+        the output's trailing ones, outside any scan.
+        """
+        tag = intags[0]
+        table, indices = invals
+        dims = eqn.params["dimension_numbers"]
+        mode = {
+            "CLIP": "clip",
+            "FILL_OR_DROP": "drop",
+            "PROMISE_IN_BOUNDS": "clip",
+        }.get(getattr(eqn.params["mode"], "name", ""), "")
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        rank = indices.ndim - 1
+        if (
+            not isinstance(tag, _Tag)
+            or intags[1] is not None
+            or self.loop_shape
+            or tag.levels
+            or tag.axes != tuple(range(table.ndim))
+            or table.ndim < 1
+            or not mode
+            or indices.ndim < 1
+            or indices.shape[-1] != 1
+            or tuple(dims.collapsed_slice_dims) != (0,)
+            or tuple(dims.start_index_map) != (0,)
+            or tuple(getattr(dims, "operand_batching_dims", ())) != ()
+            or tuple(dims.offset_dims) != tuple(range(rank, rank + table.ndim - 1))
+            or tuple(eqn.params["slice_sizes"]) != (1, *table.shape[1:])
+        ):
+            return None
+        out = self._bind(eqn, invals)[0]
+        candidate = len(self.lookups)
+        self.lookups.append(
+            Lookup(tag.leaf, candidate, tuple(indices.shape[:-1]), out_shape, mode)
+        )
+        if candidate in self.lookup_eps:
+            self.lookup_ids.append(indices[..., 0])
+            return out + self.lookup_eps[candidate].astype(out.dtype)
+        return out
+
     def _scan(
         self, eqn: Any, invals: list[Any], intags: list[_Tag | None]
     ) -> tuple[list[Any], list[_Tag | None]]:
@@ -562,6 +658,8 @@ class _Interpreter:
         inner: _Interpreter = recorder["inner"]
         for leaf, uses in inner.unrecognised.items():
             self.unrecognised.setdefault(leaf, set()).update(uses)
+        for leaf, n in inner.gathers.items():
+            self.gathers[leaf] = self.gathers.get(leaf, 0) + n
         if discovering:
             self.scan_tap_counts[id(eqn)] = len(inner.taps)
             offset = len(self.taps)
@@ -637,14 +735,22 @@ def find_layers(fn: Callable[..., Any], params: Params, *args: Any) -> Layers:
     """
     closed, _, leaves, flat_args = _trace(fn, params, args)
     finder = _discover(closed, leaves, flat_args)
+    lookups = _proven_lookups(finder)
     return Layers(
         taps=tuple(finder.taps),
         unrecognised=tuple(sorted(finder.unrecognised)),
         num_leaves=len(leaves),
-        eps_shapes=tuple(t.loop_shape + t.out_shape for t in finder.taps),
-        eps_dtypes=tuple(jnp.result_type(leaves[t.leaf]) for t in finder.taps),
+        eps_shapes=(
+            *(t.loop_shape + t.out_shape for t in finder.taps),
+            *(lk.out_shape for lk in lookups),
+        ),
+        eps_dtypes=(
+            *(jnp.result_type(leaves[t.leaf]) for t in finder.taps),
+            *(jnp.result_type(leaves[lk.leaf]) for lk in lookups),
+        ),
         uses={leaf: tuple(sorted(u)) for leaf, u in finder.unrecognised.items()},
         biases=_proven_biases(finder),
+        lookups=lookups,
     )
 
 
@@ -663,6 +769,18 @@ def _proven_biases(finder: _Interpreter) -> tuple[Bias, ...]:
     )
 
 
+def _proven_lookups(finder: _Interpreter) -> tuple[Lookup, ...]:
+    """The lookups of leaves with no other use: one gather, no product, nothing else."""
+    products = {t.leaf for t in finder.taps}
+    return tuple(
+        lk
+        for lk in finder.lookups
+        if finder.gathers.get(lk.leaf) == 1
+        and lk.leaf not in products
+        and finder.unrecognised.get(lk.leaf, set()) == {"gather"}
+    )
+
+
 def tapped(
     fn: Callable[..., Any], layers: Layers
 ) -> Callable[..., tuple[Any, list[Array]]]:
@@ -670,11 +788,14 @@ def tapped(
 
     Returns:
       ``g(params, eps, *args) -> (fn(params, *args) with eps added at each
-      tap's output, [x for each tap])``, where ``eps`` is a list of arrays of
-      ``layers.eps_shapes`` (zeros to evaluate ``fn`` unchanged). Each x has
-      shape ``tap.loop_shape + tap.x_shape``. Differentiating the first output
-      with respect to ``eps`` gives each tap's output gradient.
+      tap's and lookup's output, [x for each tap, then the indices of each
+      lookup])``, where ``eps`` is a list of arrays of ``layers.eps_shapes``
+      (zeros to evaluate ``fn`` unchanged). Each x has shape
+      ``tap.loop_shape + tap.x_shape``; the indices, ``lookup.index_shape``.
+      Differentiating the first output with respect to ``eps`` gives each
+      tap's and lookup's output gradient.
     """
+    n_taps = len(layers.taps)
 
     def run(
         params: Params, eps: Sequence[Array], *args: Any
@@ -688,13 +809,23 @@ def tapped(
                 f"the model function has {len(finder.taps)} dense layers for these "
                 f"arguments, but {len(layers.taps)} were found when it was first traced"
             )
-        interp = _Interpreter(list(eps), finder.scan_tap_counts)
+        lookup_eps = {
+            lk.candidate: e for lk, e in zip(layers.lookups, eps[n_taps:], strict=True)
+        }
+        interp = _Interpreter(
+            list(eps[:n_taps]), finder.scan_tap_counts, (), lookup_eps
+        )
         outs, _ = interp.run(
             closed.jaxpr,
             closed.consts,
             [*leaves, *flat_args],
             _root_tags(leaves, len(flat_args)),
         )
-        return jax.tree.unflatten(out_tree, outs), interp.xs
+        if len(interp.lookup_ids) != len(layers.lookups):
+            raise ValueError(
+                f"the model function reads {len(interp.lookup_ids)} of the "
+                f"{len(layers.lookups)} embedding lookups found when it was first traced"
+            )
+        return jax.tree.unflatten(out_tree, outs), [*interp.xs, *interp.lookup_ids]
 
     return run

@@ -12,9 +12,12 @@ the sums the target statistic type asks for
 * ``"squared_gradients"``: per-example squared scores. For a kernel used once
   with one row per example (a dense layer of a plain classifier) they are
   ``Σ_b Σ_k (x_b ⊙ x_b)(g_bk ⊙ g_bk)ᵀ``, since that example's gradient is the
-  outer product ``x_b g_bkᵀ``: no per-example gradient is ever formed; every
-  other leaf (biases, norms, embeddings, convolutions, kernels applied to
-  several rows per example) gets them from ``jax.vmap`` of ``jax.vjp``.
+  outer product ``x_b g_bkᵀ``: no per-example gradient is ever formed. A
+  bias of a tap sums the tap's g over each example's rows, and an embedding
+  table read by one lookup sums the lookup's g over each example's positions
+  that read the same row (both from the same backward pass); every other
+  leaf (norms, convolutions, kernels applied to several rows per example, a
+  table with other uses) gets them from ``jax.vmap`` of ``jax.vjp``.
 
 Row weights w_r come from the batch's mask: a row of a layer whose rows are
 led by the mask's shape ((batch, positions): the tokens of a text model)
@@ -59,7 +62,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mats_jax.stats.accumulate import Step, accumulate
-from mats_jax.stats.capture import Bias, Layers, Tap, find_layers, tapped
+from mats_jax.stats.capture import Bias, Layers, Lookup, Tap, find_layers, tapped
 from mats_jax.stats.likelihood import (
     FisherKind,
     StatisticsFallbackWarning,
@@ -358,20 +361,42 @@ def _biases_from_taps(
     return out
 
 
+def _lookups_from_taps(
+    layers: Layers, per_example: Sequence[str | None], size: int
+) -> dict[int, tuple[int, Lookup]]:
+    """The tables that want per-example squares and can take them from their
+    lookup (:func:`_lookup_squares`), with the lookup's place in ``layers.lookups``.
+
+    A lookup whose indices are led by the micro-batch's examples, so that
+    each example's gradient comes from its own output rows.
+    """
+    return {
+        lk.leaf: (j, lk)
+        for j, lk in enumerate(layers.lookups)
+        if per_example[lk.leaf] == "squared_gradients" and lk.index_shape[:1] == (size,)
+    }
+
+
 def _worth_taking(
-    biases: dict[int, Bias], per_example: Sequence[str | None], g_taps: set[int]
+    biases: dict[int, Bias],
+    per_example: Sequence[str | None],
+    g_taps: set[int],
+    lookups: Mapping[int, Any],
 ) -> dict[int, Bias]:
     """The biases to take from the taps: all, if then no leaf is left to the
-    per-example pass; else those whose tap's output gradient is formed anyway.
+    per-example pass or a lookup's output gradient is formed; else those
+    whose tap's output gradient is formed anyway.
 
     A tap's g costs a backward pass down to it, which XLA prunes when nothing
     reads it: measured on the benchmark's ViT (LayerNorms left to the
     per-example pass either way), taking every bias from the taps halved
     diagonal_fisher's rate. Without the per-example pass at all, the batched
-    backward is cheaper than the vmapped one it replaces.
+    backward is cheaper than the vmapped one it replaces. An embedding
+    lookup is at the bottom of the model: the backward pass down to it
+    forms every tap's g.
     """
     wanted = {i for i, name in enumerate(per_example) if name is not None}
-    if wanted <= biases.keys():
+    if lookups or wanted <= biases.keys():
         return biases
     return {i: b for i, b in biases.items() if b.tap in g_taps}
 
@@ -392,6 +417,45 @@ def _bias_squares(bias: Bias, tap: Tap, gs: Array) -> Array:
     per_example = jnp.sum(gs.astype(jnp.float32), axis=loops + rows)
     squares = jnp.sum(jnp.square(per_example), axis=0)  # (levels…, b, leaf…)
     return sum_over_examples(jnp.moveaxis(squares, len(bias.levels), 0))
+
+
+def _lookup_squares(lookup: Lookup, ids: Array, gs: Array, rows: int) -> Array:
+    """``Σ_b Σ_k (Σ_{r: ids_br = t} g_bkr)²`` per table row t: the table's
+    squared per-example gradients, from its lookup's output gradient.
+
+    ``gs`` is (cotangents, *ids.shape, *row shape). Example b's gradient of
+    row t sums g over b's positions that read t, so positions reading the
+    same row are summed (into the first of them) before squaring. An index
+    out of range reads the nearest row (``"clip"``) or has no gradient
+    (``"drop"``), as the gather's mode says.
+
+    Examples:
+      >>> lk = Lookup(0, 0, (1, 3), (1, 3, 1), "drop")
+      >>> g = jnp.array([[[[1.0], [2.0], [5.0]]]])  # one cotangent, positions 0 1 2
+      >>> _lookup_squares(lk, jnp.array([[1, 1, 0]]), g, 2)[:, 0].tolist()  # [5², (1 + 2)²]
+      [25.0, 9.0]
+    """
+    size = ids.shape[0]
+    ids = ids.reshape(size, -1).astype(jnp.int32)
+    positions = ids.shape[1]
+    g = gs.astype(jnp.float32).reshape(gs.shape[0], size, positions, -1)
+    if lookup.mode == "clip":
+        ids = jnp.clip(ids, 0, rows - 1)
+    else:
+        valid = (ids >= 0) & (ids < rows)
+        g = jnp.where(valid[None, :, :, None], g, 0.0)
+        ids = jnp.where(valid, ids, 0)
+    # first[b, r]: b's first position reading r's row (an integer (P, P)
+    # comparison per example, not a product with the gradients).
+    first = jnp.argmax(ids[:, :, None] == ids[:, None, :], axis=-1)
+    summed = jnp.zeros_like(g).at[:, jnp.arange(size)[:, None], first].add(g)
+    squares = jnp.sum(jnp.square(summed), axis=0).reshape(size * positions, -1)
+    table = (
+        jnp.zeros((rows, squares.shape[-1]), jnp.float32)
+        .at[ids.reshape(-1)]
+        .add(squares)
+    )
+    return table.reshape(rows, *lookup.out_shape[len(lookup.index_shape) :])
 
 
 def _one_row_per_example(tap: Tap, size: int) -> bool:
@@ -861,7 +925,9 @@ def _build_plan(
         }
     elif squares:
         # Only kernels used once, one row per example, take the outer-product
-        # shortcut; the rest need per-example gradients (the same statistic).
+        # shortcut; the rest need per-example gradients (the same statistic):
+        # forming X_bᵀ G_b from the taps instead measured no faster, on the
+        # real BERT nor the benchmark's ViT, while norms keep the vmapped pass.
         kernels = [
             k
             for k in kernels
@@ -889,6 +955,7 @@ def _build_plan(
         return None
 
     per_example = [per_example_sum(i) for i in range(len(flat_params))]
+    lookups = _lookups_from_taps(layers, per_example, size)
     biases = _worth_taking(
         _biases_from_taps(layers, per_example, flat_params, size),
         per_example,
@@ -898,13 +965,18 @@ def _build_plan(
             for t in k.taps
             if squares or "output_gradients" in target.estimator_sums
         },
+        lookups,
     )
     # The leaves left to the second, vmapped per-example pass.
-    vmapped = [None if i in biases else name for i, name in enumerate(per_example)]
+    vmapped = [
+        None if i in biases or i in lookups else name
+        for i, name in enumerate(per_example)
+    ]
     needs_g = (
         "output_gradients" in target.estimator_sums
         or (squares and bool(kernels))
         or bool(biases)
+        or bool(lookups)
     )
     run = tapped(model, layers)
 
@@ -932,7 +1004,7 @@ def _build_plan(
             path: {name: jnp.zeros(shape, jnp.float32) for name, shape in entry.items()}
             for path, entry in init.items()
         }
-        if kernels or biases:
+        if kernels or biases or lookups:
             eps = [
                 jnp.zeros(s, d)
                 for s, d in zip(layers.eps_shapes, layers.eps_dtypes, strict=True)
@@ -975,6 +1047,13 @@ def _build_plan(
             for i, bias in biases.items():
                 assert gs is not None
                 squared = _bias_squares(bias, layers.taps[bias.tap], gs[bias.tap])
+                new[paths[i]] = {"squared_gradients": squared}
+            for i, (j, lookup) in lookups.items():
+                assert gs is not None
+                at = len(layers.taps) + j
+                squared = _lookup_squares(
+                    lookup, xs[at], gs[at], int(np.shape(flat_params[i])[0])
+                )
                 new[paths[i]] = {"squared_gradients": squared}
         if any(vmapped):
             sums = per_example_gradient_sums(
