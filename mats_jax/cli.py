@@ -33,6 +33,7 @@ import importlib.metadata
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 
 import click
@@ -67,24 +68,76 @@ _STAGES = {
 }
 
 
-class RichProgress(MergeProgress):
-    """The merge engine's progress hooks drawn as rich bars with sizes and rates."""
+class Interruption:
+    """SIGINT and SIGTERM during a merge, raised where they cannot be lost.
 
-    def __init__(self, progress: Progress) -> None:
+    Python runs a signal handler between two bytecodes of the main thread.
+    When those are inside a garbage-collector callback (JAX registers one),
+    the exception the handler raises is printed as "ignored" and dropped,
+    and the merge would go on to commit its output. So the handler records
+    the signal as well as raising it, and :meth:`check`, called by every
+    progress hook, raises it again on the main thread: at the latest when
+    the next leaf is read, and before the output is committed. SIGINT raises
+    ``KeyboardInterrupt``, SIGTERM exits with status 128 + 15, each unwinding
+    like an interrupted merge (the temporary output is removed; Python's
+    default SIGTERM would skip that).
+
+    Examples:
+      >>> stop = Interruption()
+      >>> stop.check()  # no signal yet: nothing happens
+      >>> stop.signum = signal.SIGTERM  # as the handler records it
+      >>> stop.check()
+      Traceback (most recent call last):
+      SystemExit: 143
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self._raise()
+
+    def check(self) -> None:
+        if (
+            self.signum is not None
+            and threading.current_thread() is threading.main_thread()
+        ):
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + int(self.signum or 0))
+
+
+class RichProgress(MergeProgress):
+    """The merge engine's progress hooks drawn as rich bars with sizes and rates.
+
+    Each hook first gives ``interruption`` (if any) its :meth:`Interruption.check`.
+    """
+
+    def __init__(
+        self, progress: Progress, interruption: Interruption | None = None
+    ) -> None:
         super().__init__()
         self._progress = progress
         self._tasks: dict[str, TaskID] = {}
+        self._interruption = interruption or Interruption()
 
     def start(self, stage: str, total: int) -> None:
+        self._interruption.check()
         self._tasks[stage] = self._progress.add_task(
             _STAGES.get(stage, stage), total=total
         )
 
     def advance(self, stage: str, nbytes: int) -> None:
+        self._interruption.check()
         if stage in self._tasks:
             self._progress.advance(self._tasks[stage], nbytes)
 
     def finish(self, stage: str) -> None:
+        self._interruption.check()
         if stage in self._tasks:
             task = self._tasks[stage]
             self._progress.update(task, completed=self._progress.tasks[task].total)
@@ -215,9 +268,11 @@ def merge(
     from mats_jax.stream import merge_recipe
 
     console = Console(stderr=True, quiet=quiet)
-    # A terminated merge unwinds like an interrupted one, so the temporary
-    # output directory is removed (Python's default SIGTERM skips cleanup).
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    interruption = Interruption()
+    previous = {
+        s: signal.signal(s, interruption.handle)
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         parsed = read_recipe(recipe)
         with _bars(console) as bars:
@@ -225,7 +280,7 @@ def merge(
                 parsed,
                 output,
                 overwrite=overwrite,
-                progress=RichProgress(bars),
+                progress=RichProgress(bars, interruption),
                 checksum=None if no_checksums or checksum == "none" else checksum,
             )
     except (MergeInputError, FileExistsError, FileNotFoundError) as e:
@@ -238,7 +293,8 @@ def merge(
             f"writing the output failed: {e.strerror or e}{where}; nothing was written"
         )
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     console.print(
         f"wrote {summary.output}: {summary.leaves} leaves, "
         f"{summary.bytes_written / 2**20:.1f} MiB, model card README.md"
