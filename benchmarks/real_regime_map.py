@@ -252,12 +252,31 @@ def conclusions(cells: dict[str, dict[str, Any]]) -> list[str]:
             )
         top = max(rows.values(), key=lambda r: np.mean(r["normalised"]))
         best.append(f"{name}: {top['label']} {np.mean(top['normalised']):.1f}")
+    counts = [
+        c.get("cg_iterations")
+        for cell in cells.values()
+        for c in cell_rows(cell)[MATS]["chosen"]
+    ]
+    grid = next(iter(cells.values()))["runs"][0]["multitask"][MATS]["trials"]
+    largest = max(
+        (t["hyperparameters"].get("cg_iterations", 0) for t in grid), default=None
+    )
+    edge = (
+        [
+            f"- Validation chose the grid's largest CG count ({largest}) for MaTS "
+            f"(K-FAC exact) in {sum(c == largest for c in counts)} of {len(counts)} "
+            "runs: a larger count might have scored higher."
+        ]
+        if largest
+        else []
+    )
     return [
         "- MaTS (K-FAC exact, init TA) ahead of RegMean by ≥ 1 normalised point on every "
         f"seed in: {'; '.join(ahead) or 'no cell'}. Behind by ≥ 1 on every seed in: "
         f"{'; '.join(behind) or 'no cell'}. Neither in: {'; '.join(within) or 'no cell'}.",
         f"- Fisher kind of MaTS's K-FAC statistic: {'; '.join(kinds)}.",
         f"- First merge per cell (mean over seeds): {'; '.join(best)}.",
+        *edge,
     ]
 
 
