@@ -926,8 +926,8 @@ def _build_plan(
     elif squares:
         # Only kernels used once, one row per example, take the outer-product
         # shortcut; the rest need per-example gradients (the same statistic):
-        # forming X_bᵀ G_b from the taps instead measured no faster, on the
-        # real BERT nor the benchmark's ViT, while norms keep the vmapped pass.
+        # forming X_bᵀ G_b from the taps instead measured no faster on the
+        # real BERT or the benchmark's ViT, while norms keep the vmapped pass.
         kernels = [
             k
             for k in kernels
