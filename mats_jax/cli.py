@@ -77,7 +77,9 @@ class Interruption:
     and the merge would go on to commit its output. So the handler records
     the signal as well as raising it, and :meth:`check`, called by every
     progress hook, raises it again on the main thread: at the latest when
-    the next leaf is read, and before the output is committed. SIGINT raises
+    the next leaf is read, and when the stages finish, before the model card
+    is written and the output committed (a signal handled in the short
+    stretch after that is not caught again). SIGINT raises
     ``KeyboardInterrupt``, SIGTERM exits with status 128 + 15, each unwinding
     like an interrupted merge (the temporary output is removed; Python's
     default SIGTERM would skip that).
